@@ -1,0 +1,48 @@
+package events
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// ConvertJob asks convert to turn one object into an image. It travels on
+// SubjectConvertJob inside an Event of TypeConvertJob.
+type ConvertJob struct {
+	JobID     string `json:"job_id"`
+	Bucket    string `json:"bucket"`
+	Key       string `json:"key"`
+	VersionID string `json:"version_id,omitempty"`
+	ETag      string `json:"etag,omitempty"`
+	Size      int64  `json:"size"`
+	// OutputFormat overrides the converter's configured format when set
+	// ("raw" or "qcow2").
+	OutputFormat string `json:"output_format,omitempty"`
+	// Reason says what started the job: "upload", "reconvert", "reconcile".
+	Reason   string    `json:"reason"`
+	QueuedAt time.Time `json:"queued_at"`
+}
+
+// jobNamespace seeds deterministic job ids (UUID v5).
+var jobNamespace = uuid.MustParse("6c1f5f8e-9a4e-4a43-9f57-3f1f0c6f2a11")
+
+// ObjectIdentity names one version of one object's content. Two
+// notifications for the same upload share it; a new upload to the same key
+// has a new ETag and so a new identity.
+func ObjectIdentity(bucket, key, versionID, etag string) string {
+	h := sha256.New()
+	for _, part := range []string{bucket, key, versionID, etag} {
+		h.Write([]byte(part))
+		h.Write([]byte{0})
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// JobIDFor derives the job id of an upload from its identity, so a
+// notification repeated long after the duplicate window still names the
+// same job and its results replace, never add to, the first ones.
+func JobIDFor(identity string) string {
+	return uuid.NewSHA1(jobNamespace, []byte(identity)).String()
+}

@@ -1,0 +1,57 @@
+package events
+
+// Phase is the stage of a job, named in every failure.
+type Phase string
+
+const (
+	PhaseIntake   Phase = "intake"
+	PhaseDownload Phase = "download"
+	PhaseInspect  Phase = "inspect"
+	PhaseConvert  Phase = "convert"
+	PhaseVerify   Phase = "verify"
+	PhaseUpload   Phase = "upload"
+	PhasePublish  Phase = "publish"
+)
+
+// Converted is the data of TypeConverted: where the image is and what it is.
+// Users rely on these fields, not on naming rules.
+type Converted struct {
+	JobID        string `json:"job_id"`
+	InputBucket  string `json:"input_bucket"`
+	InputKey     string `json:"input_key"`
+	InputFormat  string `json:"input_format"`
+	InputSize    int64  `json:"input_size"`
+	VirtualSize  int64  `json:"virtual_size"`
+	OutputBucket string `json:"output_bucket"`
+	OutputKey    string `json:"output_key"`
+	OutputFormat string `json:"output_format"`
+	OutputSize   int64  `json:"output_size"`
+	SHA256       string `json:"sha256"`
+	DurationMS   int64  `json:"duration_ms"`
+	Attempt      int    `json:"attempt"`
+}
+
+// Failed is the data of TypeFailed: which phase failed, in plain words, and
+// what the user can do about it.
+type Failed struct {
+	JobID       string `json:"job_id"`
+	InputBucket string `json:"input_bucket"`
+	InputKey    string `json:"input_key"`
+	InputFormat string `json:"input_format,omitempty"`
+	Phase       Phase  `json:"phase"`
+	Message     string `json:"message"`
+	Suggestion  string `json:"suggestion,omitempty"`
+	// Rule names the safety or intake rule that refused the input, if any.
+	Rule       string      `json:"rule,omitempty"`
+	Attempt    int         `json:"attempt"`
+	WillRetry  bool        `json:"will_retry"`
+	DurationMS int64       `json:"duration_ms"`
+	System     *SystemInfo `json:"system,omitempty"`
+}
+
+// SystemInfo is the context an operator needs to judge a failure.
+type SystemInfo struct {
+	Host             string `json:"host,omitempty"`
+	ScratchFreeBytes int64  `json:"scratch_free_bytes,omitempty"`
+	QemuImgVersion   string `json:"qemu_img_version,omitempty"`
+}
