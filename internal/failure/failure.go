@@ -54,3 +54,10 @@ func As(err error) (*Error, bool) {
 	ok := errors.As(err, &fe)
 	return fe, ok
 }
+
+// WillRetry reports whether a message that failed with err on attempt
+// (1-based) of max will be delivered again. The runtime decides with it and
+// handlers use it to say so in their failure events, so the two agree.
+func WillRetry(err error, attempt, max int) bool {
+	return err != nil && !IsPermanent(err) && attempt < max
+}

@@ -1,0 +1,198 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/minioserver"
+	"github.com/imagepipe/imagepipe/internal/natsrt"
+	"github.com/imagepipe/imagepipe/internal/natsserver"
+	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/setup"
+)
+
+// devOptions configures the all-in-one stack.
+type devOptions struct {
+	DataDir     string
+	NATSPort    int    // -1 picks a free port
+	S3Addr      string // "" picks a free port
+	ConsoleAddr string // "" disables the console
+	Settings    settings
+	MinIOOutput io.Writer
+}
+
+// devStack is NATS, MinIO and the three functions in one process tree.
+type devStack struct {
+	nats    *natsserver.Server
+	minio   *minioserver.Server
+	conns   []*nats.Conn
+	workers map[string]*natsrt.Worker
+	s       settings
+}
+
+// startDev brings the stack up. MinIO needs the stream before it can
+// publish, so the order is: NATS, streams, MinIO, buckets, notification,
+// functions.
+func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack, err error) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		return nil, errors.New("qemu-img not found; install it with: go tool task deps (or: sudo apt-get install qemu-utils)")
+	}
+	bin, err := minioserver.FindBinary()
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	d := &devStack{workers: map[string]*natsrt.Worker{}, s: o.Settings}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+
+	d.nats, err = natsserver.Start(natsserver.Options{Port: o.NATSPort, StoreDir: filepath.Join(o.DataDir, "nats")})
+	if err != nil {
+		return nil, err
+	}
+	d.s.NATS.URL = d.nats.URL()
+	nc, err := natsrt.Connect(ctx, d.s.NATS, "imagepipe-dev", log)
+	if err != nil {
+		return nil, err
+	}
+	d.conns = append(d.conns, nc)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	if err := setup.Streams(ctx, js, d.s.Streams); err != nil {
+		return nil, err
+	}
+
+	d.minio, err = minioserver.Start(ctx, minioserver.Options{
+		Binary:      bin,
+		DataDir:     filepath.Join(o.DataDir, "minio"),
+		Addr:        o.S3Addr,
+		ConsoleAddr: o.ConsoleAddr,
+		AccessKey:   d.s.S3.AccessKey,
+		SecretKey:   d.s.S3.SecretKey,
+		NATSAddr:    d.nats.Addr(),
+		NATSSubject: events.SubjectS3Events,
+		Compress:    true,
+		Stdout:      o.MinIOOutput,
+	})
+	if err != nil {
+		return nil, err
+	}
+	d.s.S3.Endpoint = d.minio.Endpoint
+	store, err := objstore.New(d.s.S3)
+	if err != nil {
+		return nil, err
+	}
+	if err := setup.Buckets(ctx, store.Client(), d.s.Ingest.InputBucket, d.s.Convert.OutputBucket); err != nil {
+		return nil, err
+	}
+	if err := setup.Notification(ctx, store.Client(), d.s.Ingest.InputBucket, minioserver.TargetID); err != nil {
+		return nil, err
+	}
+
+	for _, name := range []string{"ingest", "convert", "notify"} {
+		fnc, err := natsrt.Connect(ctx, d.s.NATS, "imagepipe-"+name, log)
+		if err != nil {
+			return nil, err
+		}
+		d.conns = append(d.conns, fnc)
+		w, err := startFunction(ctx, fnc, name, d.s, log.With("function", name))
+		if err != nil {
+			return nil, fmt.Errorf("start %s: %w", name, err)
+		}
+		d.workers[name] = w
+	}
+	return d, nil
+}
+
+// Run runs the functions until ctx is cancelled and their in-flight work
+// is done.
+func (d *devStack) Run(ctx, jobCtx context.Context) {
+	var wg sync.WaitGroup
+	for _, w := range d.workers {
+		wg.Go(func() { _ = w.Run(ctx, jobCtx) })
+	}
+	wg.Wait()
+}
+
+// Close stops MinIO and NATS.
+func (d *devStack) Close() {
+	for _, nc := range d.conns {
+		nc.Close()
+	}
+	if d.minio != nil {
+		d.minio.Stop()
+	}
+	if d.nats != nil {
+		d.nats.Shutdown()
+	}
+}
+
+func runDev(ctx, jobCtx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
+	fs := flag.NewFlagSet("dev", flag.ContinueOnError)
+	dataDir := fs.String("data", "./.imagepipe", "where NATS and MinIO keep their data; reuse it to pick up where the last run stopped")
+	natsPort := fs.Int("nats-port", 4222, "NATS client port on 127.0.0.1")
+	s3Addr := fs.String("s3-addr", "127.0.0.1:9000", "MinIO S3 API address")
+	consoleAddr := fs.String("console-addr", "127.0.0.1:9001", "MinIO console address")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	s, err := loadSettings()
+	if err != nil {
+		return err
+	}
+	// The dev stack's MinIO is started with these credentials.
+	if s.S3.AccessKey == "" {
+		s.S3.AccessKey = "minioadmin"
+	}
+	if s.S3.SecretKey == "" {
+		s.S3.SecretKey = "minioadmin"
+	}
+	d, err := startDev(ctx, devOptions{
+		DataDir: *dataDir, NATSPort: *natsPort, S3Addr: *s3Addr, ConsoleAddr: *consoleAddr, Settings: s,
+	}, log)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	fmt.Fprintf(stdout, `
+imagepipe dev is running (data in %s). Ctrl-C stops it; a second Ctrl-C aborts running jobs.
+
+  NATS   %s
+  S3     http://%s   (access key %s; console http://%s)
+
+Upload an image, e.g. with the MinIO client:
+  mc alias set local http://%s %s <secret>
+  mc cp disk.vhdx local/%s/disks/disk.vhdx
+
+Watch results and state:
+  nats sub 'imagepipe.results.>'
+  imagepipe watch
+  imagepipe status %s/disks/disk.vhdx
+
+The converted image appears as %s/disks/disk.vhdx.%s
+`, *dataDir, d.s.NATS.URL, d.s.S3.Endpoint, d.s.S3.AccessKey, *consoleAddr,
+		d.s.S3.Endpoint, d.s.S3.AccessKey, d.s.Ingest.InputBucket,
+		d.s.Ingest.InputBucket, d.s.Convert.OutputBucket, d.s.Convert.OutputFormat)
+	d.Run(ctx, jobCtx)
+	log.Info("imagepipe dev stopped")
+	return nil
+}

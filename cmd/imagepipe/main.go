@@ -1,0 +1,112 @@
+// Command imagepipe converts VM disk images uploaded to S3 into raw or qcow2
+// images. One binary holds every function and the command-line tools; see
+// `imagepipe help`.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "0.1.0-dev"
+
+const usage = `imagepipe converts VM disk images uploaded to S3 into raw or qcow2 images.
+
+Usage:
+  imagepipe dev [--data DIR]        run the whole system on this machine
+  imagepipe ingest                  run the ingest function
+  imagepipe convert                 run the convert function
+  imagepipe notify                  run the notify function
+  imagepipe status BUCKET/KEY       show an image's current state (--json)
+  imagepipe watch                   follow every image's state live
+  imagepipe version                 print the version
+
+Functions are configured by IMAGEPIPE_* environment variables; see README.md.
+Exit codes: 0 success, 1 failure, 2 usage error.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run dispatches a subcommand and returns the process exit code.
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	// The first signal drains: stop fetching, finish in-flight jobs. A
+	// second one aborts the jobs, which JetStream then redelivers.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	jobCtx, abort := context.WithCancel(context.Background())
+	defer abort()
+	go func() {
+		<-ctx.Done()
+		stop()
+		again := make(chan os.Signal, 1)
+		signal.Notify(again, os.Interrupt, syscall.SIGTERM)
+		defer signal.Stop(again)
+		select {
+		case <-again:
+			abort()
+		case <-jobCtx.Done():
+		}
+	}()
+
+	log := newLogger(stderr)
+	var err error
+	switch cmd, rest := args[0], args[1:]; cmd {
+	case "dev":
+		err = runDev(ctx, jobCtx, rest, stdout, log)
+	case "ingest", "convert", "notify":
+		err = runFunction(ctx, jobCtx, cmd, log)
+	case "status":
+		err = runStatus(ctx, rest, stdout)
+	case "watch":
+		err = runWatch(ctx, rest, stdout)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "imagepipe", version)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+	default:
+		fmt.Fprintf(stderr, "imagepipe: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.As(err, new(usageError)):
+		fmt.Fprintln(stderr, "imagepipe:", err)
+		return 2
+	default:
+		fmt.Fprintln(stderr, "imagepipe:", err)
+		return 1
+	}
+}
+
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func newLogger(w io.Writer) *slog.Logger {
+	level := slog.LevelInfo
+	if err := level.UnmarshalText([]byte(os.Getenv("IMAGEPIPE_LOG_LEVEL"))); err != nil {
+		level = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if os.Getenv("IMAGEPIPE_LOG_FORMAT") == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}

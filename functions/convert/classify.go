@@ -1,0 +1,57 @@
+package convert
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/inspect"
+	"github.com/imagepipe/imagepipe/internal/qemuimg"
+)
+
+// classifyInspect turns the inspector's verdict into a failure: a refusal
+// is permanent and names its rule; anything else is an I/O problem with the
+// scratch file, which may pass.
+func classifyInspect(err error) error {
+	var r *inspect.Refusal
+	if errors.As(err, &r) {
+		return failure.Refused(events.PhaseInspect, r.Rule, err, r.Suggestion)
+	}
+	return failure.Retryable(events.PhaseInspect, err, "")
+}
+
+// classifyQemu decides on a qemu-img failure. qemu-img exiting with an error
+// about the image, or killed by a resource limit, will do the same again;
+// a cancelled context is a shutdown, and the job is retried elsewhere.
+func classifyQemu(phase events.Phase, err error, format inspect.Format) error {
+	if errors.Is(err, context.Canceled) {
+		return failure.Retryable(phase, err, "")
+	}
+	var ee *qemuimg.ExitError
+	if errors.As(err, &ee) {
+		if ee.LimitExceeded() {
+			return failure.Refused(phase, "resource-limit", fmt.Errorf("qemu-img exceeded its memory or CPU limit on this image: %w", err),
+				"the image header asks for more memory or CPU than a sane image needs; re-export the disk")
+		}
+		return failure.Permanent(phase, fmt.Errorf("qemu-img cannot read this %s image: %w", format, err), suggestion(format))
+	}
+	return failure.Retryable(phase, err, "")
+}
+
+func suggestion(format inspect.Format) string {
+	switch format {
+	case inspect.VHDX:
+		return "the VHDX looks damaged or incomplete; re-export the disk from Hyper-V (Export-VM or Convert-VHD) and upload it again"
+	case inspect.VPC:
+		return "the VHD looks damaged or incomplete; re-export it and upload it again"
+	case inspect.VMDK:
+		return "the VMDK looks damaged or incomplete; export it again as a single monolithicSparse or streamOptimized file (OVF export) and upload it"
+	case inspect.Qcow2:
+		return "the qcow2 looks damaged; check it with `qemu-img check` and upload a repaired copy"
+	case inspect.VDI:
+		return "the VDI looks damaged; clone it with `VBoxManage clonemedium` and upload the copy"
+	}
+	return "check the file is a complete disk image and upload it again"
+}

@@ -1,0 +1,42 @@
+package convert
+
+import (
+	"time"
+)
+
+// Config is the convert function's settings.
+type Config struct {
+	OutputBucket string `env:"IMAGEPIPE_OUTPUT_BUCKET" envDefault:"images"`
+	OutputFormat string `env:"IMAGEPIPE_OUTPUT_FORMAT" envDefault:"raw"`
+	// ScratchDir is where jobs download and convert; empty means the OS
+	// temp dir. Each job gets its own directory, removed when it ends.
+	ScratchDir        string `env:"IMAGEPIPE_SCRATCH_DIR"`
+	MaxConcurrentJobs int    `env:"IMAGEPIPE_MAX_CONCURRENT_JOBS" envDefault:"2"`
+	// MaxVirtualSize refuses images claiming more than this many bytes.
+	MaxVirtualSize int64 `env:"IMAGEPIPE_MAX_VIRTUAL_SIZE" envDefault:"2199023255552"`
+	// ConvertTimeoutPerGiB bounds qemu-img convert's wall clock in
+	// proportion to the virtual size, on top of ConvertTimeoutBase.
+	ConvertTimeoutBase   time.Duration `env:"IMAGEPIPE_CONVERT_TIMEOUT_BASE" envDefault:"5m"`
+	ConvertTimeoutPerGiB time.Duration `env:"IMAGEPIPE_CONVERT_TIMEOUT_PER_GIB" envDefault:"1m"`
+	// MaxAttempts and RetryBackoff drive redelivery of transient failures:
+	// attempt n+1 waits RetryBackoff × 2^(n-1).
+	MaxAttempts  int           `env:"IMAGEPIPE_MAX_ATTEMPTS" envDefault:"4"`
+	RetryBackoff time.Duration `env:"IMAGEPIPE_RETRY_BACKOFF" envDefault:"5m"`
+	AckWait      time.Duration `env:"IMAGEPIPE_ACK_WAIT" envDefault:"60s"`
+}
+
+// Backoff is the redelivery schedule for MaxAttempts.
+func (c Config) Backoff() []time.Duration {
+	var out []time.Duration
+	d := c.RetryBackoff
+	for i := 1; i < c.MaxAttempts; i++ {
+		out = append(out, d)
+		d *= 2
+	}
+	return out
+}
+
+func (c Config) convertTimeout(virtualSize int64) time.Duration {
+	gib := (virtualSize + 1<<30 - 1) >> 30
+	return c.ConvertTimeoutBase + time.Duration(gib)*c.ConvertTimeoutPerGiB
+}

@@ -1,0 +1,240 @@
+// Package minioserver runs a MinIO server as a child process with its bucket
+// notification target wired to NATS JetStream, for `imagepipe dev` and for
+// tests. MinIO is a separate AGPL program: it is executed, never imported.
+package minioserver
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Version is the MinIO server pinned by the project (it has no semver tags).
+const Version = "v0.0.0-20260212201848-7aac2a2c5b7c"
+
+// InstallHint is the command that installs the pinned MinIO server.
+const InstallHint = "go tool task deps (or: go install github.com/minio/minio@" + Version + ")"
+
+// TargetID is the notification target's id; its ARN is
+// arn:minio:sqs::PRIMARY:nats.
+const TargetID = "PRIMARY"
+
+// Options configures the child process.
+type Options struct {
+	Binary      string // default: found by FindBinary
+	DataDir     string // object data; queue_dir lives beside it
+	Addr        string // host:port; "" or port 0 picks a free loopback port
+	ConsoleAddr string // "" disables the browser console
+	AccessKey   string
+	SecretKey   string // at least 8 characters
+	NATSAddr    string // host:port of the NATS server for notifications
+	NATSSubject string
+	// Compress turns on MinIO's transparent compression for raw outputs,
+	// which are mostly zeros and compress to almost nothing.
+	Compress bool
+	Stdout   io.Writer // MinIO's own output; default discarded
+}
+
+// Server is a running MinIO child process.
+type Server struct {
+	Endpoint string // host:port
+	cmd      *exec.Cmd
+	done     chan struct{}
+	waitErr  error
+	stopOnce sync.Once
+}
+
+// FindBinary looks for minio on PATH, then in GOBIN and GOPATH/bin, where
+// `go install` puts it.
+func FindBinary() (string, error) {
+	if p, err := exec.LookPath("minio"); err == nil {
+		return p, nil
+	}
+	var dirs []string
+	if d := os.Getenv("GOBIN"); d != "" {
+		dirs = append(dirs, d)
+	}
+	if d := os.Getenv("GOPATH"); d != "" {
+		dirs = append(dirs, filepath.Join(filepath.SplitList(d)[0], "bin"))
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		dirs = append(dirs, filepath.Join(home, "go", "bin"))
+	}
+	for _, d := range dirs {
+		p := filepath.Join(d, "minio")
+		if st, err := os.Stat(p); err == nil && !st.IsDir() {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("minio server binary not found on PATH or in GOPATH/bin; install it with: %s", InstallHint)
+}
+
+// Start launches MinIO and waits until /minio/health/cluster answers 200;
+// live and ready answer before the server can take requests.
+func Start(ctx context.Context, o Options) (*Server, error) {
+	if o.Binary == "" {
+		bin, err := FindBinary()
+		if err != nil {
+			return nil, err
+		}
+		o.Binary = bin
+	}
+	if len(o.SecretKey) < 8 {
+		return nil, errors.New("start minio: the secret key needs at least 8 characters")
+	}
+	if o.Addr == "" || o.Addr[len(o.Addr)-2:] == ":0" {
+		addr, err := freeAddr()
+		if err != nil {
+			return nil, err
+		}
+		o.Addr = addr
+	}
+	dataDir, err := filepath.Abs(o.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("start minio: %w", err)
+	}
+	queueDir := filepath.Join(filepath.Dir(dataDir), filepath.Base(dataDir)+"-events")
+	for _, d := range []string{dataDir, queueDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("start minio: %w", err)
+		}
+	}
+
+	args := []string{"server", dataDir, "--address", o.Addr, "--quiet"}
+	env := append(os.Environ(),
+		"MINIO_ROOT_USER="+o.AccessKey,
+		"MINIO_ROOT_PASSWORD="+o.SecretKey,
+		"MINIO_UPDATE=off",
+		"MINIO_API_SYNC_EVENTS=on",
+	)
+	if o.ConsoleAddr != "" {
+		args = append(args, "--console-address", o.ConsoleAddr)
+	} else {
+		env = append(env, "MINIO_BROWSER=off")
+	}
+	if o.NATSAddr != "" {
+		env = append(env,
+			"MINIO_NOTIFY_NATS_ENABLE_"+TargetID+"=on",
+			"MINIO_NOTIFY_NATS_ADDRESS_"+TargetID+"="+o.NATSAddr,
+			"MINIO_NOTIFY_NATS_SUBJECT_"+TargetID+"="+o.NATSSubject,
+			// "jetstream", not the "nats_jetstream" some docs show, which
+			// MinIO silently ignores.
+			"MINIO_NOTIFY_NATS_JETSTREAM_"+TargetID+"=on",
+			"MINIO_NOTIFY_NATS_QUEUE_DIR_"+TargetID+"="+queueDir,
+		)
+	}
+	if o.Compress {
+		env = append(env,
+			"MINIO_COMPRESSION_ENABLE=on",
+			"MINIO_COMPRESSION_EXTENSIONS=.raw",
+		)
+	}
+
+	cmd := exec.Command(o.Binary, args...)
+	cmd.Env = env
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	var logBuf bytes.Buffer
+	out := io.Writer(&capped{buf: &logBuf, max: 64 << 10})
+	if o.Stdout != nil {
+		out = io.MultiWriter(out, o.Stdout)
+	}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start minio: %w", err)
+	}
+	s := &Server{Endpoint: o.Addr, cmd: cmd, done: make(chan struct{})}
+	go func() { s.waitErr = cmd.Wait(); close(s.done) }()
+
+	if err := s.waitHealthy(ctx, 60*time.Second); err != nil {
+		s.Stop()
+		return nil, fmt.Errorf("start minio on %s: %w; its output:\n%s", o.Addr, err, logBuf.String())
+	}
+	return s, nil
+}
+
+func (s *Server) waitHealthy(ctx context.Context, limit time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	url := "http://" + s.Endpoint + "/minio/health/cluster"
+	client := &http.Client{Timeout: 2 * time.Second}
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.done:
+			return fmt.Errorf("exited early: %v", s.waitErr)
+		case <-ctx.Done():
+			return fmt.Errorf("not healthy: %w", ctx.Err())
+		case <-tick.C:
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			continue
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			return nil
+		}
+	}
+}
+
+// Stop terminates MinIO and its children and waits for it to exit.
+func (s *Server) Stop() {
+	s.stopOnce.Do(func() {
+		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-s.done:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+			<-s.done
+		}
+	})
+}
+
+// Kill stops MinIO at once, as a crash would.
+func (s *Server) Kill() {
+	s.stopOnce.Do(func() {
+		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+		<-s.done
+	})
+}
+
+// Done is closed when the process has exited.
+func (s *Server) Done() <-chan struct{} { return s.done }
+
+func freeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("find a free port: %w", err)
+	}
+	defer l.Close()
+	return "127.0.0.1:" + strconv.Itoa(l.Addr().(*net.TCPAddr).Port), nil
+}
+
+// capped keeps the first max bytes of MinIO's output for error messages.
+type capped struct {
+	mu  sync.Mutex
+	buf *bytes.Buffer
+	max int
+}
+
+func (c *capped) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if room := c.max - c.buf.Len(); room > 0 {
+		c.buf.Write(p[:min(room, len(p))])
+	}
+	return len(p), nil
+}

@@ -1,0 +1,235 @@
+package natsrt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/failure"
+)
+
+// Delivery tells a handler which attempt this is.
+type Delivery struct {
+	Attempt     int // 1 on first delivery
+	MaxAttempts int
+}
+
+// WillRetry reports whether the runtime will redeliver after err.
+func (d Delivery) WillRetry(err error) bool { return failure.WillRetry(err, d.Attempt, d.MaxAttempts) }
+
+// Handler processes one message's payload and returns the events to
+// publish. A nil error acks; a permanent error terminates the message; any
+// other error redelivers it after the back-off for this attempt. Events are
+// published in every case, so a handler can report a failure and still ask
+// for a retry.
+type Handler func(ctx context.Context, data []byte, d Delivery) ([]events.Message, error)
+
+// Binding is one durable consumer and how to run it.
+type Binding struct {
+	Stream        string
+	Durable       string
+	FilterSubject string
+	// Concurrency is how many messages run at once; never more are fetched.
+	Concurrency int
+	// AckWait is how long a silent worker keeps a message; the runtime
+	// sends InProgress at a third of it, so only a dead worker loses one.
+	AckWait     time.Duration
+	MaxAttempts int
+	// Backoff[i] is the delay before attempt i+2; the last entry repeats.
+	Backoff []time.Duration
+}
+
+func (b Binding) consumerConfig() jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       b.Durable,
+		FilterSubject: b.FilterSubject,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       b.AckWait,
+		MaxDeliver:    b.MaxAttempts,
+		// Room for every replica's workers; each fetches one at a time.
+		MaxAckPending: 1000,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+}
+
+func (b Binding) delay(attempt int) time.Duration {
+	if len(b.Backoff) == 0 {
+		return 5 * time.Second
+	}
+	i := attempt - 1
+	if i >= len(b.Backoff) {
+		i = len(b.Backoff) - 1
+	}
+	if i < 0 {
+		i = 0
+	}
+	return b.Backoff[i]
+}
+
+// Worker runs a handler on a consumer.
+type Worker struct {
+	js      jetstream.JetStream
+	binding Binding
+	handle  Handler
+	log     *slog.Logger
+
+	paused   atomic.Bool
+	inFlight atomic.Int64
+}
+
+// NewWorker creates or updates the durable consumer and returns a worker
+// bound to it. Creating is idempotent: every replica calls it at start.
+func NewWorker(ctx context.Context, js jetstream.JetStream, b Binding, h Handler, log *slog.Logger) (*Worker, error) {
+	if b.Concurrency < 1 {
+		b.Concurrency = 1
+	}
+	if b.AckWait <= 0 {
+		b.AckWait = time.Minute
+	}
+	if b.MaxAttempts < 1 {
+		b.MaxAttempts = 4
+	}
+	if _, err := js.CreateOrUpdateConsumer(ctx, b.Stream, b.consumerConfig()); err != nil {
+		return nil, fmt.Errorf("create consumer %s on %s: %w", b.Durable, b.Stream, err)
+	}
+	return &Worker{js: js, binding: b, handle: h, log: log.With("consumer", b.Durable)}, nil
+}
+
+// Pause stops fetching; in-flight messages finish.
+func (w *Worker) Pause() { w.paused.Store(true) }
+
+// Resume starts fetching again.
+func (w *Worker) Resume() { w.paused.Store(false) }
+
+// Paused reports whether fetching is paused.
+func (w *Worker) Paused() bool { return w.paused.Load() }
+
+// InFlight is the number of messages being handled now.
+func (w *Worker) InFlight() int64 { return w.inFlight.Load() }
+
+// Run fetches and handles messages until ctx is cancelled, then waits for
+// in-flight messages to finish. Handlers run under jobCtx, not ctx, so that
+// cancelling ctx drains instead of aborting; cancel jobCtx to abort them.
+func (w *Worker) Run(ctx, jobCtx context.Context) error {
+	cons, err := w.js.Consumer(ctx, w.binding.Stream, w.binding.Durable)
+	if err != nil {
+		return fmt.Errorf("bind consumer %s: %w", w.binding.Durable, err)
+	}
+	var wg sync.WaitGroup
+	for range w.binding.Concurrency {
+		wg.Go(func() { w.loop(ctx, jobCtx, cons) })
+	}
+	wg.Wait()
+	return nil
+}
+
+func (w *Worker) loop(ctx, jobCtx context.Context, cons jetstream.Consumer) {
+	for ctx.Err() == nil {
+		if w.paused.Load() {
+			sleep(ctx, 200*time.Millisecond)
+			continue
+		}
+		// One message per worker slot: a replica never holds a message it
+		// cannot start, which another replica could be running.
+		msg, err := cons.Next(jetstream.FetchContext(ctx))
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			if !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, context.DeadlineExceeded) {
+				w.log.Warn("fetch failed; retrying", "err", err)
+				sleep(ctx, time.Second)
+			}
+			continue
+		}
+		w.inFlight.Add(1)
+		w.process(jobCtx, msg)
+		w.inFlight.Add(-1)
+	}
+}
+
+func (w *Worker) process(ctx context.Context, msg jetstream.Msg) {
+	d := Delivery{Attempt: 1, MaxAttempts: w.binding.MaxAttempts}
+	if md, err := msg.Metadata(); err == nil {
+		d.Attempt = int(md.NumDelivered)
+	}
+
+	stop := w.keepAlive(msg)
+	out, herr := w.handle(ctx, msg.Data(), d)
+	stop()
+
+	if err := Publish(ctx, w.js, out...); err != nil {
+		// Nothing is acked until its events are out: redeliver.
+		w.log.Warn("publish failed; message will be redelivered", "err", err, "attempt", d.Attempt)
+		w.nak(msg, w.binding.delay(d.Attempt))
+		return
+	}
+	switch {
+	case herr == nil:
+		if err := msg.DoubleAck(ctx); err != nil {
+			w.log.Warn("ack failed; message may be redelivered", "err", err)
+		}
+	case failure.IsPermanent(herr):
+		w.term(msg, herr.Error())
+	case !d.WillRetry(herr):
+		w.term(msg, fmt.Sprintf("gave up after %d attempts: %v", d.Attempt, herr))
+	default:
+		delay := w.binding.delay(d.Attempt)
+		w.log.Info("retrying later", "err", herr, "attempt", d.Attempt, "delay", delay)
+		w.nak(msg, delay)
+	}
+}
+
+func (w *Worker) nak(msg jetstream.Msg, delay time.Duration) {
+	if err := msg.NakWithDelay(delay); err != nil {
+		w.log.Warn("nak failed; message will be redelivered after ack wait", "err", err)
+	}
+}
+
+func (w *Worker) term(msg jetstream.Msg, reason string) {
+	if len(reason) > 200 {
+		reason = reason[:200]
+	}
+	if err := msg.TermWithReason(reason); err != nil {
+		w.log.Warn("term failed; message may be redelivered", "err", err)
+	}
+}
+
+// keepAlive tells the server the message is still being worked on, so a
+// long conversion is never handed to a second worker.
+func (w *Worker) keepAlive(msg jetstream.Msg) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(w.binding.AckWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if err := msg.InProgress(); err != nil {
+					w.log.Warn("in-progress signal failed", "err", err)
+				}
+			}
+		}
+	})
+	return func() { close(done); wg.Wait() }
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}

@@ -1,0 +1,205 @@
+// Package objstore wraps minio-go for imagepipe: streaming downloads and
+// parallel multipart uploads of large files, and the classification of S3
+// errors into "will never work" and "try again later".
+package objstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+)
+
+// Config is how to reach S3. Every function that touches storage embeds it.
+type Config struct {
+	Endpoint  string `env:"IMAGEPIPE_S3_ENDPOINT" envDefault:"127.0.0.1:9000"`
+	AccessKey string `env:"IMAGEPIPE_S3_ACCESS_KEY"`
+	SecretKey string `env:"IMAGEPIPE_S3_SECRET_KEY"`
+	Secure    bool   `env:"IMAGEPIPE_S3_SECURE" envDefault:"false"`
+	Region    string `env:"IMAGEPIPE_S3_REGION"`
+}
+
+// Upload tuning: large parts in parallel, and a CRC32C trailer instead of
+// signing a SHA-256 of every payload, which costs a full extra read.
+const (
+	partSize    = 128 << 20
+	partThreads = 4
+)
+
+// Store is an S3 client.
+type Store struct {
+	client *minio.Client
+}
+
+// New builds a client. It does not contact the server.
+func New(cfg Config) (*Store, error) {
+	if cfg.Endpoint == "" {
+		return nil, errors.New("s3: endpoint is empty (set IMAGEPIPE_S3_ENDPOINT)")
+	}
+	if cfg.AccessKey == "" || cfg.SecretKey == "" {
+		return nil, errors.New("s3: credentials missing (set IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY)")
+	}
+	c, err := minio.New(cfg.Endpoint, &minio.Options{
+		Creds:           credentials.NewStaticV4(cfg.AccessKey, cfg.SecretKey, ""),
+		Secure:          cfg.Secure,
+		Region:          cfg.Region,
+		TrailingHeaders: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("s3 client for %s: %w", cfg.Endpoint, err)
+	}
+	return &Store{client: c}, nil
+}
+
+// Client exposes the underlying client for provisioning and tests.
+func (s *Store) Client() *minio.Client { return s.client }
+
+// Object describes one stored object.
+type Object struct {
+	Bucket    string
+	Key       string
+	Size      int64
+	ETag      string
+	VersionID string
+	Metadata  map[string]string // user metadata, lower-case keys without x-amz-meta-
+	Checksum  string            // x-amz-checksum-sha256, base64, when the uploader sent one
+}
+
+func objectFrom(bucket string, info minio.ObjectInfo) Object {
+	meta := make(map[string]string, len(info.UserMetadata))
+	for k, v := range info.UserMetadata {
+		meta[normalizeMetaKey(k)] = v
+	}
+	return Object{
+		Bucket:    bucket,
+		Key:       info.Key,
+		Size:      info.Size,
+		ETag:      info.ETag,
+		VersionID: info.VersionID,
+		Metadata:  meta,
+		Checksum:  info.ChecksumSHA256,
+	}
+}
+
+// Stat returns an object's attributes.
+func (s *Store) Stat(ctx context.Context, bucket, key string) (Object, error) {
+	info, err := s.client.StatObject(ctx, bucket, key, minio.StatObjectOptions{Checksum: true})
+	if err != nil {
+		return Object{}, fmt.Errorf("stat %s/%s: %w", bucket, key, err)
+	}
+	return objectFrom(bucket, info), nil
+}
+
+// Download streams one version of an object into w. When etag is set the
+// read is conditional on it, so a job converts exactly the content it was
+// queued for and never a later overwrite.
+func (s *Store) Download(ctx context.Context, bucket, key, versionID, etag string, w io.Writer) (Object, error) {
+	opts := minio.GetObjectOptions{Checksum: true}
+	if versionID != "" {
+		opts.VersionID = versionID
+	}
+	if etag != "" {
+		if err := opts.SetMatchETag(etag); err != nil {
+			return Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
+		}
+	}
+	obj, err := s.client.GetObject(ctx, bucket, key, opts)
+	if err != nil {
+		return Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
+	}
+	defer obj.Close()
+	info, err := obj.Stat()
+	if err != nil {
+		return Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
+	}
+	n, err := io.Copy(w, obj)
+	if err != nil {
+		return Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
+	}
+	if n != info.Size {
+		return Object{}, fmt.Errorf("download %s/%s: got %d of %d bytes", bucket, key, n, info.Size)
+	}
+	return objectFrom(bucket, info), nil
+}
+
+// UploadFile uploads a local file with parallel multipart parts. progress,
+// if set, is fed the bytes as they are sent.
+func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (Object, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
+	}
+	info, err := s.client.PutObject(ctx, bucket, key, f, st.Size(), minio.PutObjectOptions{
+		ContentType:          "application/octet-stream",
+		UserMetadata:         meta,
+		PartSize:             partSize,
+		NumThreads:           partThreads,
+		DisableContentSha256: true,
+		Checksum:             minio.ChecksumCRC32C,
+		Progress:             progress,
+	})
+	if err != nil {
+		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
+	}
+	return Object{Bucket: bucket, Key: key, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID}, nil
+}
+
+// PutBytes stores a small object such as an error report.
+func (s *Store) PutBytes(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error {
+	_, err := s.client.PutObject(ctx, bucket, key, bytesReader(body), int64(len(body)), minio.PutObjectOptions{
+		ContentType:  contentType,
+		UserMetadata: meta,
+	})
+	if err != nil {
+		return fmt.Errorf("put %s/%s: %w", bucket, key, err)
+	}
+	return nil
+}
+
+// Remove deletes an object; a missing object is not an error.
+func (s *Store) Remove(ctx context.Context, bucket, key string) error {
+	if err := s.client.RemoveObject(ctx, bucket, key, minio.RemoveObjectOptions{}); err != nil && !IsNotFound(err) {
+		return fmt.Errorf("remove %s/%s: %w", bucket, key, err)
+	}
+	return nil
+}
+
+// IsNotFound reports whether err says the bucket or object does not exist.
+func IsNotFound(err error) bool {
+	switch minio.ToErrorResponse(err).Code {
+	case minio.NoSuchKey, minio.NoSuchBucket, "NoSuchVersion":
+		return true
+	}
+	return false
+}
+
+// IsChanged reports whether a conditional read failed because the object
+// was overwritten after the job was queued.
+func IsChanged(err error) bool {
+	r := minio.ToErrorResponse(err)
+	return r.Code == "PreconditionFailed" || r.StatusCode == http.StatusPreconditionFailed
+}
+
+// IsPermanent reports whether no retry can make err go away: the object or
+// bucket is gone, or access is denied.
+func IsPermanent(err error) bool {
+	if IsNotFound(err) || IsChanged(err) {
+		return true
+	}
+	r := minio.ToErrorResponse(err)
+	switch r.Code {
+	case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidBucketName", "InvalidObjectName", "KeyTooLongError":
+		return true
+	}
+	return false
+}
