@@ -19,7 +19,6 @@ import (
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/natsserver"
-	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/setup"
 )
 
@@ -97,14 +96,8 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 		return nil, err
 	}
 	d.s.S3.Endpoint = d.minio.Endpoint
-	store, err := objstore.New(d.s.S3)
-	if err != nil {
-		return nil, err
-	}
-	if err := setup.Buckets(ctx, store.Client(), d.s.Ingest.InputBucket, d.s.Convert.OutputBucket); err != nil {
-		return nil, err
-	}
-	if err := setup.Notification(ctx, store.Client(), d.s.Ingest.InputBucket, minioserver.TargetID); err != nil {
+	d.s.Buckets.NotifyTarget = minioserver.TargetID
+	if err := provisionBuckets(ctx, d.s); err != nil {
 		return nil, err
 	}
 

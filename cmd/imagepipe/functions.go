@@ -28,6 +28,7 @@ type settings struct {
 	NATS    natsrt.Config
 	S3      objstore.Config
 	Streams setup.StreamConfig
+	Buckets setup.BucketConfig
 	Ingest  ingest.Config
 	Convert convert.Config
 	Notify  notify.Config
@@ -81,6 +82,11 @@ func startFunction(ctx context.Context, nc *nats.Conn, name string, s settings, 
 
 	switch name {
 	case "ingest":
+		// Ingest owns the door, so it makes sure the door exists: buckets
+		// and the bucket notification, both idempotent.
+		if err := provisionBuckets(ctx, s); err != nil {
+			return nil, err
+		}
 		h := ingest.New(s.Ingest, st, log)
 		return natsrt.NewWorker(ctx, js, natsrt.Binding{
 			Stream: events.StreamS3Events, Durable: "ingest", FilterSubject: events.SubjectS3Events,
@@ -144,4 +150,18 @@ func decode(data []byte, typ string, v any) error {
 		return failure.Permanent(events.PhaseIntake, err, "")
 	}
 	return nil
+}
+
+func provisionBuckets(ctx context.Context, s settings) error {
+	store, err := objstore.New(s.S3)
+	if err != nil {
+		return err
+	}
+	if err := setup.Buckets(ctx, store.Client(), s.Ingest.InputBucket, s.Convert.OutputBucket); err != nil {
+		return err
+	}
+	if s.Buckets.NotifyTarget == "" {
+		return nil
+	}
+	return setup.Notification(ctx, store.Client(), s.Ingest.InputBucket, s.Buckets.NotifyTarget)
 }

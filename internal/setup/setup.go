@@ -110,6 +110,14 @@ func Buckets(ctx context.Context, c *minio.Client, names ...string) error {
 	return nil
 }
 
+// BucketConfig says which MinIO notification target feeds imagepipe.
+type BucketConfig struct {
+	// NotifyTarget is the id of MinIO's NATS target
+	// (MINIO_NOTIFY_NATS_*_<ID>); empty skips subscribing the bucket, for
+	// S3 services that are wired some other way.
+	NotifyTarget string `env:"IMAGEPIPE_MINIO_NOTIFY_TARGET" envDefault:"PRIMARY"`
+}
+
 // NotificationARN is MinIO's ARN for its NATS target with the given id.
 func NotificationARN(targetID string) notification.Arn {
 	return notification.NewArn("minio", "sqs", "", targetID, "nats")

@@ -1,0 +1,185 @@
+package qemuimg
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Limits bounds one qemu-img process. A zero field takes the operation's
+// default (see New); a negative one leaves that resource unlimited.
+type Limits struct {
+	// AddressSpace is RLIMIT_AS in bytes. A hostile header can make
+	// qemu-img allocate tables sized by the claimed image, so this is what
+	// turns "allocate 40 GiB" into a clean failure instead of an OOM kill of
+	// the whole replica.
+	AddressSpace int64
+	// CPUTime is RLIMIT_CPU, rounded up to whole seconds. Reading metadata
+	// should never need much CPU; conversion needs time in proportion to the
+	// image, so the caller sizes it or leaves it to the context's deadline.
+	CPUTime time.Duration
+}
+
+const (
+	defaultBinary       = "qemu-img"
+	defaultAddressSpace = 1 << 30
+	defaultInfoCPU      = 30 * time.Second
+
+	// stderrCap keeps an error message readable in a notification while
+	// still holding the line qemu-img prints last, just before it exits.
+	stderrCap = 2 << 10
+	// infoStdoutCap is far above any honest `info` document but stops an
+	// image with a huge snapshot table from growing our heap without bound.
+	infoStdoutCap = 16 << 20
+	// waitDelay bounds how long Wait lingers for pipes after the process
+	// group was killed; nothing else should be holding them.
+	waitDelay = 5 * time.Second
+)
+
+// Runner runs qemu-img. Its fields may be changed before first use; it is
+// safe for concurrent use afterwards.
+type Runner struct {
+	// Binary is the qemu-img executable, looked up in PATH unless it
+	// contains a slash.
+	Binary string
+	// Limits applies to info and version.
+	Limits Limits
+	// ConvertLimits applies to convert and check, whose cost grows with the
+	// size of the image rather than with its header.
+	ConvertLimits Limits
+	Log           *slog.Logger
+}
+
+// New returns a Runner with the defaults: info limited to 1 GiB of address
+// space and 30 s of CPU, convert to 1 GiB and no CPU limit (the job's
+// deadline bounds it). A nil log discards.
+func New(log *slog.Logger) *Runner {
+	return &Runner{
+		Binary:        defaultBinary,
+		Limits:        Limits{AddressSpace: defaultAddressSpace, CPUTime: defaultInfoCPU},
+		ConvertLimits: Limits{AddressSpace: defaultAddressSpace},
+		Log:           log,
+	}
+}
+
+func (r *Runner) infoLimits() Limits {
+	return r.Limits.withDefaults(Limits{AddressSpace: defaultAddressSpace, CPUTime: defaultInfoCPU})
+}
+
+func (r *Runner) convertLimits() Limits {
+	return r.ConvertLimits.withDefaults(Limits{AddressSpace: defaultAddressSpace})
+}
+
+func (l Limits) withDefaults(d Limits) Limits {
+	if l.AddressSpace == 0 {
+		l.AddressSpace = d.AddressSpace
+	}
+	if l.CPUTime == 0 {
+		l.CPUTime = d.CPUTime
+	}
+	return l
+}
+
+// prlimitArgs leaves out unlimited resources rather than passing
+// "unlimited": raising an inherited hard limit needs privileges we may not
+// have, and inheriting it is what "unlimited" means here anyway.
+func (l Limits) prlimitArgs() []string {
+	var args []string
+	if l.AddressSpace > 0 {
+		args = append(args, "--as="+strconv.FormatInt(l.AddressSpace, 10))
+	}
+	if l.CPUTime > 0 {
+		soft := max(int64(math.Ceil(l.CPUTime.Seconds())), 1)
+		// The soft limit delivers SIGXCPU, which names the cause in the exit
+		// status; the hard limit a second later is the SIGKILL backstop.
+		args = append(args, fmt.Sprintf("--cpu=%d:%d", soft, soft+1))
+	}
+	return args
+}
+
+func (r *Runner) logger() *slog.Logger {
+	if r.Log != nil {
+		return r.Log
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// run executes qemu-img with args under lim. It returns ctx.Err() when the
+// context ended the process, an *ExitError when qemu-img failed, and a plain
+// error when the process could not be started as required.
+func (r *Runner) run(ctx context.Context, op string, lim Limits, stdout io.Writer, stderr *tailBuffer, args ...string) error {
+	// prlimit sets the limits on itself and then execs qemu-img, so they are
+	// in force before qemu-img reads a single byte; setting them from the
+	// parent after start would leave a window.
+	prlimit, err := exec.LookPath("prlimit")
+	if err != nil {
+		return fmt.Errorf("prlimit not found, install util-linux (qemu-img is never run without resource limits): %w", err)
+	}
+	bin := r.Binary
+	if bin == "" {
+		bin = defaultBinary
+	}
+	// Resolved here so that the child's PATH cannot pick a different binary.
+	qemu, err := exec.LookPath(bin)
+	if err != nil {
+		return fmt.Errorf("%s not found, install qemu-utils: %w", bin, err)
+	}
+
+	argv := append(lim.prlimitArgs(), "--", qemu)
+	argv = append(argv, args...)
+	cmd := exec.CommandContext(ctx, prlimit, argv...)
+	// LC_ALL=C keeps messages in English, which ExitError.LimitExceeded
+	// relies on; nothing else from our environment (credentials included)
+	// has any business in a process parsing hostile input.
+	cmd.Env = []string{"PATH=" + childPath(), "LC_ALL=C"}
+	cmd.Stdout = stdout
+	cmd.Stderr = stderr
+	// Stdin stays nil, which os/exec connects to /dev/null.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error {
+		err := syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		if errors.Is(err, syscall.ESRCH) {
+			return os.ErrProcessDone
+		}
+		return err
+	}
+	cmd.WaitDelay = waitDelay
+
+	start := time.Now()
+	err = cmd.Run()
+	r.logger().DebugContext(ctx, "qemu-img finished",
+		"op", op, "args", args, "elapsed", time.Since(start), "err", err)
+	if err == nil {
+		return nil
+	}
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		return ctxErr
+	}
+	var xe *exec.ExitError
+	if !errors.As(err, &xe) {
+		return err
+	}
+	msg := stderr.String()
+	if strings.HasPrefix(msg, "prlimit:") {
+		// prlimit itself failed (limits refused, exec failed): a problem of
+		// this host, not of the image, so it must not look like an ExitError.
+		return fmt.Errorf("running qemu-img under prlimit: %s (%w)", msg, err)
+	}
+	return &ExitError{Op: op, Stderr: msg, Err: err}
+}
+
+func childPath() string {
+	if p := os.Getenv("PATH"); p != "" {
+		return p
+	}
+	return "/usr/sbin:/usr/bin:/sbin:/bin"
+}
