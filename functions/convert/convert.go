@@ -4,12 +4,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -31,6 +33,8 @@ const (
 	MetaJob    = "imagepipe-job"
 	MetaSource = "imagepipe-source"
 	MetaSHA256 = "imagepipe-sha256"
+	MetaInput  = "imagepipe-input-format"
+	MetaVSize  = "imagepipe-virtual-size"
 	MetaFormat = "imagepipe-format" // on an upload: the output format wanted
 )
 
@@ -38,6 +42,8 @@ const (
 type Storage interface {
 	Download(ctx context.Context, bucket, key, versionID, etag string, w io.Writer) (objstore.Object, error)
 	UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (objstore.Object, error)
+	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
+	PutBytes(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
 }
 
 // QemuImg is the part of qemu-img convert uses.
@@ -105,6 +111,10 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 	}
 	j.outKey = cj.Key + "." + j.outFormat
 
+	if h.alreadyDone(ctx, j) {
+		j.log.Info("output of this job already uploaded; reporting it again", "stage", "ready", "output_key", j.outKey)
+		return h.succeed(ctx, j)
+	}
 	err := h.run(ctx, j)
 	if errors.Is(err, errSuperseded) {
 		j.log.Info("object changed since it was queued; its newer upload has its own job", "stage", "download")
@@ -117,6 +127,24 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 }
 
 var errSuperseded = errors.New("object superseded")
+
+// alreadyDone reports whether a previous delivery of this job uploaded its
+// output but died before the result was published: the output is then
+// reported again instead of converted again.
+func (h *Handler) alreadyDone(ctx context.Context, j *job) bool {
+	obj, err := h.store.Stat(ctx, h.cfg.OutputBucket, j.outKey)
+	if err != nil || obj.Metadata[MetaJob] != j.JobID || obj.Metadata[MetaSHA256] == "" {
+		return false
+	}
+	vsize, err := strconv.ParseInt(obj.Metadata[MetaVSize], 10, 64)
+	if err != nil {
+		return false
+	}
+	j.sha256, j.outSize, j.virtualSize = obj.Metadata[MetaSHA256], obj.Size, vsize
+	j.format = inspect.Format(obj.Metadata[MetaInput])
+	j.inputSize = j.Size
+	return true
+}
 
 func (h *Handler) outputFormat(cj events.ConvertJob) string {
 	if cj.OutputFormat != "" {
@@ -294,6 +322,8 @@ func (h *Handler) upload(ctx context.Context, j *job) error {
 		MetaJob:    j.JobID,
 		MetaSource: j.Bucket + "/" + j.Key,
 		MetaSHA256: j.sha256,
+		MetaInput:  string(j.format),
+		MetaVSize:  strconv.FormatInt(j.virtualSize, 10),
 	}
 	// Uploading to the same key on a redelivery replaces the object whole:
 	// S3 never exposes a half-written one, so a retry cannot corrupt it.
@@ -347,12 +377,29 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 	if serr := h.report.Set(ctx, st); serr != nil {
 		j.log.Warn("status not recorded", "err", serr)
 	}
+	if !retry {
+		h.writeErrorReport(ctx, j, data)
+	}
 	j.log.Warn("failed", "stage", fe.Phase, "err", fe.Err, "rule", fe.Rule, "attempt", j.attempt, "will_retry", retry)
 	ev, eerr := events.New(eventID(j.JobID, fmt.Sprintf("failed-%d", j.attempt)), events.TypeFailed, Source, j.Key, h.now(), data)
 	if eerr != nil {
 		return nil, err
 	}
 	return []events.Message{{Subject: events.SubjectFailed, Event: ev}}, err
+}
+
+// ErrorReportKey is where the report of a failed input is written, in the
+// input bucket, so an operator finds it with any S3 browser.
+func ErrorReportKey(inputKey string) string { return "errors/" + inputKey + ".error.json" }
+
+func (h *Handler) writeErrorReport(ctx context.Context, j *job, data events.Failed) {
+	body, err := json.MarshalIndent(data, "", "  ")
+	if err == nil {
+		err = h.store.PutBytes(ctx, j.Bucket, ErrorReportKey(j.Key), body, "application/json", map[string]string{MetaJob: j.JobID})
+	}
+	if err != nil {
+		j.log.Warn("error report not written", "err", err)
+	}
 }
 
 func (h *Handler) system(ctx context.Context) *events.SystemInfo {

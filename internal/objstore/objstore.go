@@ -174,9 +174,19 @@ func (s *Store) Remove(ctx context.Context, bucket, key string) error {
 	return nil
 }
 
+// errorResponse finds the S3 error in err's chain; minio.ToErrorResponse
+// looks at err itself only, not through wrapping.
+func errorResponse(err error) minio.ErrorResponse {
+	var r minio.ErrorResponse
+	if errors.As(err, &r) {
+		return r
+	}
+	return minio.ToErrorResponse(err)
+}
+
 // IsNotFound reports whether err says the bucket or object does not exist.
 func IsNotFound(err error) bool {
-	switch minio.ToErrorResponse(err).Code {
+	switch errorResponse(err).Code {
 	case minio.NoSuchKey, minio.NoSuchBucket, "NoSuchVersion":
 		return true
 	}
@@ -186,7 +196,7 @@ func IsNotFound(err error) bool {
 // IsChanged reports whether a conditional read failed because the object
 // was overwritten after the job was queued.
 func IsChanged(err error) bool {
-	r := minio.ToErrorResponse(err)
+	r := errorResponse(err)
 	return r.Code == "PreconditionFailed" || r.StatusCode == http.StatusPreconditionFailed
 }
 
@@ -196,8 +206,7 @@ func IsPermanent(err error) bool {
 	if IsNotFound(err) || IsChanged(err) {
 		return true
 	}
-	r := minio.ToErrorResponse(err)
-	switch r.Code {
+	switch errorResponse(err).Code {
 	case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidBucketName", "InvalidObjectName", "KeyTooLongError":
 		return true
 	}

@@ -130,11 +130,17 @@ func Notification(ctx context.Context, c *minio.Client, bucket, targetID string)
 	if err != nil {
 		return fmt.Errorf("read notification config of %s: %w", bucket, err)
 	}
-	q := notification.NewConfig(NotificationARN(targetID))
-	q.AddEvents(notification.ObjectCreatedAll)
-	if !cfg.AddQueue(q) {
-		return nil // already subscribed
+	arn := NotificationARN(targetID)
+	for _, qc := range cfg.QueueConfigs {
+		// MinIO returns the queue ARN as a string; AddQueue's own
+		// duplicate check compares parsed ARNs and misses it.
+		if qc.Queue == arn.String() {
+			return nil
+		}
 	}
+	q := notification.NewConfig(arn)
+	q.AddEvents(notification.ObjectCreatedAll)
+	cfg.AddQueue(q)
 	if err := c.SetBucketNotification(ctx, bucket, cfg); err != nil {
 		var er minio.ErrorResponse
 		if errors.As(err, &er) && er.Code == "InvalidArgument" {
