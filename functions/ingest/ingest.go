@@ -134,4 +134,3 @@ func (h *Handler) job(r events.Record) (events.Message, events.ConvertJob, error
 	}
 	return events.Message{Subject: events.SubjectConvertJob, Event: ev}, job, nil
 }
-
