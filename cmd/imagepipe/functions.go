@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net/http"
-	"time"
 
 	"github.com/caarlos0/env/v11"
 	"github.com/nats-io/nats.go"
@@ -18,7 +16,6 @@ import (
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/objstore"
-	"github.com/imagepipe/imagepipe/internal/qemuimg"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/internal/status"
 )
@@ -82,61 +79,11 @@ func startFunction(ctx context.Context, nc *nats.Conn, name string, s settings, 
 
 	switch name {
 	case "ingest":
-		// Ingest owns the door, so it makes sure the door exists: buckets
-		// and the bucket notification, both idempotent.
-		if err := provisionBuckets(ctx, s); err != nil {
-			return nil, err
-		}
-		h := ingest.New(s.Ingest, st, log)
-		return natsrt.NewWorker(ctx, js, natsrt.Binding{
-			Stream: events.StreamS3Events, Durable: "ingest", FilterSubject: events.SubjectS3Events,
-			Concurrency: 4, AckWait: 30 * time.Second, MaxAttempts: 5,
-			Backoff: []time.Duration{time.Second, 5 * time.Second, 30 * time.Second, time.Minute},
-		}, func(ctx context.Context, data []byte, _ natsrt.Delivery) ([]events.Message, error) {
-			return h.Handle(ctx, data)
-		}, log)
-
+		return startIngest(ctx, js, st, s, log)
 	case "convert":
-		store, err := objstore.New(s.S3)
-		if err != nil {
-			return nil, err
-		}
-		h := convert.New(s.Convert, store, qemuimg.New(log), st, log)
-		return natsrt.NewWorker(ctx, js, natsrt.Binding{
-			Stream: events.StreamJobs, Durable: "convert", FilterSubject: events.SubjectConvertJob,
-			Concurrency: s.Convert.MaxConcurrentJobs, AckWait: s.Convert.AckWait,
-			MaxAttempts: s.Convert.MaxAttempts, Backoff: s.Convert.Backoff(),
-		}, func(ctx context.Context, data []byte, d natsrt.Delivery) ([]events.Message, error) {
-			var job events.ConvertJob
-			if err := decode(data, events.TypeConvertJob, &job); err != nil {
-				return nil, err
-			}
-			return h.Handle(ctx, job, d.Attempt, d.MaxAttempts)
-		}, log)
-
+		return startConvert(ctx, js, st, s, log)
 	case "notify":
-		ledger, err := notify.NewKVLedger(ctx, js)
-		if err != nil {
-			return nil, err
-		}
-		h, err := notify.NewHandler(s.Notify, ledger, log, &http.Client{})
-		if err != nil {
-			return nil, err
-		}
-		return natsrt.NewWorker(ctx, js, natsrt.Binding{
-			Stream: events.StreamResults, Durable: "notify", FilterSubject: events.SubjectResults,
-			Concurrency: 4, AckWait: time.Minute,
-			// A channel that is down for long keeps its messages in the
-			// stream: about a day and a half of retries before giving up.
-			MaxAttempts: 200,
-			Backoff:     []time.Duration{5 * time.Second, 30 * time.Second, 2 * time.Minute, 10 * time.Minute},
-		}, func(ctx context.Context, data []byte, _ natsrt.Delivery) ([]events.Message, error) {
-			ev, err := events.Decode(data)
-			if err != nil {
-				return nil, failure.Permanent(events.PhasePublish, err, "")
-			}
-			return nil, h.Handle(ctx, ev)
-		}, log)
+		return startNotify(ctx, js, s, log)
 	}
 	return nil, fmt.Errorf("unknown function %q", name)
 }

@@ -63,23 +63,20 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}()
 
 	log := newLogger(stderr)
+	cmd, rest := args[0], args[1:]
 	var err error
-	switch cmd, rest := args[0], args[1:]; cmd {
-	case "dev":
-		err = runDev(ctx, jobCtx, rest, stdout, log)
-	case "ingest", "convert", "notify":
-		err = runFunction(ctx, jobCtx, cmd, log)
-	case "status":
-		err = runStatus(ctx, rest, stdout)
-	case "watch":
-		err = runWatch(ctx, rest, stdout)
+	switch cmd {
 	case "version", "--version":
 		fmt.Fprintln(stdout, "imagepipe", version)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 	default:
-		fmt.Fprintf(stderr, "imagepipe: unknown command %q\n\n%s", cmd, usage)
-		return 2
+		c, ok := commands[cmd]
+		if !ok {
+			fmt.Fprintf(stderr, "imagepipe: unknown command %q\n\n%s", cmd, usage)
+			return 2
+		}
+		err = c(ctx, jobCtx, cmdEnv{args: rest, stdout: stdout, stderr: stderr, log: log})
 	}
 	switch {
 	case err == nil:
@@ -93,6 +90,27 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "imagepipe:", err)
 		return 1
 	}
+}
+
+// cmdEnv is what a command gets besides its contexts.
+type cmdEnv struct {
+	args           []string
+	stdout, stderr io.Writer
+	log            *slog.Logger
+}
+
+// command runs one subcommand. ctx is cancelled by the first signal (drain),
+// jobCtx by the second (abort).
+type command func(ctx, jobCtx context.Context, e cmdEnv) error
+
+// commands maps each subcommand to its implementation, one file each.
+var commands = map[string]command{
+	"dev":     func(ctx, jobCtx context.Context, e cmdEnv) error { return runDev(ctx, jobCtx, e.args, e.stdout, e.log) },
+	"ingest":  func(ctx, jobCtx context.Context, e cmdEnv) error { return runFunction(ctx, jobCtx, "ingest", e.log) },
+	"convert": func(ctx, jobCtx context.Context, e cmdEnv) error { return runFunction(ctx, jobCtx, "convert", e.log) },
+	"notify":  func(ctx, jobCtx context.Context, e cmdEnv) error { return runFunction(ctx, jobCtx, "notify", e.log) },
+	"status":  func(ctx, _ context.Context, e cmdEnv) error { return runStatus(ctx, e.args, e.stdout) },
+	"watch":   func(ctx, _ context.Context, e cmdEnv) error { return runWatch(ctx, e.args, e.stdout) },
 }
 
 type usageError struct{ msg string }

@@ -1,0 +1,34 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/functions/convert"
+	"github.com/imagepipe/imagepipe/internal/natsrt"
+	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/qemuimg"
+	"github.com/imagepipe/imagepipe/internal/status"
+)
+
+func startConvert(ctx context.Context, js jetstream.JetStream, st *status.Store, s settings, log *slog.Logger) (*natsrt.Worker, error) {
+	store, err := objstore.New(s.S3)
+	if err != nil {
+		return nil, err
+	}
+	h := convert.New(s.Convert, store, qemuimg.New(log), st, log)
+	return natsrt.NewWorker(ctx, js, natsrt.Binding{
+		Stream: events.StreamJobs, Durable: "convert", FilterSubject: events.SubjectConvertJob,
+		Concurrency: s.Convert.MaxConcurrentJobs, AckWait: s.Convert.AckWait,
+		MaxAttempts: s.Convert.MaxAttempts, Backoff: s.Convert.Backoff(),
+	}, func(ctx context.Context, data []byte, d natsrt.Delivery) ([]events.Message, error) {
+		var job events.ConvertJob
+		if err := decode(data, events.TypeConvertJob, &job); err != nil {
+			return nil, err
+		}
+		return h.Handle(ctx, job, d.Attempt, d.MaxAttempts)
+	}, log)
+}

@@ -1,0 +1,40 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/functions/notify"
+	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/natsrt"
+)
+
+func startNotify(ctx context.Context, js jetstream.JetStream, s settings, log *slog.Logger) (*natsrt.Worker, error) {
+	ledger, err := notify.NewKVLedger(ctx, js)
+	if err != nil {
+		return nil, err
+	}
+	h, err := notify.NewHandler(s.Notify, ledger, log, &http.Client{})
+	if err != nil {
+		return nil, err
+	}
+	return natsrt.NewWorker(ctx, js, natsrt.Binding{
+		Stream: events.StreamResults, Durable: "notify", FilterSubject: events.SubjectResults,
+		Concurrency: 4, AckWait: time.Minute,
+		// A channel that is down for long keeps its messages in the
+		// stream: about a day and a half of retries before giving up.
+		MaxAttempts: 200,
+		Backoff:     []time.Duration{5 * time.Second, 30 * time.Second, 2 * time.Minute, 10 * time.Minute},
+	}, func(ctx context.Context, data []byte, _ natsrt.Delivery) ([]events.Message, error) {
+		ev, err := events.Decode(data)
+		if err != nil {
+			return nil, failure.Permanent(events.PhasePublish, err, "")
+		}
+		return nil, h.Handle(ctx, ev)
+	}, log)
+}
