@@ -20,7 +20,11 @@ type ConvertJob struct {
 	// OutputFormat overrides the converter's configured format when set
 	// ("raw" or "qcow2").
 	OutputFormat string `json:"output_format,omitempty"`
-	// Reason says what started the job: "upload", "reconvert", "reconcile".
+	// NoDedup skips content de-duplication: an operator's re-convert
+	// always converts.
+	NoDedup bool `json:"no_dedup,omitempty"`
+	// Reason says what started the job: "upload", "reconvert", "reconcile",
+	// "import".
 	Reason   string    `json:"reason"`
 	QueuedAt time.Time `json:"queued_at"`
 }

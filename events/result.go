@@ -29,6 +29,9 @@ type Converted struct {
 	SHA256       string `json:"sha256"`
 	DurationMS   int64  `json:"duration_ms"`
 	Attempt      int    `json:"attempt"`
+	// DuplicateOf names the earlier output this one was copied from when
+	// the same content had already been converted ("bucket/key").
+	DuplicateOf string `json:"duplicate_of,omitempty"`
 }
 
 // Failed is the data of TypeFailed: which phase failed, in plain words, and

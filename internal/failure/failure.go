@@ -10,6 +10,10 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 )
 
+// ErrCancelled is the cancellation cause of a job stopped by an operator,
+// as opposed to a shutdown, after which the job runs again elsewhere.
+var ErrCancelled = errors.New("cancelled by an operator")
+
 // Error is a job failure with its class. The runtime terminates a message
 // whose error is permanent and redelivers it with back-off otherwise.
 type Error struct {
