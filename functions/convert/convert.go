@@ -40,7 +40,7 @@ const (
 
 // Storage is the part of object storage convert uses.
 type Storage interface {
-	Download(ctx context.Context, bucket, key, versionID, etag string, w io.Writer) (objstore.Object, error)
+	Open(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
 	UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (objstore.Object, error)
 	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
 	PutBytes(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
@@ -94,7 +94,10 @@ type job struct {
 	outFormat            string
 	outKey               string
 	outSize              int64
-	sha256               string
+	sha256               string // of the output
+	sha256In             string // of the object as uploaded
+	codec                string // compression the upload came in
+	meta                 map[string]string
 }
 
 // Handle runs a job through every stage and returns its result event. On
@@ -188,34 +191,6 @@ func (h *Handler) setState(ctx context.Context, j *job, state events.State, perc
 	}
 }
 
-func (h *Handler) download(ctx context.Context, j *job) error {
-	h.setState(ctx, j, events.StateDownloading, 0)
-	j.log.Info("downloading", "stage", events.PhaseDownload, "attempt", j.attempt)
-	f, err := os.OpenFile(j.input, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return failure.Retryable(events.PhaseDownload, fmt.Errorf("create scratch file: %w", err), "")
-	}
-	obj, err := h.store.Download(ctx, j.Bucket, j.Key, j.VersionID, j.ETag, f)
-	if cerr := f.Close(); err == nil && cerr != nil {
-		err = cerr
-	}
-	switch {
-	case err == nil:
-	case objstore.IsChanged(err):
-		return errSuperseded
-	case objstore.IsNotFound(err):
-		return failure.Permanent(events.PhaseDownload, fmt.Errorf("the object %s/%s no longer exists: it was deleted before it could be downloaded", j.Bucket, j.Key), "upload the image again")
-	case objstore.IsPermanent(err):
-		return failure.Permanent(events.PhaseDownload, err, "check the converter's S3 credentials can read the input bucket")
-	case isNoSpace(err):
-		return failure.Retryable(events.PhaseDownload, fmt.Errorf("scratch space full while downloading: %w", err), "free space in IMAGEPIPE_SCRATCH_DIR or lower IMAGEPIPE_MAX_CONCURRENT_JOBS")
-	default:
-		return failure.Retryable(events.PhaseDownload, err, "")
-	}
-	j.inputSize = obj.Size
-	return nil
-}
-
 func (h *Handler) inspect(ctx context.Context, j *job) error {
 	h.setState(ctx, j, events.StateInspecting, 0)
 	j.log.Info("inspecting", "stage", events.PhaseInspect)
@@ -225,7 +200,7 @@ func (h *Handler) inspect(ctx context.Context, j *job) error {
 		return classifyInspect(err)
 	}
 	j.format = rep.Format
-	if err := inspect.CheckExtension(rep, j.Key); err != nil {
+	if err := inspect.CheckExtension(rep, keyForExtension(j.Key, j.codec)); err != nil {
 		return classifyInspect(err)
 	}
 	if rep.Format == inspect.OVA {
@@ -254,19 +229,8 @@ func (h *Handler) convert(ctx context.Context, j *job) error {
 	j.log.Info("converting", "stage", events.PhaseConvert, "format", j.format, "virtual_size", j.virtualSize, "to", j.outFormat)
 	ctx, cancel := context.WithTimeout(ctx, h.cfg.convertTimeout(j.virtualSize))
 	defer cancel()
-	start := h.now()
-	err := h.qemu.Convert(ctx, j.input, string(j.format), j.output, j.outFormat, func(pct float64) {
-		h.setState(ctx, j, events.StateConverting, pct)
-		elapsed := h.now().Sub(start).Seconds()
-		done := int64(float64(j.virtualSize) * pct / 100)
-		p := events.Progress{JobID: j.JobID, Bucket: j.Bucket, Key: j.Key, Phase: events.PhaseConvert,
-			Percent: pct, BytesDone: done, BytesTotal: j.virtualSize}
-		if elapsed > 0 && done > 0 {
-			p.RateBPS = float64(done) / elapsed
-			p.ETASeconds = float64(j.virtualSize-done) / p.RateBPS
-		}
-		_ = h.report.Progress(p)
-	})
+	meter := h.newMeter(ctx, j, events.PhaseConvert, events.StateConverting, j.virtualSize)
+	err := h.qemu.Convert(ctx, j.input, string(j.format), j.output, j.outFormat, meter.percent)
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return failure.Permanent(events.PhaseConvert, fmt.Errorf("qemu-img convert took longer than %s", h.cfg.convertTimeout(j.virtualSize)),
@@ -327,7 +291,8 @@ func (h *Handler) upload(ctx context.Context, j *job) error {
 	}
 	// Uploading to the same key on a redelivery replaces the object whole:
 	// S3 never exposes a half-written one, so a retry cannot corrupt it.
-	if _, err := h.store.UploadFile(ctx, h.cfg.OutputBucket, j.outKey, j.output, meta, nil); err != nil {
+	meter := h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, j.outSize)
+	if _, err := h.store.UploadFile(ctx, h.cfg.OutputBucket, j.outKey, j.output, meta, meter); err != nil {
 		if objstore.IsPermanent(err) {
 			return failure.Permanent(events.PhaseUpload, err, "check the output bucket exists and the converter may write to it")
 		}

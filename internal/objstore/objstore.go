@@ -95,36 +95,77 @@ func (s *Store) Stat(ctx context.Context, bucket, key string) (Object, error) {
 	return objectFrom(bucket, info), nil
 }
 
-// Download streams one version of an object into w. When etag is set the
-// read is conditional on it, so a job converts exactly the content it was
-// queued for and never a later overwrite.
-func (s *Store) Download(ctx context.Context, bucket, key, versionID, etag string, w io.Writer) (Object, error) {
+// Open starts reading one version of an object. When etag is set the read
+// is conditional on it, so a job converts exactly the content it was
+// queued for and never a later overwrite. The caller closes the reader.
+func (s *Store) Open(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, Object, error) {
 	opts := minio.GetObjectOptions{Checksum: true}
-	if versionID != "" {
-		opts.VersionID = versionID
-	}
+	opts.VersionID = versionID
 	if etag != "" {
 		if err := opts.SetMatchETag(etag); err != nil {
-			return Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
+			return nil, Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
 		}
 	}
 	obj, err := s.client.GetObject(ctx, bucket, key, opts)
 	if err != nil {
-		return Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
+		return nil, Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
 	}
-	defer obj.Close()
 	info, err := obj.Stat()
 	if err != nil {
-		return Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
+		obj.Close()
+		return nil, Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
 	}
-	n, err := io.Copy(w, obj)
+	return &sizedReader{obj: obj, want: info.Size, name: bucket + "/" + key}, objectFrom(bucket, info), nil
+}
+
+// sizedReader reports a short read as an error: a connection that drops
+// mid-object must not look like a complete, smaller file.
+type sizedReader struct {
+	obj  *minio.Object
+	want int64
+	got  int64
+	name string
+}
+
+func (r *sizedReader) Read(p []byte) (int, error) {
+	n, err := r.obj.Read(p)
+	r.got += int64(n)
+	if err == io.EOF && r.got != r.want {
+		return n, fmt.Errorf("download %s: got %d of %d bytes: %w", r.name, r.got, r.want, io.ErrUnexpectedEOF)
+	}
+	if err != nil && err != io.EOF {
+		err = fmt.Errorf("download %s: %w", r.name, err)
+	}
+	return n, err
+}
+
+func (r *sizedReader) Close() error { return r.obj.Close() }
+
+// RangeReader reads byte ranges of one object.
+type RangeReader interface {
+	io.ReaderAt
+	io.Closer
+}
+
+// ReaderAt reads ranges of an object without downloading it, for looking
+// at a header before deciding what to do with the rest.
+func (s *Store) ReaderAt(ctx context.Context, bucket, key, versionID string) (RangeReader, error) {
+	obj, err := s.client.GetObject(ctx, bucket, key, minio.GetObjectOptions{VersionID: versionID})
 	if err != nil {
-		return Object{}, fmt.Errorf("download %s/%s: %w", bucket, key, err)
+		return nil, fmt.Errorf("read %s/%s: %w", bucket, key, err)
 	}
-	if n != info.Size {
-		return Object{}, fmt.Errorf("download %s/%s: got %d of %d bytes", bucket, key, n, info.Size)
+	return obj, nil
+}
+
+// Copy copies an object server-side, replacing its metadata.
+func (s *Store) Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta map[string]string) (Object, error) {
+	src := minio.CopySrcOptions{Bucket: srcBucket, Object: srcKey, VersionID: srcVersion, MatchETag: srcETag}
+	dst := minio.CopyDestOptions{Bucket: dstBucket, Object: dstKey, UserMetadata: meta, ReplaceMetadata: true}
+	info, err := s.client.ComposeObject(ctx, dst, src)
+	if err != nil {
+		return Object{}, fmt.Errorf("copy %s/%s to %s/%s: %w", srcBucket, srcKey, dstBucket, dstKey, err)
 	}
-	return objectFrom(bucket, info), nil
+	return Object{Bucket: dstBucket, Key: dstKey, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID}, nil
 }
 
 // UploadFile uploads a local file with parallel multipart parts. progress,

@@ -1,0 +1,186 @@
+package convert
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/objstore"
+)
+
+// Compression codecs recognised on download, by magic number, not name.
+const (
+	codecNone = ""
+	codecGzip = "gzip"
+	codecXZ   = "xz"
+	codecZstd = "zstd"
+)
+
+var (
+	magicGzip = []byte{0x1f, 0x8b}
+	magicXZ   = []byte{0xfd, '7', 'z', 'X', 'Z', 0x00}
+	magicZstd = []byte{0x28, 0xb5, 0x2f, 0xfd}
+)
+
+// download streams the object into the job's scratch file, decompressing
+// gzip, xz and zstd on the way, and checks the checksum the uploader gave.
+func (h *Handler) download(ctx context.Context, j *job) error {
+	h.setState(ctx, j, events.StateDownloading, 0)
+	j.log.Info("downloading", "stage", events.PhaseDownload, "attempt", j.attempt)
+	rc, obj, err := h.store.Open(ctx, j.Bucket, j.Key, j.VersionID, j.ETag)
+	if err != nil {
+		return classifyDownload(j, err)
+	}
+	defer rc.Close()
+	j.inputSize = obj.Size
+	j.meta = obj.Metadata
+	if f := obj.Metadata[MetaFormat]; f != "" && j.ConvertJob.OutputFormat == "" {
+		if f != "raw" && f != "qcow2" {
+			return failure.Refused(events.PhaseDownload, "output-format", fmt.Errorf("the upload asks for output format %q", f),
+				"set x-amz-meta-imagepipe-format to raw or qcow2, or leave it out")
+		}
+		j.outFormat = f
+		j.outKey = j.Key + "." + f
+		j.output = j.output[:strings.LastIndexByte(j.output, '.')+1] + f
+	}
+
+	sum := sha256.New()
+	meter := h.newMeter(ctx, j, events.PhaseDownload, events.StateDownloading, obj.Size)
+	body := &readErrs{r: rc}
+	br := bufio.NewReaderSize(io.TeeReader(body, io.MultiWriter(sum, meter)), 1<<20)
+	src, codec, err := decompressor(br)
+	if err != nil {
+		return failure.Permanent(events.PhaseDownload, err, "upload the file again; its compressed stream is damaged")
+	}
+	j.codec = codec
+
+	f, err := os.OpenFile(j.input, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return failure.Retryable(events.PhaseDownload, fmt.Errorf("create scratch file: %w", err), "")
+	}
+	// A small compressed file may expand without bound; nothing larger than
+	// the largest image allowed is worth writing.
+	limit := h.cfg.MaxVirtualSize
+	n, err := io.Copy(f, io.LimitReader(src, limit+1))
+	if cerr := f.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
+	if err != nil {
+		if codec != codecNone && body.err == nil && !isNoSpace(err) && ctx.Err() == nil {
+			return failure.Permanent(events.PhaseDownload, fmt.Errorf("decompress %s stream: %w", codec, err), "upload the file again; its compressed stream is damaged or truncated")
+		}
+		return classifyDownload(j, err)
+	}
+	if n > limit {
+		return failure.Refused(events.PhaseDownload, "virtual-size", fmt.Errorf("the %s stream expands to more than %d bytes", codec, limit),
+			"split the disk or raise IMAGEPIPE_MAX_VIRTUAL_SIZE")
+	}
+	j.sha256In = hex.EncodeToString(sum.Sum(nil))
+	return verifyChecksum(obj, j.sha256In)
+}
+
+// verifyChecksum compares the sha256 of the bytes received with the one
+// the uploader declared, as S3's x-amz-checksum-sha256 of a single-part
+// upload, or as x-amz-meta-imagepipe-sha256.
+func verifyChecksum(obj objstore.Object, got string) error {
+	if want := strings.ToLower(strings.TrimSpace(obj.Metadata[MetaSHA256])); want != "" {
+		if want != got {
+			return failure.Refused(events.PhaseDownload, "checksum", fmt.Errorf("checksum mismatch: the upload's x-amz-meta-imagepipe-sha256 says %s, the bytes received hash to %s", want, got),
+				"the file was damaged in transit or the declared checksum is wrong; upload it again")
+		}
+	}
+	// A multipart checksum ("…-N") is a checksum of part checksums, not of
+	// the object, and cannot be compared.
+	if obj.Checksum != "" && !strings.Contains(obj.Checksum, "-") {
+		raw, err := base64.StdEncoding.DecodeString(obj.Checksum)
+		if err == nil && hex.EncodeToString(raw) != got {
+			return failure.Refused(events.PhaseDownload, "checksum", fmt.Errorf("checksum mismatch: S3 x-amz-checksum-sha256 says %s, the bytes received hash to %s", hex.EncodeToString(raw), got),
+				"the file was damaged in transit; upload it again")
+		}
+	}
+	return nil
+}
+
+func decompressor(br *bufio.Reader) (io.Reader, string, error) {
+	head, _ := br.Peek(6)
+	switch {
+	case bytes.HasPrefix(head, magicGzip):
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			return nil, codecGzip, fmt.Errorf("open gzip stream: %w", err)
+		}
+		return zr, codecGzip, nil
+	case bytes.HasPrefix(head, magicXZ):
+		xr, err := xz.NewReader(br)
+		if err != nil {
+			return nil, codecXZ, fmt.Errorf("open xz stream: %w", err)
+		}
+		return xr, codecXZ, nil
+	case bytes.HasPrefix(head, magicZstd):
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+		if err != nil {
+			return nil, codecZstd, fmt.Errorf("open zstd stream: %w", err)
+		}
+		return zr.IOReadCloser(), codecZstd, nil
+	}
+	return br, codecNone, nil
+}
+
+// compressedSuffixes are stripped from a key before its extension is
+// compared with the content: disk.qcow2.xz names a qcow2.
+var compressedSuffixes = map[string]string{codecGzip: ".gz", codecXZ: ".xz", codecZstd: ".zst"}
+
+func keyForExtension(key, codec string) string {
+	if sfx, ok := compressedSuffixes[codec]; ok {
+		lower := strings.ToLower(key)
+		if strings.HasSuffix(lower, sfx) {
+			return key[:len(key)-len(sfx)]
+		}
+		if codec == codecZstd && strings.HasSuffix(lower, ".zstd") {
+			return key[:len(key)-len(".zstd")]
+		}
+	}
+	return key
+}
+
+func classifyDownload(j *job, err error) error {
+	switch {
+	case objstore.IsChanged(err):
+		return errSuperseded
+	case objstore.IsNotFound(err):
+		return failure.Permanent(events.PhaseDownload, fmt.Errorf("the object %s/%s no longer exists: it was deleted before it could be downloaded", j.Bucket, j.Key), "upload the image again")
+	case objstore.IsPermanent(err):
+		return failure.Permanent(events.PhaseDownload, err, "check the converter's S3 credentials can read the input bucket")
+	case isNoSpace(err):
+		return failure.Retryable(events.PhaseDownload, fmt.Errorf("scratch space full while downloading: %w", err), "free space in IMAGEPIPE_SCRATCH_DIR or lower IMAGEPIPE_MAX_CONCURRENT_JOBS")
+	}
+	return failure.Retryable(events.PhaseDownload, err, "")
+}
+
+// readErrs remembers the error of the object stream itself, to tell a
+// dropped connection (worth a retry) from a damaged compressed stream.
+type readErrs struct {
+	r   io.Reader
+	err error
+}
+
+func (r *readErrs) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		r.err = err
+	}
+	return n, err
+}
