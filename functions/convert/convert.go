@@ -2,8 +2,6 @@ package convert
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,12 +25,12 @@ import (
 // Source is the CloudEvents source of convert's results.
 const Source = "/imagepipe/convert"
 
-// Metadata keys set on every output object.
+// Metadata keys set on every output object, and read from uploads.
 const (
 	MetaOutput = "imagepipe-output" // marks outputs so ingest never takes them in
 	MetaJob    = "imagepipe-job"
 	MetaSource = "imagepipe-source"
-	MetaSHA256 = "imagepipe-sha256"
+	MetaSHA256 = "imagepipe-sha256" // on an output: its sha256; on an upload: the expected one
 	MetaInput  = "imagepipe-input-format"
 	MetaVSize  = "imagepipe-virtual-size"
 	MetaFormat = "imagepipe-format" // on an upload: the output format wanted
@@ -86,21 +84,30 @@ type job struct {
 	started              time.Time
 	log                  *slog.Logger
 	dir                  string
-	input                string
-	output               string
+	input                string // the download, decompressed
 	inputSize            int64
-	format               inspect.Format
-	virtualSize          int64
-	outFormat            string
-	outKey               string
-	outSize              int64
-	sha256               string // of the output
 	sha256In             string // of the object as uploaded
 	codec                string // compression the upload came in
 	meta                 map[string]string
+	outFormat            string
+	format               inspect.Format // of the upload (ova for an appliance)
+	disks                []*disk
 }
 
-// Handle runs a job through every stage and returns its result event. On
+// disk is one image to convert: the upload itself, or one disk of an OVA.
+type disk struct {
+	member      string // name inside the OVA; "" for a plain upload
+	input       string
+	output      string
+	extKey      string // the name whose extension must agree with the content
+	format      inspect.Format
+	virtualSize int64
+	outKey      string
+	outSize     int64
+	sha256      string
+}
+
+// Handle runs a job through every stage and returns its result events. On
 // failure it returns the failed event and the classified error together:
 // the event says whether the runtime will retry.
 func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, maxAttempts int) ([]events.Message, error) {
@@ -110,12 +117,17 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 		maxAttempts: maxAttempts,
 		started:     h.now(),
 		log:         h.log.With("job", cj.JobID, "bucket", cj.Bucket, "key", cj.Key),
-		outFormat:   h.outputFormat(cj),
+		outFormat:   cj.OutputFormat,
 	}
-	j.outKey = cj.Key + "." + j.outFormat
-
-	if h.alreadyDone(ctx, j) {
-		j.log.Info("output of this job already uploaded; reporting it again", "stage", "ready", "output_key", j.outKey)
+	if j.outFormat == "" {
+		j.outFormat = h.cfg.OutputFormat
+	}
+	if j.outFormat != "raw" && j.outFormat != "qcow2" {
+		return h.fail(ctx, j, failure.Permanent(events.PhaseConvert, fmt.Errorf("output format %q is not raw or qcow2", j.outFormat), "set IMAGEPIPE_OUTPUT_FORMAT to raw or qcow2"))
+	}
+	if d, ok := h.alreadyDone(ctx, j); ok {
+		j.log.Info("output of this job already uploaded; reporting it again", "stage", "ready", "output_key", d.outKey)
+		j.disks = []*disk{d}
 		return h.succeed(ctx, j)
 	}
 	err := h.run(ctx, j)
@@ -134,26 +146,19 @@ var errSuperseded = errors.New("object superseded")
 // alreadyDone reports whether a previous delivery of this job uploaded its
 // output but died before the result was published: the output is then
 // reported again instead of converted again.
-func (h *Handler) alreadyDone(ctx context.Context, j *job) bool {
-	obj, err := h.store.Stat(ctx, h.cfg.OutputBucket, j.outKey)
+func (h *Handler) alreadyDone(ctx context.Context, j *job) (*disk, bool) {
+	key := j.Key + "." + j.outFormat
+	obj, err := h.store.Stat(ctx, h.cfg.OutputBucket, key)
 	if err != nil || obj.Metadata[MetaJob] != j.JobID || obj.Metadata[MetaSHA256] == "" {
-		return false
+		return nil, false
 	}
 	vsize, err := strconv.ParseInt(obj.Metadata[MetaVSize], 10, 64)
 	if err != nil {
-		return false
+		return nil, false
 	}
-	j.sha256, j.outSize, j.virtualSize = obj.Metadata[MetaSHA256], obj.Size, vsize
 	j.format = inspect.Format(obj.Metadata[MetaInput])
 	j.inputSize = j.Size
-	return true
-}
-
-func (h *Handler) outputFormat(cj events.ConvertJob) string {
-	if cj.OutputFormat != "" {
-		return cj.OutputFormat
-	}
-	return h.cfg.OutputFormat
+	return &disk{outKey: key, sha256: obj.Metadata[MetaSHA256], outSize: obj.Size, virtualSize: vsize, format: j.format}, true
 }
 
 func (h *Handler) run(ctx context.Context, j *job) error {
@@ -166,16 +171,33 @@ func (h *Handler) run(ctx context.Context, j *job) error {
 	defer os.RemoveAll(dir)
 	j.dir = dir
 	j.input = filepath.Join(dir, "input")
-	j.output = filepath.Join(dir, "output."+j.outFormat)
 
-	for _, stage := range []func(context.Context, *job) error{
-		h.download, h.inspect, h.convert, h.verify, h.upload,
-	} {
-		if err := stage(ctx, j); err != nil {
-			return err
-		}
+	if err := h.download(ctx, j); err != nil {
+		return err
 	}
-	return nil
+	h.setState(ctx, j, events.StateInspecting, 0)
+	j.log.Info("inspecting", "stage", events.PhaseInspect)
+	rep, err := inspect.InspectFile(j.input, h.limits())
+	if err != nil {
+		return classifyInspect(err)
+	}
+	j.format = rep.Format
+	if rep.Format == inspect.OVA {
+		return h.convertOVA(ctx, j)
+	}
+	d := &disk{
+		input:  j.input,
+		output: filepath.Join(dir, "output."+j.outFormat),
+		extKey: keyForExtension(j.Key, j.codec),
+		format: rep.Format,
+		outKey: j.Key + "." + j.outFormat,
+	}
+	j.disks = append(j.disks, d)
+	return h.convertDisk(ctx, j, d, rep)
+}
+
+func (h *Handler) limits() inspect.Limits {
+	return inspect.Limits{MaxVirtualSize: h.cfg.MaxVirtualSize}
 }
 
 func (h *Handler) setState(ctx context.Context, j *job, state events.State, percent float64) {
@@ -183,139 +205,33 @@ func (h *Handler) setState(ctx context.Context, j *job, state events.State, perc
 		Bucket: j.Bucket, Key: j.Key, JobID: j.JobID, State: state, Percent: percent,
 		InputFormat: string(j.format), Attempt: j.attempt, UpdatedAt: h.now().UTC(),
 	}
-	if state == events.StateReady {
-		st.OutputBucket, st.OutputKey = h.cfg.OutputBucket, j.outKey
+	if state == events.StateReady && len(j.disks) > 0 {
+		st.OutputBucket, st.OutputKey = h.cfg.OutputBucket, j.disks[0].outKey
 	}
 	if err := h.report.Set(ctx, st); err != nil {
 		j.log.Warn("status not recorded", "state", state, "err", err)
 	}
 }
 
-func (h *Handler) inspect(ctx context.Context, j *job) error {
-	h.setState(ctx, j, events.StateInspecting, 0)
-	j.log.Info("inspecting", "stage", events.PhaseInspect)
-	lim := inspect.Limits{MaxVirtualSize: h.cfg.MaxVirtualSize}
-	rep, err := inspect.InspectFile(j.input, lim)
-	if err != nil {
-		return classifyInspect(err)
-	}
-	j.format = rep.Format
-	if err := inspect.CheckExtension(rep, keyForExtension(j.Key, j.codec)); err != nil {
-		return classifyInspect(err)
-	}
-	if rep.Format == inspect.OVA {
-		return failure.Refused(events.PhaseInspect, "ova-unsupported", errors.New("OVA archives are not converted yet"), "upload the VMDK disks inside the OVA one by one")
-	}
-	info, err := h.qemu.Info(ctx, j.input, string(rep.Format))
-	if err != nil {
-		return classifyQemu(events.PhaseInspect, err, rep.Format)
-	}
-	vsize, err := inspect.CheckQemuInfo(rep, info.JSON, j.input, lim)
-	if err != nil {
-		return classifyInspect(err)
-	}
-	j.virtualSize = vsize
-	free, err := freeSpace(j.dir)
-	if err == nil && free < j.virtualSize {
-		return failure.Retryable(events.PhaseInspect,
-			fmt.Errorf("scratch space too small: the image needs up to %d bytes, %d are free", j.virtualSize, free),
-			"free space in IMAGEPIPE_SCRATCH_DIR, lower IMAGEPIPE_MAX_CONCURRENT_JOBS, or point IMAGEPIPE_SCRATCH_DIR at a larger disk")
-	}
-	return nil
-}
-
-func (h *Handler) convert(ctx context.Context, j *job) error {
-	h.setState(ctx, j, events.StateConverting, 0)
-	j.log.Info("converting", "stage", events.PhaseConvert, "format", j.format, "virtual_size", j.virtualSize, "to", j.outFormat)
-	ctx, cancel := context.WithTimeout(ctx, h.cfg.convertTimeout(j.virtualSize))
-	defer cancel()
-	meter := h.newMeter(ctx, j, events.PhaseConvert, events.StateConverting, j.virtualSize)
-	err := h.qemu.Convert(ctx, j.input, string(j.format), j.output, j.outFormat, meter.percent)
-	if err != nil {
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return failure.Permanent(events.PhaseConvert, fmt.Errorf("qemu-img convert took longer than %s", h.cfg.convertTimeout(j.virtualSize)),
-				"raise IMAGEPIPE_CONVERT_TIMEOUT_PER_GIB if the disk is healthy and the scratch disk slow")
-		}
-		return classifyQemu(events.PhaseConvert, err, j.format)
-	}
-	return nil
-}
-
-func (h *Handler) verify(ctx context.Context, j *job) error {
-	j.log.Info("verifying", "stage", events.PhaseVerify)
-	st, err := os.Stat(j.output)
-	if err != nil {
-		return failure.Retryable(events.PhaseVerify, fmt.Errorf("output missing after conversion: %w", err), "")
-	}
-	j.outSize = st.Size()
-	if j.outFormat == "raw" && j.outSize != j.virtualSize {
-		return failure.Permanent(events.PhaseVerify, fmt.Errorf("raw output is %d bytes, the image's virtual size is %d", j.outSize, j.virtualSize), "")
-	}
-	// The output is re-inspected as if it were an upload: it must be the
-	// target format and reference no other file.
-	lim := inspect.Limits{MaxVirtualSize: h.cfg.MaxVirtualSize}
-	rep, err := inspect.InspectFile(j.output, lim)
-	if err != nil {
-		return failure.Permanent(events.PhaseVerify, fmt.Errorf("output failed re-inspection: %w", err), "")
-	}
-	if string(rep.Format) != j.outFormat && !(j.outFormat == "raw") {
-		return failure.Permanent(events.PhaseVerify, fmt.Errorf("output is %s, expected %s", rep.Format, j.outFormat), "")
-	}
-	if j.outFormat != "raw" {
-		info, err := h.qemu.Info(ctx, j.output, j.outFormat)
-		if err != nil {
-			return failure.Permanent(events.PhaseVerify, fmt.Errorf("output failed re-inspection: %w", err), "")
-		}
-		if _, err := inspect.CheckQemuInfo(rep, info.JSON, j.output, lim); err != nil {
-			return failure.Permanent(events.PhaseVerify, fmt.Errorf("output failed re-inspection: %w", err), "")
-		}
-	}
-	sum, err := fileSHA256(j.output)
-	if err != nil {
-		return failure.Retryable(events.PhaseVerify, err, "")
-	}
-	j.sha256 = sum
-	return nil
-}
-
-func (h *Handler) upload(ctx context.Context, j *job) error {
-	h.setState(ctx, j, events.StateUploading, 0)
-	j.log.Info("uploading", "stage", events.PhaseUpload, "output_bucket", h.cfg.OutputBucket, "output_key", j.outKey, "size", j.outSize)
-	meta := map[string]string{
-		MetaOutput: "true",
-		MetaJob:    j.JobID,
-		MetaSource: j.Bucket + "/" + j.Key,
-		MetaSHA256: j.sha256,
-		MetaInput:  string(j.format),
-		MetaVSize:  strconv.FormatInt(j.virtualSize, 10),
-	}
-	// Uploading to the same key on a redelivery replaces the object whole:
-	// S3 never exposes a half-written one, so a retry cannot corrupt it.
-	meter := h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, j.outSize)
-	if _, err := h.store.UploadFile(ctx, h.cfg.OutputBucket, j.outKey, j.output, meta, meter); err != nil {
-		if objstore.IsPermanent(err) {
-			return failure.Permanent(events.PhaseUpload, err, "check the output bucket exists and the converter may write to it")
-		}
-		return failure.Retryable(events.PhaseUpload, err, "")
-	}
-	return nil
-}
-
 func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error) {
 	h.setState(ctx, j, events.StateReady, 100)
 	took := h.now().Sub(j.started)
-	data := events.Converted{
-		JobID: j.JobID, InputBucket: j.Bucket, InputKey: j.Key, InputFormat: string(j.format),
-		InputSize: j.inputSize, VirtualSize: j.virtualSize,
-		OutputBucket: h.cfg.OutputBucket, OutputKey: j.outKey, OutputFormat: j.outFormat,
-		OutputSize: j.outSize, SHA256: j.sha256, DurationMS: took.Milliseconds(), Attempt: j.attempt,
+	var out []events.Message
+	for _, d := range j.disks {
+		data := events.Converted{
+			JobID: j.JobID, InputBucket: j.Bucket, InputKey: j.Key, InputFormat: string(d.format),
+			InputSize: j.inputSize, VirtualSize: d.virtualSize,
+			OutputBucket: h.cfg.OutputBucket, OutputKey: d.outKey, OutputFormat: j.outFormat,
+			OutputSize: d.outSize, SHA256: d.sha256, DurationMS: took.Milliseconds(), Attempt: j.attempt,
+		}
+		ev, err := events.New(eventID(j.JobID, "converted/"+d.member), events.TypeConverted, Source, j.Key, h.now(), data)
+		if err != nil {
+			return nil, failure.Permanent(events.PhasePublish, err, "")
+		}
+		out = append(out, events.Message{Subject: events.SubjectConverted, Event: ev})
+		j.log.Info("converted", "stage", "ready", "output_key", d.outKey, "sha256", d.sha256, "duration", took)
 	}
-	ev, err := events.New(eventID(j.JobID, "converted"), events.TypeConverted, Source, j.Key, h.now(), data)
-	if err != nil {
-		return nil, failure.Permanent(events.PhasePublish, err, "")
-	}
-	j.log.Info("converted", "stage", "ready", "output_key", j.outKey, "sha256", j.sha256, "duration", took)
-	return []events.Message{{Subject: events.SubjectConverted, Event: ev}}, nil
+	return out, nil
 }
 
 func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message, error) {
@@ -334,6 +250,7 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 	st := events.Status{
 		Bucket: j.Bucket, Key: j.Key, JobID: j.JobID, State: events.StateFailed, Phase: fe.Phase,
 		Message: data.Message, Suggestion: fe.Suggestion, InputFormat: string(j.format), Attempt: j.attempt,
+		UpdatedAt: h.now().UTC(),
 	}
 	if retry {
 		// Still QUEUED: it comes back after the back-off.
@@ -373,7 +290,7 @@ func (h *Handler) system(ctx context.Context) *events.SystemInfo {
 	if free, err := freeSpace(h.cfg.ScratchDir); err == nil {
 		si.ScratchFreeBytes = free
 	}
-	vctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	vctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	si.QemuImgVersion, _ = h.qemu.Version(vctx)
 	return si
@@ -385,19 +302,6 @@ var eventNamespace = uuid.MustParse("a5c1d0e4-2b7f-4a8e-8d51-0f3c9e6b7d20")
 // again republishes the same id, and JetStream drops the copy.
 func eventID(jobID, outcome string) string {
 	return uuid.NewSHA1(eventNamespace, []byte(jobID+"/"+outcome)).String()
-}
-
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
-	}
-	defer f.Close()
-	hsh := sha256.New()
-	if _, err := io.Copy(hsh, f); err != nil {
-		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
-	}
-	return hex.EncodeToString(hsh.Sum(nil)), nil
 }
 
 func freeSpace(dir string) (int64, error) {

@@ -53,8 +53,6 @@ func (h *Handler) download(ctx context.Context, j *job) error {
 				"set x-amz-meta-imagepipe-format to raw or qcow2, or leave it out")
 		}
 		j.outFormat = f
-		j.outKey = j.Key + "." + f
-		j.output = j.output[:strings.LastIndexByte(j.output, '.')+1] + f
 	}
 
 	sum := sha256.New()

@@ -1,0 +1,157 @@
+package convert
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/inspect"
+	"github.com/imagepipe/imagepipe/internal/objstore"
+)
+
+// convertDisk takes one inspected disk through the remaining stages:
+// cross-check with qemu-img, convert, verify, upload.
+func (h *Handler) convertDisk(ctx context.Context, j *job, d *disk, rep inspect.Report) error {
+	for _, stage := range []func(context.Context, *job, *disk, inspect.Report) error{
+		h.check, h.convert, h.verify, h.upload,
+	} {
+		if err := stage(ctx, j, d, rep); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// check holds the header's verdict against the name and against what
+// qemu-img itself reports, and makes sure the output will fit.
+func (h *Handler) check(ctx context.Context, j *job, d *disk, rep inspect.Report) error {
+	if err := inspect.CheckExtension(rep, d.extKey); err != nil {
+		return classifyInspect(err)
+	}
+	info, err := h.qemu.Info(ctx, d.input, string(rep.Format))
+	if err != nil {
+		return classifyQemu(events.PhaseInspect, err, rep.Format)
+	}
+	vsize, err := inspect.CheckQemuInfo(rep, info.JSON, d.input, h.limits())
+	if err != nil {
+		return classifyInspect(err)
+	}
+	d.virtualSize = vsize
+	free, err := freeSpace(j.dir)
+	if err == nil && free < d.virtualSize {
+		return failure.Retryable(events.PhaseInspect,
+			fmt.Errorf("scratch space too small: the image needs up to %d bytes, %d are free", d.virtualSize, free),
+			"free space in IMAGEPIPE_SCRATCH_DIR, lower IMAGEPIPE_MAX_CONCURRENT_JOBS, or point IMAGEPIPE_SCRATCH_DIR at a larger disk")
+	}
+	return nil
+}
+
+func (h *Handler) convert(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
+	h.setState(ctx, j, events.StateConverting, 0)
+	j.log.Info("converting", "stage", events.PhaseConvert, "format", d.format, "virtual_size", d.virtualSize, "to", j.outFormat, "member", d.member)
+	limit := h.cfg.convertTimeout(d.virtualSize)
+	cctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	meter := h.newMeter(cctx, j, events.PhaseConvert, events.StateConverting, d.virtualSize)
+	err := h.qemu.Convert(cctx, d.input, string(d.format), d.output, j.outFormat, meter.percent)
+	if err != nil {
+		if ctx.Err() == nil && errors.Is(cctx.Err(), context.DeadlineExceeded) {
+			return failure.Permanent(events.PhaseConvert, fmt.Errorf("qemu-img convert took longer than %s", limit),
+				"raise IMAGEPIPE_CONVERT_TIMEOUT_PER_GIB if the disk is healthy and the scratch disk slow")
+		}
+		if isNoSpace(err) {
+			return failure.Retryable(events.PhaseConvert, err, "free space in IMAGEPIPE_SCRATCH_DIR")
+		}
+		return classifyQemu(events.PhaseConvert, err, d.format)
+	}
+	return nil
+}
+
+// verify refuses to report success on an output that is not right: the
+// output is re-inspected as if it were an upload, must be the target
+// format referencing no other file, and a raw one must be exactly the
+// virtual size.
+func (h *Handler) verify(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
+	j.log.Info("verifying", "stage", events.PhaseVerify, "member", d.member)
+	st, err := os.Stat(d.output)
+	if err != nil {
+		return failure.Retryable(events.PhaseVerify, fmt.Errorf("output missing after conversion: %w", err), "")
+	}
+	d.outSize = st.Size()
+	if j.outFormat == "raw" && d.outSize != d.virtualSize {
+		return failure.Permanent(events.PhaseVerify, fmt.Errorf("raw output is %d bytes, the image's virtual size is %d", d.outSize, d.virtualSize), "")
+	}
+	if j.outFormat == "qcow2" {
+		rep, err := inspect.InspectFile(d.output, h.limits())
+		if err != nil || rep.Format != inspect.Qcow2 {
+			return failure.Permanent(events.PhaseVerify, fmt.Errorf("output failed re-inspection (format %q): %v", rep.Format, err), "")
+		}
+		info, err := h.qemu.Info(ctx, d.output, "qcow2")
+		if err != nil {
+			return failure.Permanent(events.PhaseVerify, fmt.Errorf("output failed re-inspection: %w", err), "")
+		}
+		vsize, err := inspect.CheckQemuInfo(rep, info.JSON, d.output, h.limits())
+		if err != nil {
+			return failure.Permanent(events.PhaseVerify, fmt.Errorf("output failed re-inspection: %w", err), "")
+		}
+		if vsize != d.virtualSize {
+			return failure.Permanent(events.PhaseVerify, fmt.Errorf("qcow2 output has virtual size %d, the input %d", vsize, d.virtualSize), "")
+		}
+	}
+	sum, err := fileSHA256(d.output)
+	if err != nil {
+		return failure.Retryable(events.PhaseVerify, err, "")
+	}
+	d.sha256 = sum
+	return nil
+}
+
+func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
+	h.setState(ctx, j, events.StateUploading, 0)
+	j.log.Info("uploading", "stage", events.PhaseUpload, "output_bucket", h.cfg.OutputBucket, "output_key", d.outKey, "size", d.outSize)
+	meta := map[string]string{
+		MetaOutput: "true",
+		MetaJob:    j.JobID,
+		MetaSource: j.Bucket + "/" + j.Key,
+		MetaSHA256: d.sha256,
+		MetaInput:  string(d.format),
+		MetaVSize:  strconv.FormatInt(d.virtualSize, 10),
+	}
+	// Uploading to the same key on a redelivery replaces the object whole:
+	// S3 never exposes a half-written one, so a retry cannot corrupt it.
+	meter := h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, d.outSize)
+	if _, err := h.store.UploadFile(ctx, h.cfg.OutputBucket, d.outKey, d.output, meta, meter); err != nil {
+		if objstore.IsPermanent(err) {
+			return failure.Permanent(events.PhaseUpload, err, "check the output bucket exists and the converter may write to it")
+		}
+		return failure.Retryable(events.PhaseUpload, err, "")
+	}
+	// The scratch copy is no longer needed; an OVA's next disk may need
+	// the room.
+	_ = os.Remove(d.output)
+	if d.input != j.input {
+		_ = os.Remove(d.input)
+	}
+	return nil
+}
+
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
+	}
+	defer f.Close()
+	hsh := sha256.New()
+	if _, err := io.Copy(hsh, f); err != nil {
+		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
+	}
+	return hex.EncodeToString(hsh.Sum(nil)), nil
+}

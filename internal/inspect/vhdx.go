@@ -1,0 +1,233 @@
+package inspect
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"hash/crc32"
+	"strings"
+)
+
+// VHDX layout, little-endian ([MS-VHDX]): file identifier at 0, two 4 KiB
+// headers at 64 KiB and 128 KiB, two 64 KiB region tables at 192 KiB and
+// 256 KiB, and a metadata region located by the region table.
+const (
+	vhdxHeader1      = 64 << 10
+	vhdxHeader2      = 128 << 10
+	vhdxHeaderSize   = 4 << 10
+	vhdxRegionTable1 = 192 << 10
+	vhdxRegionTable2 = 256 << 10
+	vhdxRegionSize   = 64 << 10
+	// Both tables hold at most 2047 entries after a 32-byte (metadata) or
+	// 16-byte (region) header, so 64 KiB always covers them.
+	vhdxMaxEntries   = 2047
+	vhdxMetaTableLen = 64 << 10
+	vhdxMinSize      = vhdxRegionTable2 + vhdxRegionSize
+
+	vhdxFlagLeaveAllocated = 1 << 0
+	vhdxFlagHasParent      = 1 << 1
+	vhdxMetaIsRequired     = 1 << 2
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// guid encodes a GUID in its on-disk form: the first three fields are
+// little-endian, the rest is bytes in order.
+func guid(s string) [16]byte {
+	h, err := hex.DecodeString(strings.ReplaceAll(s, "-", ""))
+	if err != nil || len(h) != 16 {
+		panic("inspect: bad GUID literal " + s)
+	}
+	var g [16]byte
+	g[0], g[1], g[2], g[3] = h[3], h[2], h[1], h[0]
+	g[4], g[5] = h[5], h[4]
+	g[6], g[7] = h[7], h[6]
+	copy(g[8:], h[8:])
+	return g
+}
+
+var (
+	vhdxRegionBAT      = guid("2DC27766-F623-4200-9D64-115E9BFD4A08")
+	vhdxRegionMetadata = guid("8B7CA206-4790-4B9A-B8FE-575F050F886E")
+
+	vhdxItemFileParams   = guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
+	vhdxItemVirtualSize  = guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
+	vhdxItemPage83       = guid("BECA12AB-B2E6-4523-93EF-C309E000C746")
+	vhdxItemLogicalSect  = guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
+	vhdxItemPhysicalSect = guid("CDA348C7-445D-4471-9CC9-E9885251C556")
+	vhdxItemParentLoc    = guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+)
+
+const sugMergeVHDX = "merge the checkpoint into its parent in Hyper-V (delete the checkpoint, or Edit Disk, Merge) and upload the merged .vhdx"
+
+func vhdxChecksumOK(b []byte) bool {
+	want := binary.LittleEndian.Uint32(b[4:])
+	c := make([]byte, len(b))
+	copy(c, b)
+	clear(c[4:8])
+	return crc32.Checksum(c, castagnoli) == want
+}
+
+func inspectVHDX(s *source) (Report, error) {
+	rep := Report{Format: VHDX}
+	if s.size < vhdxMinSize {
+		return rep, truncated(VHDX, "headers and region tables")
+	}
+	le := binary.LittleEndian
+
+	// The header with the higher sequence number among the valid ones is
+	// current; the other is what a crash left behind.
+	var current []byte
+	var seq uint64
+	for _, off := range []int64{vhdxHeader1, vhdxHeader2} {
+		h, err := s.try(off, vhdxHeaderSize)
+		if err != nil {
+			return rep, err
+		}
+		if string(h[:4]) != "head" || !vhdxChecksumOK(h) {
+			continue
+		}
+		if n := le.Uint64(h[8:]); current == nil || n > seq {
+			current, seq = h, n
+		}
+	}
+	if current == nil {
+		return rep, refuse("vhdx-header-checksum", sugRepairVHDX,
+			"neither VHDX header has a valid signature and CRC-32C checksum")
+	}
+	if v := le.Uint16(current[66:]); v != 1 {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX header has unsupported version %d", v)
+	}
+	if !allZero(current[48:64]) {
+		rep.Details = append(rep.Details, "log not replayed (the disk was not closed cleanly)")
+	}
+
+	var table []byte
+	for _, off := range []int64{vhdxRegionTable1, vhdxRegionTable2} {
+		t, err := s.try(off, vhdxRegionSize)
+		if err != nil {
+			return rep, err
+		}
+		if string(t[:4]) == "regi" && vhdxChecksumOK(t) {
+			table = t
+			break
+		}
+	}
+	if table == nil {
+		return rep, refuse("vhdx-header-checksum", sugRepairVHDX,
+			"neither VHDX region table has a valid signature and CRC-32C checksum")
+	}
+	count := le.Uint32(table[8:])
+	if count > vhdxMaxEntries {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX region table claims %d entries", count)
+	}
+	var metaOff uint64
+	var metaLen uint32
+	for i := range count {
+		e := table[16+32*i : 16+32*(i+1)]
+		id := [16]byte(e[:16])
+		switch id {
+		case vhdxRegionMetadata:
+			metaOff, metaLen = le.Uint64(e[16:]), le.Uint32(e[24:])
+		case vhdxRegionBAT:
+		default:
+			if le.Uint32(e[28:])&1 != 0 {
+				return rep, refuse("vhdx-header", sugReexport, "the VHDX requires a region this service does not know")
+			}
+		}
+	}
+	if metaOff == 0 {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX region table has no metadata region")
+	}
+	if uint64(metaLen) < vhdxMetaTableLen {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX metadata region is only %d bytes long", metaLen)
+	}
+	if metaOff > uint64(s.size) {
+		return rep, truncated(VHDX, "metadata region")
+	}
+	meta, err := s.need(VHDX, int64(metaOff), vhdxMetaTableLen, "metadata table")
+	if err != nil {
+		return rep, err
+	}
+	if string(meta[:8]) != "metadata" {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX metadata region lacks its signature")
+	}
+	n := le.Uint16(meta[10:])
+	if n > vhdxMaxEntries {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX metadata table claims %d entries", n)
+	}
+
+	// item reads a small metadata item; offsets are relative to the region.
+	item := func(off, length uint32, want int) ([]byte, error) {
+		if length < uint32(want) || uint64(off)+uint64(want) > uint64(metaLen) {
+			return nil, refuse("vhdx-header", sugReexport, "a VHDX metadata item lies outside the metadata region")
+		}
+		return s.need(VHDX, int64(metaOff)+int64(off), want, "metadata item")
+	}
+	var (
+		fileParams, vsize []byte
+		logicalSector     uint32
+	)
+	for i := range int(n) {
+		e := meta[32+32*i : 32+32*(i+1)]
+		id := [16]byte(e[:16])
+		off, length, flags := le.Uint32(e[16:]), le.Uint32(e[20:]), le.Uint32(e[24:])
+		switch id {
+		case vhdxItemParentLoc:
+			return rep, refuse("differencing-disk", sugMergeVHDX,
+				"the VHDX is a differencing disk (it has a parent locator): its data depends on a parent disk that is not part of the upload")
+		case vhdxItemFileParams:
+			if fileParams, err = item(off, length, 8); err != nil {
+				return rep, err
+			}
+		case vhdxItemVirtualSize:
+			if vsize, err = item(off, length, 8); err != nil {
+				return rep, err
+			}
+		case vhdxItemLogicalSect:
+			b, err := item(off, length, 4)
+			if err != nil {
+				return rep, err
+			}
+			logicalSector = le.Uint32(b)
+		case vhdxItemPage83, vhdxItemPhysicalSect:
+		default:
+			if flags&vhdxMetaIsRequired != 0 {
+				return rep, refuse("vhdx-header", sugReexport, "the VHDX requires a metadata item this service does not know")
+			}
+		}
+	}
+	if fileParams == nil || vsize == nil {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX metadata lacks its file parameters or virtual disk size")
+	}
+	block, flags := le.Uint32(fileParams), le.Uint32(fileParams[4:])
+	if flags&vhdxFlagHasParent != 0 {
+		return rep, refuse("differencing-disk", sugMergeVHDX,
+			"the VHDX is a differencing disk (a Hyper-V checkpoint): its data depends on a parent disk that is not part of the upload")
+	}
+	if block < 1<<20 || block > 256<<20 || block&(block-1) != 0 {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX block size %d is outside 1 MiB to 256 MiB", block)
+	}
+	if logicalSector != 0 && logicalSector != 512 && logicalSector != 4096 {
+		return rep, refuse("vhdx-header", sugReexport, "the VHDX logical sector size %d is neither 512 nor 4096", logicalSector)
+	}
+	if flags&vhdxFlagLeaveAllocated != 0 {
+		rep.Details = append(rep.Details, "vhdx fixed")
+	} else {
+		rep.Details = append(rep.Details, "vhdx dynamic")
+	}
+	rep.Details = append(rep.Details, fmt.Sprintf("block size %d", block))
+	size, err := checkSize(VHDX, le.Uint64(vsize), Limits{})
+	if err != nil {
+		return rep, err
+	}
+	rep.VirtualSize = size
+	return rep, nil
+}
+
+const sugRepairVHDX = "the VHDX headers are damaged; check the disk with Hyper-V Manager (Edit Disk) or export it again, and upload the new file"
+
+func allZero(b []byte) bool {
+	return len(bytes.Trim(b, "\x00")) == 0
+}
