@@ -15,6 +15,7 @@ const (
 
 	SubjectProgressPrefix = "imagepipe.progress."
 	SubjectStalled        = "imagepipe.alerts.stalled"
+	SubjectAlerts         = "imagepipe.alerts.>"
 
 	// StatusBucket is the JetStream key-value bucket holding each image's
 	// current state, keyed by StatusKey.

@@ -32,6 +32,7 @@ import (
 var e2e struct {
 	stack   *devStack
 	scratch string
+	slack   *slackRecorder
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	s3      *minio.Client
@@ -61,6 +62,13 @@ func runE2E(m *testing.M) int {
 		return 1
 	}
 	e2e.scratch = s.Convert.ScratchDir
+
+	// A Slack incoming webhook on loopback, so notifications go through
+	// the real notify function end to end.
+	e2e.slack = newSlackRecorder()
+	defer e2e.slack.srv.Close()
+	s.Notify.SlackWebhookURL = e2e.slack.srv.URL + "/services/T000/B000/XXXX"
+	s.Notify.NotifyOn = []string{"success", "failure", "stalled"}
 
 	logFile, err := os.Create(filepath.Join(dir, "imagepipe.log"))
 	if err != nil {
@@ -161,8 +169,9 @@ func fileSum(t *testing.T, path string) string {
 
 // results subscribes to every result before an upload, so none is missed.
 type results struct {
-	sub *nats.Subscription
-	ch  chan *nats.Msg
+	sub     *nats.Subscription
+	ch      chan *nats.Msg
+	pending []events.Event // final events already received, not yet awaited
 }
 
 func subscribeResults(t *testing.T) *results {
@@ -180,9 +189,16 @@ func subscribeResults(t *testing.T) *results {
 	return r
 }
 
-// await returns the first final result event whose subject is key.
+// await returns the first final result event whose subject is key; events
+// for other keys are kept for their own await.
 func (r *results) await(t *testing.T, key string, timeout time.Duration) events.Event {
 	t.Helper()
+	for i, ev := range r.pending {
+		if ev.Subject == key {
+			r.pending = append(r.pending[:i], r.pending[i+1:]...)
+			return ev
+		}
+	}
 	deadline := time.After(timeout)
 	for {
 		select {
@@ -191,14 +207,15 @@ func (r *results) await(t *testing.T, key string, timeout time.Duration) events.
 			if err != nil {
 				t.Fatalf("result on %s is not a CloudEvent: %v", m.Subject, err)
 			}
-			if ev.Subject != key {
-				continue
-			}
 			if ev.Type == events.TypeFailed {
 				var f events.Failed
 				if err := ev.DecodeData(events.TypeFailed, &f); err == nil && f.WillRetry {
 					continue
 				}
+			}
+			if ev.Subject != key {
+				r.pending = append(r.pending, ev)
+				continue
 			}
 			return ev
 		case <-deadline:

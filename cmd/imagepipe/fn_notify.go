@@ -23,8 +23,16 @@ func startNotify(ctx context.Context, js jetstream.JetStream, s settings, log *s
 	if err != nil {
 		return nil, err
 	}
+	// The watchdog lives as long as the function: it stops with ctx, and
+	// only one replica's watchdog is active at a time (a KV lease).
+	wd, err := notify.NewWatchdog(ctx, js, s.Notify.StallAfter, log)
+	if err != nil {
+		return nil, err
+	}
+	go wd.Run(ctx)
 	return natsrt.NewWorker(ctx, js, natsrt.Binding{
-		Stream: events.StreamResults, Durable: "notify", FilterSubject: events.SubjectResults,
+		// Results and queue alerts: everything the RESULTS stream holds.
+		Stream: events.StreamResults, Durable: "notify",
 		Concurrency: 4, AckWait: time.Minute,
 		// A channel that is down for long keeps its messages in the
 		// stream: about a day and a half of retries before giving up.

@@ -53,7 +53,7 @@ func Streams(ctx context.Context, js jetstream.JetStream, cfg StreamConfig) erro
 		{
 			Name:        events.StreamResults,
 			Description: "converted and failed images",
-			Subjects:    []string{events.SubjectResults},
+			Subjects:    []string{events.SubjectResults, events.SubjectAlerts},
 			Retention:   jetstream.LimitsPolicy,
 			MaxAge:      30 * 24 * time.Hour,
 			Duplicates:  cfg.DedupWindow,
