@@ -41,6 +41,8 @@ type Storage interface {
 	Open(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
 	UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (objstore.Object, error)
 	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
+	ReaderAt(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
+	Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta map[string]string) (objstore.Object, error)
 	PutBytes(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
 }
 
@@ -130,7 +132,10 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 		j.disks = []*disk{d}
 		return h.succeed(ctx, j)
 	}
-	err := h.run(ctx, j)
+	copied, err := h.copyRaw(ctx, j)
+	if !copied {
+		err = h.run(ctx, j)
+	}
 	if errors.Is(err, errSuperseded) {
 		j.log.Info("object changed since it was queued; its newer upload has its own job", "stage", "download")
 		return nil, nil

@@ -9,7 +9,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
@@ -117,14 +116,7 @@ func (h *Handler) verify(ctx context.Context, j *job, d *disk, _ inspect.Report)
 func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
 	h.setState(ctx, j, events.StateUploading, 0)
 	j.log.Info("uploading", "stage", events.PhaseUpload, "output_bucket", h.cfg.OutputBucket, "output_key", d.outKey, "size", d.outSize)
-	meta := map[string]string{
-		MetaOutput: "true",
-		MetaJob:    j.JobID,
-		MetaSource: j.Bucket + "/" + j.Key,
-		MetaSHA256: d.sha256,
-		MetaInput:  string(d.format),
-		MetaVSize:  strconv.FormatInt(d.virtualSize, 10),
-	}
+	meta := outputMeta(j, d)
 	// Uploading to the same key on a redelivery replaces the object whole:
 	// S3 never exposes a half-written one, so a retry cannot corrupt it.
 	meter := h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, d.outSize)

@@ -1,0 +1,183 @@
+package main
+
+import (
+	"archive/tar"
+	"bufio"
+	"compress/gzip"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imagepipe/imagepipe/events"
+)
+
+// realImagesDir holds disk images written by other tools, with the verdict
+// each must get in EXPECTED.tsv. It sits beside the repository in CI, not
+// in a user's clone.
+func realImagesDir() string {
+	if d := os.Getenv("IMAGEPIPE_REAL_TESTDATA"); d != "" {
+		return d
+	}
+	return filepath.Join("..", "..", "..", "shared", "testdata", "real")
+}
+
+type realImage struct {
+	file, verdict, format, why string
+}
+
+func readExpected(t *testing.T, dir string) []realImage {
+	t.Helper()
+	f, err := os.Open(filepath.Join(dir, "EXPECTED.tsv"))
+	if errors.Is(err, os.ErrNotExist) {
+		t.Skipf("no real images at %s: that folder sits beside the repository in CI only (set IMAGEPIPE_REAL_TESTDATA to use another)", dir)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []realImage
+	sc := bufio.NewScanner(f)
+	sc.Scan() // header
+	for sc.Scan() {
+		cols := strings.Split(sc.Text(), "\t")
+		if len(cols) < 3 {
+			continue
+		}
+		ri := realImage{file: cols[0], verdict: cols[1], format: cols[2]}
+		if len(cols) > 3 {
+			ri.why = cols[3]
+		}
+		out = append(out, ri)
+	}
+	return out
+}
+
+func gunzipTo(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	zr, err := gzip.NewReader(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, zr); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// expectedOutputs is what a careful converter makes of one real image:
+// output key → sha256 of `qemu-img convert -f FORMAT -O raw`, disk by disk
+// for an OVA.
+func expectedOutputs(t *testing.T, ri realImage, path, key string) map[string]string {
+	t.Helper()
+	if ri.format != "ova" {
+		sum, _ := localRaw(t, path, ri.format)
+		return map[string]string{key + ".raw": sum}
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	out := map[string]string{}
+	tr := tar.NewReader(f)
+	for i := 0; ; i++ {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasSuffix(strings.ToLower(h.Name), ".vmdk") {
+			continue
+		}
+		disk := filepath.Join(t.TempDir(), "disk.vmdk")
+		df, err := os.Create(disk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.Copy(df, tr); err != nil {
+			t.Fatal(err)
+		}
+		df.Close()
+		sum, _ := localRaw(t, disk, "vmdk")
+		out[key+"/"+h.Name+".raw"] = sum
+	}
+	return out
+}
+
+func TestRealImagesFromOtherToolsGetTheirVerdict(t *testing.T) {
+	dir := realImagesDir()
+	images := readExpected(t, dir)
+	work := t.TempDir()
+	res := subscribeResults(t)
+
+	keys := map[string]string{}
+	for _, ri := range images {
+		local := filepath.Join(work, strings.ReplaceAll(ri.file, "/", "_"))
+		gunzipTo(t, filepath.Join(dir, ri.file+".gz"), local)
+		key := "e2e/real/" + ri.file
+		keys[ri.file] = key
+		upload(t, key, local, false)
+	}
+	for _, ri := range images {
+		t.Run(ri.file, func(t *testing.T) {
+			key := keys[ri.file]
+			local := filepath.Join(work, strings.ReplaceAll(ri.file, "/", "_"))
+			ev := res.await(t, key, 3*time.Minute)
+			switch ri.verdict {
+			case "convert":
+				want := expectedOutputs(t, ri, local, key)
+				got := map[string]string{}
+				for {
+					c := converted(t, ev)
+					got[c.OutputKey] = c.SHA256
+					if sum, _ := downloadSum(t, c.OutputBucket, c.OutputKey); sum != c.SHA256 {
+						t.Errorf("%s: stored sha256 %s, event says %s", c.OutputKey, sum, c.SHA256)
+					}
+					if len(got) == len(want) {
+						break
+					}
+					ev = res.await(t, key, time.Minute)
+				}
+				for k, sum := range want {
+					if got[k] != sum {
+						t.Errorf("%s: sha256 %q, qemu-img convert -f %s gives %q (%s)", k, got[k], ri.format, sum, ri.why)
+					}
+				}
+			case "refuse":
+				if ev.Type != events.TypeFailed {
+					t.Fatalf("converted, but it must be refused (%s): %s", ri.why, ev.Data)
+				}
+				var f events.Failed
+				if err := ev.DecodeData(events.TypeFailed, &f); err != nil {
+					t.Fatal(err)
+				}
+				if f.Message == "" || f.WillRetry {
+					t.Errorf("failure %+v: want a final failure with a reason", f)
+				}
+				if outs := outputsUnder(t, key); len(outs) != 0 {
+					t.Errorf("refused image left outputs %v", outs)
+				}
+				t.Logf("refused (%s): %s", ri.why, f.Message)
+			case "either":
+				t.Logf("%s: %s", ev.Type, ev.Data)
+			}
+		})
+	}
+}
