@@ -43,6 +43,8 @@ const (
 	// waitDelay bounds how long Wait lingers for pipes after the process
 	// group was killed; nothing else should be holding them.
 	waitDelay = 5 * time.Second
+	// threadStack is RLIMIT_STACK for qemu-img, ample for its threads.
+	threadStack = 2 << 20
 )
 
 // Runner runs qemu-img. Its fields may be changed before first use; it is
@@ -95,7 +97,11 @@ func (l Limits) withDefaults(d Limits) Limits {
 func (l Limits) prlimitArgs() []string {
 	var args []string
 	if l.AddressSpace > 0 {
-		args = append(args, "--as="+strconv.FormatInt(l.AddressSpace, 10))
+		// glibc sizes each thread's default stack by RLIMIT_STACK (8 MiB
+		// on most systems), and qemu's I/O thread pool grows with the load
+		// on the disk: reserved, untouched stacks would otherwise eat the
+		// address-space budget on a busy host.
+		args = append(args, "--as="+strconv.FormatInt(l.AddressSpace, 10), "--stack="+strconv.Itoa(threadStack))
 	}
 	if l.CPUTime > 0 {
 		soft := max(int64(math.Ceil(l.CPUTime.Seconds())), 1)
@@ -140,7 +146,9 @@ func (r *Runner) run(ctx context.Context, op string, lim Limits, stdout io.Write
 	// LC_ALL=C keeps messages in English, which ExitError.LimitExceeded
 	// relies on; nothing else from our environment (credentials included)
 	// has any business in a process parsing hostile input.
-	cmd.Env = []string{"PATH=" + childPath(), "LC_ALL=C"}
+	// MALLOC_ARENA_MAX caps glibc's per-thread heaps, 64 MiB of address
+	// space each, which count against the limit without being used.
+	cmd.Env = []string{"PATH=" + childPath(), "LC_ALL=C", "MALLOC_ARENA_MAX=2"}
 	cmd.Stdout = stdout
 	cmd.Stderr = stderr
 	// Stdin stays nil, which os/exec connects to /dev/null.
