@@ -2,9 +2,9 @@ package main
 
 import (
 	"archive/tar"
-	"context"
 	"bufio"
 	"compress/gzip"
+	"context"
 	"errors"
 	"io"
 	"os"
