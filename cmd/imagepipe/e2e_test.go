@@ -144,13 +144,28 @@ func runTool(t *testing.T, name string, args ...string) {
 // sha256 and size.
 func localRaw(t *testing.T, path, format string) (string, int64) {
 	t.Helper()
-	out := filepath.Join(t.TempDir(), "expected.raw")
-	runTool(t, "qemu-img", "convert", "-f", format, "-O", "raw", path, out)
-	st, err := os.Stat(out)
+	sum, size, err := convertLocally(path, format, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	return fileSum(t, out), st.Size()
+	return sum, size
+}
+
+// convertLocally is localRaw for goroutines, which may not call t.Fatal.
+func convertLocally(path, format, dir string) (string, int64, error) {
+	out := filepath.Join(dir, "expected.raw")
+	defer os.Remove(out)
+	if b, err := exec.Command("qemu-img", "convert", "-f", format, "-O", "raw", path, out).CombinedOutput(); err != nil {
+		return "", 0, fmt.Errorf("qemu-img convert %s: %v\n%s", path, err, b)
+	}
+	f, err := os.Open(out)
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	return hex.EncodeToString(h.Sum(nil)), n, err
 }
 
 func fileSum(t *testing.T, path string) string {
