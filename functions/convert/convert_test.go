@@ -1,0 +1,231 @@
+package convert
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/qemuimg"
+)
+
+// Unit tests drive the handler with small fakes; the real stack is tested
+// end to end in cmd/imagepipe.
+
+type fakeStore struct {
+	OpenFn       func(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
+	UploadFileFn func(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (objstore.Object, error)
+	StatFn       func(ctx context.Context, bucket, key string) (objstore.Object, error)
+	PutBytesFn   func(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
+	ReaderAtFn   func(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
+	CopyFn       func(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta map[string]string) (objstore.Object, error)
+}
+
+var _ Storage = (*fakeStore)(nil)
+
+func (f *fakeStore) Open(ctx context.Context, b, k, v, e string) (io.ReadCloser, objstore.Object, error) {
+	return f.OpenFn(ctx, b, k, v, e)
+}
+func (f *fakeStore) UploadFile(ctx context.Context, b, k, p string, m map[string]string, pr io.Reader) (objstore.Object, error) {
+	return f.UploadFileFn(ctx, b, k, p, m, pr)
+}
+func (f *fakeStore) Stat(ctx context.Context, b, k string) (objstore.Object, error) {
+	return f.StatFn(ctx, b, k)
+}
+func (f *fakeStore) PutBytes(ctx context.Context, b, k string, body []byte, ct string, m map[string]string) error {
+	return f.PutBytesFn(ctx, b, k, body, ct, m)
+}
+func (f *fakeStore) ReaderAt(ctx context.Context, b, k, v string) (objstore.RangeReader, error) {
+	return f.ReaderAtFn(ctx, b, k, v)
+}
+func (f *fakeStore) Copy(ctx context.Context, sb, sk, sv, se, db, dk string, m map[string]string) (objstore.Object, error) {
+	return f.CopyFn(ctx, sb, sk, sv, se, db, dk, m)
+}
+
+type fakeReporter struct {
+	mu     sync.Mutex
+	states []events.Status
+}
+
+func (r *fakeReporter) Set(_ context.Context, st events.Status) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.states = append(r.states, st)
+	return nil
+}
+func (r *fakeReporter) Progress(events.Progress) error { return nil }
+
+type bytesAt struct{ *bytes.Reader }
+
+func (bytesAt) Close() error { return nil }
+
+// memStore serves one object from memory and records what is done to it.
+func memStore(key string, body []byte, meta map[string]string) (*fakeStore, *[]string) {
+	var calls []string
+	var mu sync.Mutex
+	note := func(s string) { mu.Lock(); calls = append(calls, s); mu.Unlock() }
+	obj := objstore.Object{Bucket: "uploads", Key: key, Size: int64(len(body)), ETag: "e1", Metadata: meta}
+	return &fakeStore{
+		StatFn: func(_ context.Context, b, k string) (objstore.Object, error) {
+			if b == "uploads" && k == key {
+				return obj, nil
+			}
+			return objstore.Object{}, errors.New("not found")
+		},
+		OpenFn: func(context.Context, string, string, string, string) (io.ReadCloser, objstore.Object, error) {
+			note("open")
+			return io.NopCloser(bytes.NewReader(body)), obj, nil
+		},
+		ReaderAtFn: func(context.Context, string, string, string) (objstore.RangeReader, error) {
+			return bytesAt{bytes.NewReader(body)}, nil
+		},
+		CopyFn: func(_ context.Context, _, _, _, _, db, dk string, m map[string]string) (objstore.Object, error) {
+			note("copy " + db + "/" + dk)
+			return objstore.Object{Bucket: db, Key: dk, Size: obj.Size}, nil
+		},
+		UploadFileFn: func(_ context.Context, b, k, _ string, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+			note("upload " + b + "/" + k)
+			return objstore.Object{}, nil
+		},
+		PutBytesFn: func(_ context.Context, b, k string, _ []byte, _ string, _ map[string]string) error {
+			note("put " + b + "/" + k)
+			return nil
+		},
+	}, &calls
+}
+
+func newTestHandler(t *testing.T, store Storage, rep *fakeReporter) *Handler {
+	t.Helper()
+	cfg := Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
+		ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute}
+	return New(cfg, store, qemuimg.New(nil), rep, slog.New(slog.DiscardHandler))
+}
+
+func TestRawUploadToRawIsCopiedServerSideNotConverted(t *testing.T) {
+	body := bytes.Repeat([]byte{0x5a}, 1<<20)
+	store, calls := memStore("disks/a.raw", body, nil)
+	h := newTestHandler(t, store, &fakeReporter{})
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "disks/a.raw", ETag: "e1", Size: 1 << 20}, 1, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(*calls, ","); got != "open,copy images/disks/a.raw.raw" {
+		t.Errorf("storage calls %q, want one read for the hash and one server-side copy", got)
+	}
+	var c events.Converted
+	if err := out[0].Event.DecodeData(events.TypeConverted, &c); err != nil {
+		t.Fatal(err)
+	}
+	// sha256 of 1 MiB of 0x5a.
+	if c.InputFormat != "raw" || c.VirtualSize != 1<<20 || c.OutputSize != 1<<20 || len(c.SHA256) != 64 {
+		t.Errorf("converted = %+v", c)
+	}
+}
+
+func TestTextUploadNamedVHDXIsRefusedWithoutRetryAndReported(t *testing.T) {
+	store, calls := memStore("notes.vhdx", []byte(strings.Repeat("hello\n", 1000)), nil)
+	rep := &fakeReporter{}
+	h := newTestHandler(t, store, rep)
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "notes.vhdx", ETag: "e1"}, 1, 4)
+	if !failure.IsPermanent(err) {
+		t.Fatalf("err = %v, want permanent", err)
+	}
+	var f events.Failed
+	if err := out[0].Event.DecodeData(events.TypeFailed, &f); err != nil {
+		t.Fatal(err)
+	}
+	if f.Rule != "extension-mismatch" || f.WillRetry || f.Phase != events.PhaseInspect || f.System == nil || f.System.QemuImgVersion == "" {
+		t.Errorf("failed = %+v", f)
+	}
+	if last := rep.states[len(rep.states)-1]; last.State != events.StateFailed {
+		t.Errorf("last state %s, want FAILED", last.State)
+	}
+	if got := strings.Join(*calls, ","); !strings.Contains(got, "put uploads/errors/notes.vhdx.error.json") || strings.Contains(got, "upload ") {
+		t.Errorf("storage calls %q: want an error report and no output", got)
+	}
+}
+
+func TestTransientFailureSaysItWillRetryAndLeavesTheImageQueued(t *testing.T) {
+	store, _ := memStore("a.qcow2", []byte("x"), nil)
+	store.OpenFn = func(context.Context, string, string, string, string) (io.ReadCloser, objstore.Object, error) {
+		return nil, objstore.Object{}, errors.New("connection refused")
+	}
+	store.StatFn = func(context.Context, string, string) (objstore.Object, error) {
+		return objstore.Object{}, errors.New("connection refused")
+	}
+	rep := &fakeReporter{}
+	h := newTestHandler(t, store, rep)
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "a.qcow2"}, 2, 4)
+	if err == nil || failure.IsPermanent(err) {
+		t.Fatalf("err = %v, want retryable", err)
+	}
+	var f events.Failed
+	_ = out[0].Event.DecodeData(events.TypeFailed, &f)
+	if !f.WillRetry || f.Attempt != 2 || f.Phase != events.PhaseDownload {
+		t.Errorf("failed = %+v", f)
+	}
+	if last := rep.states[len(rep.states)-1]; last.State != events.StateQueued {
+		t.Errorf("last state %s, want QUEUED until the next attempt", last.State)
+	}
+}
+
+func TestScratchDirIsEmptyAfterEveryJob(t *testing.T) {
+	store, _ := memStore("notes.vhdx", []byte("not a disk"), nil)
+	h := newTestHandler(t, store, &fakeReporter{})
+	_, _ = h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "notes.vhdx"}, 1, 4)
+	entries, err := os.ReadDir(h.cfg.ScratchDir)
+	if err != nil || len(entries) != 0 {
+		t.Errorf("scratch holds %v (%v)", entries, err)
+	}
+}
+
+func TestBackoffDoublesFromTheConfiguredBase(t *testing.T) {
+	got := Config{RetryBackoff: 5 * time.Minute, MaxAttempts: 4}.Backoff()
+	want := []time.Duration{5 * time.Minute, 10 * time.Minute, 20 * time.Minute}
+	if len(got) != len(want) {
+		t.Fatalf("Backoff() = %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("Backoff()[%d] = %v, want %v", i, got[i], want[i])
+		}
+	}
+}
+
+func TestManifestMismatchNamesBothSums(t *testing.T) {
+	m := map[string]string{}
+	if err := parseManifest(strings.NewReader("SHA256(disk1.vmdk)= "+strings.Repeat("a", 64)+"\nSHA1(disk2.vmdk) = "+strings.Repeat("b", 40)+"\n"), m); err != nil {
+		t.Fatal(err)
+	}
+	err := checkManifest(m, "disk1.vmdk", [2]string{"", strings.Repeat("c", 64)})
+	fe, ok := failure.As(err)
+	if !ok || fe.Rule != "ova-manifest" || !strings.Contains(err.Error(), strings.Repeat("a", 64)) || !strings.Contains(err.Error(), strings.Repeat("c", 64)) {
+		t.Errorf("err = %v", err)
+	}
+	if err := checkManifest(m, "disk2.vmdk", [2]string{strings.Repeat("b", 40), ""}); err != nil {
+		t.Errorf("matching SHA1 refused: %v", err)
+	}
+	if err := parseManifest(strings.NewReader("MD5(x)= 00\n"), m); err == nil {
+		t.Error("unreadable manifest line accepted")
+	}
+}
+
+func TestCompressedSuffixIsIgnoredForTheExtensionCheck(t *testing.T) {
+	for key, want := range map[string]string{
+		"a.qcow2.xz": "a.qcow2", "a.vmdk.GZ": "a.vmdk", "a.img.zst": "a.img", "a.img.zstd": "a.img", "a.qcow2": "a.qcow2",
+	} {
+		codec := map[string]string{"a.qcow2.xz": codecXZ, "a.vmdk.GZ": codecGzip, "a.img.zst": codecZstd, "a.img.zstd": codecZstd}[key]
+		if got := keyForExtension(key, codec); got != want {
+			t.Errorf("keyForExtension(%q) = %q, want %q", key, got, want)
+		}
+	}
+}
