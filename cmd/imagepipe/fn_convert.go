@@ -8,6 +8,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/functions/convert"
+	"github.com/imagepipe/imagepipe/internal/dedup"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
@@ -19,7 +20,11 @@ func startConvert(ctx context.Context, js jetstream.JetStream, st *status.Store,
 	if err != nil {
 		return nil, err
 	}
-	h := convert.New(s.Convert, store, qemuimg.New(log), st, log)
+	dd, err := dedup.Open(ctx, js, s.Convert.Dedup.MaxAge.Duration(), dedup.WithReplicas(s.Streams.Replicas))
+	if err != nil {
+		return nil, err
+	}
+	h := convert.New(s.Convert, store, qemuimg.New(log), st, dd, log)
 	return natsrt.NewWorker(ctx, js, natsrt.Binding{
 		Stream: events.StreamJobs, Durable: "convert", FilterSubject: events.SubjectConvertJob,
 		Concurrency: s.Convert.MaxConcurrentJobs, AckWait: s.Convert.AckWait,

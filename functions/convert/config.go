@@ -2,6 +2,8 @@ package convert
 
 import (
 	"time"
+
+	"github.com/imagepipe/imagepipe/internal/dedup"
 )
 
 // Config is the convert function's settings.
@@ -23,6 +25,8 @@ type Config struct {
 	MaxAttempts  int           `env:"IMAGEPIPE_MAX_ATTEMPTS" envDefault:"4"`
 	RetryBackoff time.Duration `env:"IMAGEPIPE_RETRY_BACKOFF" envDefault:"5m"`
 	AckWait      time.Duration `env:"IMAGEPIPE_ACK_WAIT" envDefault:"60s"`
+	// Dedup is content de-duplication (IMAGEPIPE_DEDUP, _DEDUP_HASH, ...).
+	Dedup dedup.Config
 }
 
 // Backoff is the redelivery schedule for MaxAttempts.

@@ -16,6 +16,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/dedup"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/objstore"
@@ -62,6 +63,7 @@ type Reporter interface {
 
 // Handler converts one job.
 type Handler struct {
+	dedup  Deduper
 	cfg    Config
 	store  Storage
 	qemu   QemuImg
@@ -70,12 +72,12 @@ type Handler struct {
 	now    func() time.Time
 }
 
-// New returns a handler.
-func New(cfg Config, store Storage, qemu QemuImg, report Reporter, log *slog.Logger) *Handler {
+// New returns a handler. dd may be nil: content de-duplication is then off.
+func New(cfg Config, store Storage, qemu QemuImg, report Reporter, dd Deduper, log *slog.Logger) *Handler {
 	if cfg.ScratchDir == "" {
 		cfg.ScratchDir = os.TempDir()
 	}
-	return &Handler{cfg: cfg, store: store, qemu: qemu, report: report, log: log, now: time.Now}
+	return &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now}
 }
 
 // job is one conversion in flight: the queued job plus what the stages
@@ -94,6 +96,7 @@ type job struct {
 	outFormat            string
 	format               inspect.Format // of the upload (ova for an appliance)
 	disks                []*disk
+	duplicateOf          string // "bucket/key" of the earlier output this one copies
 }
 
 // disk is one image to convert: the upload itself, or one disk of an OVA.
@@ -127,13 +130,17 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 	if j.outFormat != "raw" && j.outFormat != "qcow2" {
 		return h.fail(ctx, j, failure.Permanent(events.PhaseConvert, fmt.Errorf("output format %q is not raw or qcow2", j.outFormat), "set IMAGEPIPE_OUTPUT_FORMAT to raw or qcow2"))
 	}
+	h.applyUploadFormat(ctx, j)
 	if d, ok := h.alreadyDone(ctx, j); ok {
 		j.log.Info("output of this job already uploaded; reporting it again", "stage", "ready", "output_key", d.outKey)
 		j.disks = []*disk{d}
 		return h.succeed(ctx, j)
 	}
-	copied, err := h.copyRaw(ctx, j)
-	if !copied {
+	done, err := h.reuse(ctx, j)
+	if !done {
+		done, err = h.copyRaw(ctx, j)
+	}
+	if !done {
 		err = h.run(ctx, j)
 	}
 	if errors.Is(err, errSuperseded) {
@@ -147,6 +154,19 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 }
 
 var errSuperseded = errors.New("object superseded")
+
+// applyUploadFormat honours x-amz-meta-imagepipe-format on the upload when
+// the job itself names no format. A bad value is refused at download.
+func (h *Handler) applyUploadFormat(ctx context.Context, j *job) {
+	if j.ConvertJob.OutputFormat != "" {
+		return
+	}
+	if obj, err := h.store.Stat(ctx, j.Bucket, j.Key); err == nil {
+		if f := obj.Metadata[MetaFormat]; f == "raw" || f == "qcow2" {
+			j.outFormat = f
+		}
+	}
+}
 
 // alreadyDone reports whether a previous delivery of this job uploaded its
 // output but died before the result was published: the output is then
@@ -180,6 +200,12 @@ func (h *Handler) run(ctx context.Context, j *job) error {
 	if err := h.download(ctx, j); err != nil {
 		return err
 	}
+	if h.cfg.Dedup.Hash == dedup.HashSHA256 {
+		// Only now is the content's hash known.
+		if done, err := h.reuse(ctx, j); done || err != nil {
+			return err
+		}
+	}
 	h.setState(ctx, j, events.StateInspecting, 0)
 	j.log.Info("inspecting", "stage", events.PhaseInspect)
 	rep, err := inspect.InspectFile(j.input, h.limits())
@@ -210,7 +236,7 @@ func (h *Handler) setState(ctx context.Context, j *job, state events.State, perc
 		Bucket: j.Bucket, Key: j.Key, JobID: j.JobID, State: state, Percent: percent,
 		InputFormat: string(j.format), Attempt: j.attempt, UpdatedAt: h.now().UTC(),
 	}
-	if state == events.StateReady && len(j.disks) > 0 {
+	if (state == events.StateReady || state == events.StateDuplicate) && len(j.disks) > 0 {
 		st.OutputBucket, st.OutputKey = h.cfg.OutputBucket, j.disks[0].outKey
 	}
 	if err := h.report.Set(ctx, st); err != nil {
@@ -219,7 +245,12 @@ func (h *Handler) setState(ctx context.Context, j *job, state events.State, perc
 }
 
 func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error) {
-	h.setState(ctx, j, events.StateReady, 100)
+	state := events.StateReady
+	if j.duplicateOf != "" {
+		state = events.StateDuplicate
+	}
+	h.setState(ctx, j, state, 100)
+	h.remember(ctx, j)
 	took := h.now().Sub(j.started)
 	var out []events.Message
 	for _, d := range j.disks {
@@ -228,6 +259,7 @@ func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error)
 			InputSize: j.inputSize, VirtualSize: d.virtualSize,
 			OutputBucket: h.cfg.OutputBucket, OutputKey: d.outKey, OutputFormat: j.outFormat,
 			OutputSize: d.outSize, SHA256: d.sha256, DurationMS: took.Milliseconds(), Attempt: j.attempt,
+			DuplicateOf: j.duplicateOf,
 		}
 		ev, err := events.New(eventID(j.JobID, "converted/"+d.member), events.TypeConverted, Source, j.Key, h.now(), data)
 		if err != nil {

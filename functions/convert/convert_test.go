@@ -107,7 +107,7 @@ func newTestHandler(t *testing.T, store Storage, rep *fakeReporter) *Handler {
 	t.Helper()
 	cfg := Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
 		ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute}
-	return New(cfg, store, qemuimg.New(nil), rep, slog.New(slog.DiscardHandler))
+	return New(cfg, store, qemuimg.New(nil), rep, nil, slog.New(slog.DiscardHandler))
 }
 
 func TestRawUploadToRawIsCopiedServerSideNotConverted(t *testing.T) {
