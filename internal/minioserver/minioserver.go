@@ -144,8 +144,8 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 	cmd := exec.Command(o.Binary, args...)
 	cmd.Env = env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	var logBuf bytes.Buffer
-	out := io.Writer(&capped{buf: &logBuf, max: 64 << 10})
+	logBuf := &capped{buf: &bytes.Buffer{}, max: 64 << 10}
+	out := io.Writer(logBuf)
 	if o.Stdout != nil {
 		out = io.MultiWriter(out, o.Stdout)
 	}
@@ -228,6 +228,12 @@ type capped struct {
 	mu  sync.Mutex
 	buf *bytes.Buffer
 	max int
+}
+
+func (c *capped) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.buf.String()
 }
 
 func (c *capped) Write(p []byte) (int, error) {
