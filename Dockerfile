@@ -3,11 +3,17 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=0 go build -o /imagepipe ./cmd/imagepipe
+ARG VERSION=0.1.0
+RUN CGO_ENABLED=0 go build -trimpath -ldflags "-X main.version=${VERSION}" -o /imagepipe ./cmd/imagepipe
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends qemu-utils util-linux ca-certificates \
+# qemu-utils: qemu-img; util-linux: prlimit, which caps qemu-img's memory;
+# curl: the compose health checks ask /healthz.
+RUN apt-get update && apt-get install -y --no-install-recommends qemu-utils util-linux curl ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /imagepipe /usr/local/bin/imagepipe
+# A fresh volume mounted on /scratch takes this owner, so convert can write.
+RUN mkdir -p /scratch && chown 65532:65532 /scratch && chmod 0700 /scratch
+ENV IMAGEPIPE_SCRATCH_DIR=/scratch
 USER 65532:65532
 ENTRYPOINT ["imagepipe"]

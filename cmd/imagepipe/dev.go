@@ -16,6 +16,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/control"
+	"github.com/imagepipe/imagepipe/internal/metrics"
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/natsserver"
@@ -39,6 +41,10 @@ type devStack struct {
 	conns   []*nats.Conn
 	workers map[string]*natsrt.Worker
 	s       settings
+	// controls answer `imagepipe ctl` for each function, as separate
+	// replicas would.
+	controls    map[string]*control.Service
+	stopMetrics func()
 }
 
 // startDev brings the stack up. MinIO needs the stream before it can
@@ -55,7 +61,7 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
-	d := &devStack{workers: map[string]*natsrt.Worker{}, s: o.Settings}
+	d := &devStack{workers: map[string]*natsrt.Worker{}, controls: map[string]*control.Service{}, s: o.Settings}
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -76,9 +82,11 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 	if err != nil {
 		return nil, err
 	}
-	if err := setup.Streams(ctx, js, d.s.Streams); err != nil {
+	r, err := setup.JetStream(ctx, js, d.s.Streams)
+	if err != nil {
 		return nil, err
 	}
+	logReport(log, r)
 
 	d.minio, err = minioserver.Start(ctx, minioserver.Options{
 		Binary:      bin,
@@ -97,21 +105,31 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 	}
 	d.s.S3.Endpoint = d.minio.Endpoint
 	d.s.Buckets.NotifyTarget = minioserver.TargetID
-	if err := provisionBuckets(ctx, d.s); err != nil {
+	if r, err = provisionObjects(ctx, d.s); err != nil {
 		return nil, err
 	}
+	logReport(log, r)
 
+	m := metrics.New(version, nc)
 	for _, name := range []string{"ingest", "convert", "notify"} {
 		fnc, err := natsrt.Connect(ctx, d.s.NATS, "imagepipe-"+name, log)
 		if err != nil {
 			return nil, err
 		}
 		d.conns = append(d.conns, fnc)
-		w, err := startFunction(ctx, fnc, name, d.s, log.With("function", name))
+		w, err := startFunction(ctx, fnc, name, d.s, m, log.With("function", name))
 		if err != nil {
 			return nil, fmt.Errorf("start %s: %w", name, err)
 		}
 		d.workers[name] = w
+		if d.controls[name], err = startControl(fnc, name, d.s, w, log.With("function", name)); err != nil {
+			return nil, err
+		}
+	}
+	if d.s.Metrics.Addr != "" {
+		if d.stopMetrics, err = startMetrics(d.s, m, nc, d.workers, log); err != nil {
+			return nil, err
+		}
 	}
 	return d, nil
 }
@@ -128,6 +146,9 @@ func (d *devStack) Run(ctx, jobCtx context.Context) {
 
 // Close stops MinIO and NATS.
 func (d *devStack) Close() {
+	if d.stopMetrics != nil {
+		d.stopMetrics()
+	}
 	for _, nc := range d.conns {
 		nc.Close()
 	}
@@ -185,6 +206,11 @@ The converted image appears as %s/disks/disk.vhdx.%s
 `, *dataDir, d.s.NATS.URL, d.s.S3.Endpoint, d.s.S3.AccessKey, *consoleAddr,
 		d.s.S3.Endpoint, d.s.S3.AccessKey, d.s.Ingest.InputBucket,
 		d.s.Ingest.InputBucket, d.s.Convert.OutputBucket, d.s.Convert.OutputFormat)
+	var svcs []*control.Service
+	for _, name := range []string{"ingest", "convert", "notify"} {
+		svcs = append(svcs, d.controls[name])
+	}
+	defer logStatsOnSignal(d.conns[0], svcs, log)()
 	d.Run(ctx, jobCtx)
 	log.Info("imagepipe dev stopped")
 	return nil

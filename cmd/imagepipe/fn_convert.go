@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -20,7 +21,16 @@ func startConvert(ctx context.Context, js jetstream.JetStream, st *status.Store,
 	if err != nil {
 		return nil, err
 	}
-	dd, err := dedup.Open(ctx, js, s.Convert.Dedup.MaxAge.Duration(), dedup.WithReplicas(s.Streams.Replicas))
+	// Replicas starting together on a fresh cluster race to create the
+	// bucket, and the loser's create can time out: try again.
+	var dd *dedup.Store
+	for attempt := 1; ; attempt++ {
+		if dd, err = dedup.Open(ctx, js, s.Convert.Dedup.MaxAge.Duration(), dedup.WithReplicas(s.Streams.Replicas)); err == nil || attempt == 5 || ctx.Err() != nil {
+			break
+		}
+		log.Warn("opening the de-duplication bucket failed; retrying", "err", err, "attempt", attempt)
+		time.Sleep(time.Duration(attempt) * time.Second)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -29,6 +39,7 @@ func startConvert(ctx context.Context, js jetstream.JetStream, st *status.Store,
 		Stream: events.StreamJobs, Durable: "convert", FilterSubject: events.SubjectConvertJob,
 		Concurrency: s.Convert.MaxConcurrentJobs, AckWait: s.Convert.AckWait,
 		MaxAttempts: s.Convert.MaxAttempts, Backoff: s.Convert.Backoff(),
+		Describe: describeConvertJob,
 	}, func(ctx context.Context, data []byte, d natsrt.Delivery) ([]events.Message, error) {
 		var job events.ConvertJob
 		if err := decode(data, events.TypeConvertJob, &job); err != nil {

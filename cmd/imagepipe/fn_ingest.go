@@ -2,14 +2,24 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"iter"
 	"log/slog"
+	"os"
 	"time"
 
+	"github.com/minio/minio-go/v7"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/functions/ingest"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/status"
 )
 
@@ -19,12 +29,256 @@ func startIngest(ctx context.Context, js jetstream.JetStream, st *status.Store, 
 	if err := provisionBuckets(ctx, s); err != nil {
 		return nil, err
 	}
-	h := ingest.New(s.Ingest, st, log)
-	return natsrt.NewWorker(ctx, js, natsrt.Binding{
+	store, err := objstore.New(s.S3)
+	if err != nil {
+		return nil, err
+	}
+	h := ingest.New(s.Ingest, ingest.Deps{
+		Status:  st,
+		Storage: ingestStorage{store.Client()},
+		Publish: func(ctx context.Context, msgs ...events.Message) error { return natsrt.Publish(ctx, js, msgs...) },
+	}, log)
+	w, err := natsrt.NewWorker(ctx, js, natsrt.Binding{
 		Stream: events.StreamS3Events, Durable: "ingest", FilterSubject: events.SubjectS3Events,
 		Concurrency: 4, AckWait: 30 * time.Second, MaxAttempts: 5,
 		Backoff: []time.Duration{time.Second, 5 * time.Second, 30 * time.Second, time.Minute},
 	}, func(ctx context.Context, data []byte, _ natsrt.Delivery) ([]events.Message, error) {
 		return h.Handle(ctx, data)
 	}, log)
+	if err != nil {
+		return nil, err
+	}
+	if err := serveIngestControl(ctx, js.Conn(), h, log); err != nil {
+		return nil, err
+	}
+	if every := s.Ingest.ReconcileEvery; every > 0 {
+		lease, err := openReconcileLease(ctx, js, every, s.Streams.Replicas)
+		if err != nil {
+			return nil, err
+		}
+		go h.RunReconcile(ctx, every, lease)
+	}
+	return w, nil
+}
+
+// ingestControlService is the micro service name of ingest's control
+// endpoints; `nats micro info imagepipe-intake` lists them.
+const ingestControlService = "imagepipe-intake"
+
+// serveIngestControl answers re-convert, import and reconcile requests
+// until ctx ends. A micro endpoint rather than a bare queue subscription:
+// it is one anyway (queue group "imagepipe-ingest", so exactly one replica
+// answers each request), and it adds discovery, PING and STATS, where the
+// intake counters are published, with no code of ours.
+func serveIngestControl(ctx context.Context, nc *nats.Conn, h *ingest.Handler, log *slog.Logger) error {
+	host, _ := os.Hostname()
+	svc, err := micro.AddService(nc, micro.Config{
+		Name:        ingestControlService,
+		Version:     "1.0.0", // of this request API, not of the binary
+		Description: "imagepipe ingest: re-convert, import and reconcile requests",
+		Metadata:    map[string]string{"imagepipe_version": version, "host": host},
+		QueueGroup:  "imagepipe-ingest",
+		StatsHandler: func(*micro.Endpoint) any {
+			return h.Stats()
+		},
+		ErrorHandler: func(_ micro.Service, err *micro.NATSError) {
+			log.Warn("ingest control service error", "subject", err.Subject, "err", err.Description)
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("start ingest control service: %w", err)
+	}
+	endpoints := []struct {
+		name, subject string
+		handle        func(ctx context.Context, data []byte) (any, error)
+	}{
+		{"reconvert", ingest.SubjectReconvert, func(ctx context.Context, data []byte) (any, error) {
+			var req ingest.ReconvertRequest
+			if err := decodeRequest(data, &req); err != nil {
+				return nil, err
+			}
+			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			id, err := h.Reconvert(rctx, req)
+			return ingest.ReconvertReply{JobID: id}, err
+		}},
+		{"import", ingest.SubjectImport, func(ctx context.Context, data []byte) (any, error) {
+			var req ingest.ImportRequest
+			if err := decodeRequest(data, &req); err != nil {
+				return nil, err
+			}
+			return h.Import(ctx, req)
+		}},
+		{"reconcile", ingest.SubjectReconcile, func(ctx context.Context, data []byte) (any, error) {
+			var req reconcileRequest
+			if err := decodeRequest(data, &req); err != nil {
+				return nil, err
+			}
+			return h.Reconcile(ctx, req.Prefix)
+		}},
+	}
+	for _, ep := range endpoints {
+		handler := micro.HandlerFunc(func(req micro.Request) {
+			// ctx, not a per-request one: an import goes on after its
+			// reply, and a reconcile is worth finishing though its asker
+			// gave up waiting.
+			reply, err := ep.handle(ctx, req.Data())
+			respond(req, reply, err, log.With("endpoint", ep.name))
+		})
+		if err := svc.AddEndpoint(ep.name, handler, micro.WithEndpointSubject(ep.subject)); err != nil {
+			_ = svc.Stop()
+			return fmt.Errorf("start ingest control endpoint %s: %w", ep.name, err)
+		}
+	}
+	go func() {
+		<-ctx.Done()
+		_ = svc.Stop()
+	}()
+	return nil
+}
+
+type reconcileRequest struct {
+	Prefix string `json:"prefix,omitempty"`
+}
+
+type errorReply struct {
+	Error string `json:"error"`
+}
+
+func decodeRequest(data []byte, v any) error {
+	if len(data) == 0 {
+		data = []byte("{}")
+	}
+	if err := json.Unmarshal(data, v); err != nil {
+		return &ingest.RequestError{Msg: fmt.Sprintf("the request is not valid JSON: %v", err)}
+	}
+	return nil
+}
+
+// respond replies {"error": ...} with micro's error headers on failure, so
+// plain `nats req` users and micro clients both see it.
+func respond(req micro.Request, reply any, err error, log *slog.Logger) {
+	if err == nil {
+		if rerr := req.RespondJSON(reply); rerr != nil {
+			log.Warn("reply not sent", "err", rerr)
+		}
+		return
+	}
+	code := "500"
+	if ingest.IsRequestError(err) {
+		code = "400"
+	} else {
+		log.Warn("request failed", "err", err)
+	}
+	body, _ := json.Marshal(errorReply{Error: err.Error()})
+	if rerr := req.Error(code, err.Error(), body); rerr != nil {
+		log.Warn("reply not sent", "err", rerr)
+	}
+}
+
+// reconcileLeaseBucket holds the one key whose holder runs this period's
+// reconcile.
+const reconcileLeaseBucket = "imagepipe_reconcile_lease"
+
+// kvLease is the right to run one period's reconcile. Create succeeds only
+// when the key does not exist, atomically across replicas, and the
+// bucket's TTL (the stream's MaxAge) removes the key a little before the
+// next period: whoever creates it first in a period runs, the others skip.
+// It needs no clocks to agree and no renewal; should a pass outlast its
+// period, a second pass is harmless, since reconcile is idempotent.
+type kvLease struct {
+	kv     jetstream.KeyValue
+	holder []byte
+}
+
+func openReconcileLease(ctx context.Context, js jetstream.JetStream, every time.Duration, replicas int) (*kvLease, error) {
+	host, _ := os.Hostname()
+	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      reconcileLeaseBucket,
+		Description: "which ingest replica runs the current reconcile period",
+		History:     1,
+		TTL:         every * 9 / 10,
+		Storage:     jetstream.FileStorage,
+		Replicas:    max(replicas, 1),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create kv %s: %w", reconcileLeaseBucket, err)
+	}
+	return &kvLease{kv: kv, holder: fmt.Appendf(nil, "%s/%d", host, os.Getpid())}, nil
+}
+
+func (l *kvLease) Acquire(ctx context.Context) (bool, error) {
+	_, err := l.kv.Create(ctx, "reconcile", l.holder)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, jetstream.ErrKeyExists):
+		return false, nil
+	}
+	return false, fmt.Errorf("reconcile lease: %w", err)
+}
+
+// ingestStorage adapts minio-go to ingest.Storage: stats with the
+// modification time, listings with metadata, streaming uploads.
+type ingestStorage struct{ c *minio.Client }
+
+func (s ingestStorage) Stat(ctx context.Context, bucket, key string) (ingest.Object, error) {
+	info, err := s.c.StatObject(ctx, bucket, key, minio.StatObjectOptions{})
+	if err != nil {
+		return ingest.Object{}, fmt.Errorf("stat %s/%s: %w", bucket, key, err)
+	}
+	return objectOf(bucket, info), nil
+}
+
+func (s ingestStorage) List(ctx context.Context, bucket, prefix string) iter.Seq2[ingest.Object, error] {
+	return func(yield func(ingest.Object, error) bool) {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel() // stops the lister when the caller stops early
+		// WithMetadata is MinIO's extension; elsewhere it is ignored,
+		// metadata comes back nil and ingest stats when it must know.
+		for info := range s.c.ListObjects(ctx, bucket, minio.ListObjectsOptions{Prefix: prefix, Recursive: true, WithMetadata: true}) {
+			if info.Err != nil {
+				yield(ingest.Object{}, info.Err)
+				return
+			}
+			if !yield(objectOf(bucket, info), nil) {
+				return
+			}
+		}
+	}
+}
+
+func (s ingestStorage) Put(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error {
+	_, err := s.c.PutObject(ctx, bucket, key, r, size, minio.PutObjectOptions{
+		ContentType:  "application/octet-stream",
+		UserMetadata: meta,
+		PartSize:     partSize,
+		// A CRC32C trailer instead of a SHA-256 of every part, which
+		// would cost a second pass over buffered data.
+		DisableContentSha256: true,
+		Checksum:             minio.ChecksumCRC32C,
+	})
+	if err != nil {
+		return fmt.Errorf("put %s/%s: %w", bucket, key, err)
+	}
+	return nil
+}
+
+func objectOf(bucket string, info minio.ObjectInfo) ingest.Object {
+	var meta map[string]string
+	if info.UserMetadata != nil || info.Metadata != nil {
+		meta = map[string]string{}
+		for k, v := range info.UserMetadata {
+			meta[k] = v
+		}
+		for k, v := range info.Metadata {
+			if len(v) > 0 {
+				meta[k] = v[0]
+			}
+		}
+	}
+	return ingest.Object{
+		Bucket: bucket, Key: info.Key, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID,
+		Metadata: meta, LastModified: info.LastModified,
+	}
 }

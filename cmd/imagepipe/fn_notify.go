@@ -14,12 +14,12 @@ import (
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 )
 
-func startNotify(ctx context.Context, js jetstream.JetStream, s settings, log *slog.Logger) (*natsrt.Worker, error) {
+func startNotify(ctx context.Context, js jetstream.JetStream, s settings, recordDelivery func(channel, outcome string), log *slog.Logger) (*natsrt.Worker, error) {
 	ledger, err := notify.NewKVLedger(ctx, js)
 	if err != nil {
 		return nil, err
 	}
-	h, err := notify.NewHandler(s.Notify, ledger, log, &http.Client{})
+	h, err := notify.NewHandler(s.Notify, ledger, log, &http.Client{}, notify.WithDeliveryRecorder(recordDelivery))
 	if err != nil {
 		return nil, err
 	}

@@ -22,11 +22,21 @@ const usage = `imagepipe converts VM disk images uploaded to S3 into raw or qcow
 
 Usage:
   imagepipe dev [--data DIR]        run the whole system on this machine
+  imagepipe setup                   create or update streams, buckets and notification
   imagepipe ingest                  run the ingest function
   imagepipe convert                 run the convert function
   imagepipe notify                  run the notify function
   imagepipe status BUCKET/KEY       show an image's current state (--json)
   imagepipe watch                   follow every image's state live
+  imagepipe ls                      list recent jobs (--state failed, --json)
+  imagepipe upload FILE [BUCKET/KEY] upload an image and follow its conversion
+  imagepipe inspect FILE            judge a local image as convert would (--json)
+  imagepipe ctl VERB                status, stats, pause, resume, drain, stop or
+                                    cancel every running replica (--function, --instance)
+  imagepipe reconvert BUCKET/KEY    queue a new conversion of an upload (--format qcow2)
+  imagepipe reconcile               queue uploads whose notification was lost (--prefix P)
+  imagepipe import URL [BUCKET/KEY] fetch a URL into the input bucket (--sha256 HEX)
+  imagepipe dedup prune             remove old de-duplication records (--older-than 90d)
   imagepipe version                 print the version
 
 Functions are configured by IMAGEPIPE_* environment variables; see README.md.
@@ -106,11 +116,23 @@ type command func(ctx, jobCtx context.Context, e cmdEnv) error
 // commands maps each subcommand to its implementation, one file each.
 var commands = map[string]command{
 	"dev":     func(ctx, jobCtx context.Context, e cmdEnv) error { return runDev(ctx, jobCtx, e.args, e.stdout, e.log) },
+	"setup":   func(ctx, _ context.Context, e cmdEnv) error { return runSetup(ctx, e.args, e.stdout, e.log) },
 	"ingest":  func(ctx, jobCtx context.Context, e cmdEnv) error { return runFunction(ctx, jobCtx, "ingest", e.log) },
 	"convert": func(ctx, jobCtx context.Context, e cmdEnv) error { return runFunction(ctx, jobCtx, "convert", e.log) },
 	"notify":  func(ctx, jobCtx context.Context, e cmdEnv) error { return runFunction(ctx, jobCtx, "notify", e.log) },
 	"status":  func(ctx, _ context.Context, e cmdEnv) error { return runStatus(ctx, e.args, e.stdout) },
 	"watch":   func(ctx, _ context.Context, e cmdEnv) error { return runWatch(ctx, e.args, e.stdout) },
+	"ls":      func(ctx, _ context.Context, e cmdEnv) error { return runLs(ctx, e.args, e.stdout) },
+	"upload":  func(ctx, _ context.Context, e cmdEnv) error { return runUpload(ctx, e.args, e.stdout, e.stderr) },
+	"inspect": func(ctx, _ context.Context, e cmdEnv) error { return runInspect(ctx, e.args, e.stdout) },
+	"ctl":     func(ctx, _ context.Context, e cmdEnv) error { return runCtl(ctx, e.args, e.stdout) },
+
+	// Intake: an ingest replica answers reconvert, reconcile and import over
+	// NATS; dedup works on its key-value bucket directly.
+	"reconvert": func(ctx, _ context.Context, e cmdEnv) error { return runReconvert(ctx, e.args, e.stdout) },
+	"reconcile": func(ctx, _ context.Context, e cmdEnv) error { return runReconcile(ctx, e.args, e.stdout) },
+	"import":    func(ctx, _ context.Context, e cmdEnv) error { return runImport(ctx, e.args, e.stdout) },
+	"dedup":     func(ctx, _ context.Context, e cmdEnv) error { return runDedup(ctx, e.args, e.stdout) },
 }
 
 type usageError struct{ msg string }

@@ -57,6 +57,7 @@ type QemuImg interface {
 // Reporter records state transitions and live progress. Both are hints for
 // people watching: a failure to report never fails the job.
 type Reporter interface {
+	Get(ctx context.Context, bucket, key string) (events.Status, error)
 	Set(ctx context.Context, st events.Status) error
 	Progress(p events.Progress) error
 }
@@ -97,6 +98,7 @@ type job struct {
 	format               inspect.Format // of the upload (ova for an appliance)
 	disks                []*disk
 	duplicateOf          string // "bucket/key" of the earlier output this one copies
+	upload               *objstore.Object
 }
 
 // disk is one image to convert: the upload itself, or one disk of an OVA.
@@ -130,6 +132,10 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 	if j.outFormat != "raw" && j.outFormat != "qcow2" {
 		return h.fail(ctx, j, failure.Permanent(events.PhaseConvert, fmt.Errorf("output format %q is not raw or qcow2", j.outFormat), "set IMAGEPIPE_OUTPUT_FORMAT to raw or qcow2"))
 	}
+	if st, err := h.report.Get(ctx, j.Bucket, j.Key); err == nil && st.JobID == j.JobID && st.State == events.StateCancelled {
+		j.log.Info("cancelled by an operator before it started", "stage", "cancelled")
+		return h.fail(ctx, j, failure.Refused(events.PhaseDownload, RuleCancelled, failure.ErrCancelled, ""))
+	}
 	h.applyUploadFormat(ctx, j)
 	if d, ok := h.alreadyDone(ctx, j); ok {
 		j.log.Info("output of this job already uploaded; reporting it again", "stage", "ready", "output_key", d.outKey)
@@ -162,6 +168,7 @@ func (h *Handler) applyUploadFormat(ctx context.Context, j *job) {
 		return
 	}
 	if obj, err := h.store.Stat(ctx, j.Bucket, j.Key); err == nil {
+		j.upload = &obj
 		if f := obj.Metadata[MetaFormat]; f == "raw" || f == "qcow2" {
 			j.outFormat = f
 		}
@@ -232,16 +239,23 @@ func (h *Handler) limits() inspect.Limits {
 }
 
 func (h *Handler) setState(ctx context.Context, j *job, state events.State, percent float64) {
+	if err := h.report.Set(ctx, h.status(j, state, percent)); err != nil {
+		j.log.Warn("status not recorded", "state", state, "err", err)
+	}
+}
+
+func (h *Handler) status(j *job, state events.State, percent float64) events.Status {
 	st := events.Status{
 		Bucket: j.Bucket, Key: j.Key, JobID: j.JobID, State: state, Percent: percent,
 		InputFormat: string(j.format), Attempt: j.attempt, UpdatedAt: h.now().UTC(),
 	}
 	if (state == events.StateReady || state == events.StateDuplicate) && len(j.disks) > 0 {
 		st.OutputBucket, st.OutputKey = h.cfg.OutputBucket, j.disks[0].outKey
+		if j.duplicateOf != "" {
+			st.Message = "same content as " + j.duplicateOf
+		}
 	}
-	if err := h.report.Set(ctx, st); err != nil {
-		j.log.Warn("status not recorded", "state", state, "err", err)
-	}
+	return st
 }
 
 func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error) {
@@ -249,7 +263,11 @@ func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error)
 	if j.duplicateOf != "" {
 		state = events.StateDuplicate
 	}
-	h.setState(ctx, j, state, 100)
+	st := h.status(j, state, 100)
+	// The final state is what `imagepipe status` and `upload` wait for: if
+	// it cannot be recorded, the job is delivered again, finds its output
+	// in place and records it then.
+	statusErr := h.report.Set(ctx, st)
 	h.remember(ctx, j)
 	took := h.now().Sub(j.started)
 	var out []events.Message
@@ -268,12 +286,36 @@ func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error)
 		out = append(out, events.Message{Subject: events.SubjectConverted, Event: ev})
 		j.log.Info("converted", "stage", "ready", "output_key", d.outKey, "sha256", d.sha256, "duration", took)
 	}
+	if statusErr != nil {
+		return out, failure.Retryable(events.PhasePublish, fmt.Errorf("record state %s: %w", state, statusErr), "")
+	}
 	return out, nil
 }
 
+// RuleCancelled marks the failure event of a job an operator cancelled.
+const RuleCancelled = "cancelled"
+
 func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message, error) {
+	cancelled := errors.Is(context.Cause(ctx), failure.ErrCancelled) || errors.Is(err, failure.ErrCancelled)
+	if ctx.Err() != nil && !cancelled {
+		// A shutdown, not a failure: the job goes back to the queue and
+		// runs again on another replica; there is nothing to report.
+		j.log.Info("interrupted by shutdown; the job will run again", "stage", "queued")
+		_ = h.report.Set(context.WithoutCancel(ctx), events.Status{Bucket: j.Bucket, Key: j.Key, JobID: j.JobID,
+			State: events.StateQueued, Attempt: j.attempt, UpdatedAt: h.now().UTC()})
+		return nil, failure.Retryable(events.PhaseConvert, ctx.Err(), "")
+	}
+	// Reporting outlives the job's own context, which a cancel has ended.
+	ctx = context.WithoutCancel(ctx)
 	fe, ok := failure.As(err)
-	if !ok {
+	if cancelled {
+		phase := events.PhaseConvert
+		if ok {
+			phase = fe.Phase
+		}
+		fe = failure.Refused(phase, RuleCancelled, failure.ErrCancelled, "upload the image again, or run `imagepipe reconvert`, to convert it after all")
+		err = fe
+	} else if !ok {
 		fe = failure.Retryable(events.PhaseConvert, err, "")
 		err = fe
 	}
@@ -289,14 +331,17 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 		Message: data.Message, Suggestion: fe.Suggestion, InputFormat: string(j.format), Attempt: j.attempt,
 		UpdatedAt: h.now().UTC(),
 	}
-	if retry {
+	switch {
+	case cancelled:
+		st.State = events.StateCancelled
+	case retry:
 		// Still QUEUED: it comes back after the back-off.
 		st.State = events.StateQueued
 	}
 	if serr := h.report.Set(ctx, st); serr != nil {
 		j.log.Warn("status not recorded", "err", serr)
 	}
-	if !retry {
+	if !retry && !cancelled {
 		h.writeErrorReport(ctx, j, data)
 	}
 	j.log.Warn("failed", "stage", fe.Phase, "err", fe.Err, "rule", fe.Rule, "attempt", j.attempt, "will_retry", retry)

@@ -64,6 +64,17 @@ func (r *fakeReporter) Set(_ context.Context, st events.Status) error {
 }
 func (r *fakeReporter) Progress(events.Progress) error { return nil }
 
+func (r *fakeReporter) Get(_ context.Context, bucket, key string) (events.Status, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i := len(r.states) - 1; i >= 0; i-- {
+		if r.states[i].Bucket == bucket && r.states[i].Key == key {
+			return r.states[i], nil
+		}
+	}
+	return events.Status{}, errors.New("no status record")
+}
+
 type bytesAt struct{ *bytes.Reader }
 
 func (bytesAt) Close() error { return nil }
@@ -227,5 +238,46 @@ func TestCompressedSuffixIsIgnoredForTheExtensionCheck(t *testing.T) {
 		if got := keyForExtension(key, codec); got != want {
 			t.Errorf("keyForExtension(%q) = %q, want %q", key, got, want)
 		}
+	}
+}
+
+func TestJobCancelledWhileQueuedIsSkippedAndReported(t *testing.T) {
+	store, calls := memStore("a.qcow2", []byte("x"), nil)
+	rep := &fakeReporter{states: []events.Status{{Bucket: "uploads", Key: "a.qcow2", JobID: "j", State: events.StateCancelled}}}
+	h := newTestHandler(t, store, rep)
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "a.qcow2"}, 1, 4)
+	if !failure.IsPermanent(err) {
+		t.Fatalf("err = %v, want permanent", err)
+	}
+	var f events.Failed
+	_ = out[0].Event.DecodeData(events.TypeFailed, &f)
+	if f.Rule != RuleCancelled || f.WillRetry {
+		t.Errorf("failed = %+v, want rule cancelled", f)
+	}
+	if len(*calls) != 0 {
+		t.Errorf("a cancelled job touched storage: %v", *calls)
+	}
+	if last := rep.states[len(rep.states)-1]; last.State != events.StateCancelled {
+		t.Errorf("last state %s, want CANCELLED", last.State)
+	}
+}
+
+func TestShutdownMidJobRequeuesWithoutReporting(t *testing.T) {
+	store, calls := memStore("a.qcow2", []byte("x"), nil)
+	rep := &fakeReporter{}
+	h := newTestHandler(t, store, rep)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	out, err := h.Handle(ctx, events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "a.qcow2"}, 4, 4)
+	if err == nil || failure.IsPermanent(err) || len(out) != 0 {
+		t.Fatalf("Handle = %v, %v; want a retryable error and no event", out, err)
+	}
+	for _, c := range *calls {
+		if strings.HasPrefix(c, "put ") {
+			t.Errorf("an interrupted job wrote an error report: %v", *calls)
+		}
+	}
+	if last := rep.states[len(rep.states)-1]; last.State != events.StateQueued {
+		t.Errorf("last state %s, want QUEUED", last.State)
 	}
 }

@@ -2,7 +2,10 @@ package convert
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/hex"
 	"errors"
+	"strings"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/dedup"
@@ -52,6 +55,11 @@ func (h *Handler) reuse(ctx context.Context, j *job) (bool, error) {
 	if !found {
 		return false, nil
 	}
+	if declared := declaredSHA256(j.upload); declared != "" && declared != rec.InputSHA256 {
+		// The upload states what its bytes hash to; only a conversion of
+		// bytes known to hash to that may stand in for checking it.
+		return false, nil
+	}
 	outKey := j.Key + "." + j.outFormat
 	prev, err := h.store.Stat(ctx, rec.OutputBucket, rec.OutputKey)
 	if err != nil || prev.Metadata[MetaSHA256] != rec.SHA256 {
@@ -90,8 +98,27 @@ func (h *Handler) remember(ctx context.Context, j *job) {
 	err := h.dedup.Put(ctx, ck, j.outFormat, dedup.Record{
 		OutputBucket: h.cfg.OutputBucket, OutputKey: d.outKey, SHA256: d.sha256, Size: d.outSize, JobID: j.JobID,
 		InputBucket: j.Bucket, InputKey: j.Key, InputFormat: string(d.format), VirtualSize: d.virtualSize,
+		InputSHA256: j.sha256In,
 	})
 	if err != nil && !errors.Is(err, context.Canceled) {
 		j.log.Warn("de-duplication record not written", "err", err)
 	}
+}
+
+// declaredSHA256 is the hex SHA-256 the uploader declared for its bytes, if
+// any: x-amz-meta-imagepipe-sha256, or S3's x-amz-checksum-sha256 of a
+// single-part upload.
+func declaredSHA256(obj *objstore.Object) string {
+	if obj == nil {
+		return ""
+	}
+	if v := strings.ToLower(strings.TrimSpace(obj.Metadata[MetaSHA256])); v != "" {
+		return v
+	}
+	if obj.Checksum != "" && !strings.Contains(obj.Checksum, "-") {
+		if raw, err := base64.StdEncoding.DecodeString(obj.Checksum); err == nil {
+			return hex.EncodeToString(raw)
+		}
+	}
+	return ""
 }

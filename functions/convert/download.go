@@ -6,7 +6,6 @@ import (
 	"compress/gzip"
 	"context"
 	"crypto/sha256"
-	"encoding/base64"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -92,22 +91,11 @@ func (h *Handler) download(ctx context.Context, j *job) error {
 
 // verifyChecksum compares the sha256 of the bytes received with the one
 // the uploader declared, as S3's x-amz-checksum-sha256 of a single-part
-// upload, or as x-amz-meta-imagepipe-sha256.
+// upload or as x-amz-meta-imagepipe-sha256.
 func verifyChecksum(obj objstore.Object, got string) error {
-	if want := strings.ToLower(strings.TrimSpace(obj.Metadata[MetaSHA256])); want != "" {
-		if want != got {
-			return failure.Refused(events.PhaseDownload, "checksum", fmt.Errorf("checksum mismatch: the upload's x-amz-meta-imagepipe-sha256 says %s, the bytes received hash to %s", want, got),
-				"the file was damaged in transit or the declared checksum is wrong; upload it again")
-		}
-	}
-	// A multipart checksum ("…-N") is a checksum of part checksums, not of
-	// the object, and cannot be compared.
-	if obj.Checksum != "" && !strings.Contains(obj.Checksum, "-") {
-		raw, err := base64.StdEncoding.DecodeString(obj.Checksum)
-		if err == nil && hex.EncodeToString(raw) != got {
-			return failure.Refused(events.PhaseDownload, "checksum", fmt.Errorf("checksum mismatch: S3 x-amz-checksum-sha256 says %s, the bytes received hash to %s", hex.EncodeToString(raw), got),
-				"the file was damaged in transit; upload it again")
-		}
+	if want := declaredSHA256(&obj); want != "" && want != got {
+		return failure.Refused(events.PhaseDownload, "checksum", fmt.Errorf("checksum mismatch: the upload declares sha256 %s, the bytes received hash to %s", want, got),
+			"the file was damaged in transit or the declared checksum is wrong; upload it again")
 	}
 	return nil
 }

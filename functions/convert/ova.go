@@ -63,6 +63,11 @@ func (h *Handler) convertOVA(ctx context.Context, j *job) error {
 		if _, isDisk := inspect.FormatFromKey(name); !isDisk && !strings.HasSuffix(strings.ToLower(name), ".img") {
 			continue
 		}
+		// Inspect refused such names already; the output key is built from
+		// the name, so it is checked again where it is used.
+		if clean := path.Clean(name); path.IsAbs(name) || clean == ".." || strings.HasPrefix(clean, "../") || strings.Contains(name, "\\") {
+			return failure.Refused(events.PhaseInspect, "ova-member", fmt.Errorf("the archive member name %q points outside the archive", name), sugOVA)
+		}
 		n++
 		d := &disk{
 			member: name,

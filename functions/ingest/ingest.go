@@ -2,20 +2,22 @@ package ingest
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"iter"
 	"log/slog"
-	"strings"
+	"net/http"
+	"sync"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/status"
 )
-
-// Config is the ingest function's settings.
-type Config struct {
-	InputBucket  string `env:"IMAGEPIPE_INPUT_BUCKET" envDefault:"uploads"`
-	OutputBucket string `env:"IMAGEPIPE_OUTPUT_BUCKET" envDefault:"images"`
-}
 
 // Source is the CloudEvents source of the jobs ingest makes.
 const Source = "/imagepipe/ingest"
@@ -27,110 +29,232 @@ const OutputMarker = "imagepipe-output"
 // ErrorPrefix holds failure reports in the input bucket; never inputs.
 const ErrorPrefix = "errors/"
 
-// StatusWriter records that a job is queued.
-type StatusWriter interface {
+// StatusStore reads and records images' states.
+type StatusStore interface {
 	Queue(ctx context.Context, st events.Status) error
+	Set(ctx context.Context, st events.Status) error
+	Get(ctx context.Context, bucket, key string) (events.Status, error)
 }
 
-// Handler turns notifications into jobs.
+// Object is what ingest learns of a stored object.
+type Object struct {
+	Bucket, Key     string
+	Size            int64
+	ETag, VersionID string
+	// Metadata is the user metadata; nil when the listing did not include
+	// it.
+	Metadata     map[string]string
+	LastModified time.Time
+}
+
+// Storage is the part of object storage ingest uses beyond notifications:
+// a stat when a notification leaves a doubt, listings for reconcile, and
+// streaming uploads for import.
+type Storage interface {
+	Stat(ctx context.Context, bucket, key string) (Object, error)
+	List(ctx context.Context, bucket, prefix string) iter.Seq2[Object, error]
+	// Put streams r into bucket/key. size is -1 when unknown, and then
+	// partSize bounds the memory the upload buffers. The object appears
+	// only when r has been read to its end without an error.
+	Put(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error
+}
+
+// Publisher sends events to their streams with the event id as
+// Nats-Msg-Id. Notifications make jobs through the runtime; reconcile,
+// re-convert and import publish their own.
+type Publisher func(ctx context.Context, msgs ...events.Message) error
+
+// Deps are the handler's collaborators. Status is required; Storage and
+// Publish are needed by everything beyond plain notifications.
+type Deps struct {
+	Status  StatusStore
+	Storage Storage
+	Publish Publisher
+	// HTTP fetches imports; nil uses a client with connection and header
+	// timeouts but none on the body, which may take hours.
+	HTTP *http.Client
+}
+
+// Handler is the ingest function: it turns notifications into jobs, and
+// answers re-convert, reconcile and import requests under the same rules.
 type Handler struct {
-	cfg    Config
-	status StatusWriter
-	log    *slog.Logger
-	now    func() time.Time
+	cfg   Config
+	deps  Deps
+	log   *slog.Logger
+	now   func() time.Time
+	stats counters
+
+	imports sync.WaitGroup
 }
 
-// New returns a handler; status may be nil.
-func New(cfg Config, status StatusWriter, log *slog.Logger) *Handler {
-	return &Handler{cfg: cfg, status: status, log: log, now: time.Now}
+// New returns a handler.
+func New(cfg Config, deps Deps, log *slog.Logger) *Handler {
+	if deps.HTTP == nil {
+		deps.HTTP = defaultHTTPClient()
+	}
+	return &Handler{cfg: cfg.normalized(), deps: deps, log: log, now: time.Now, stats: newCounters()}
 }
 
-// createEvents start a job. PutTagging, PutRetention and the like are also
-// s3:ObjectCreated:* but change no content: tagging an image must not
-// convert it again.
-var createEvents = map[string]bool{
-	"s3:ObjectCreated:Put":                     true,
-	"s3:ObjectCreated:Post":                    true,
-	"s3:ObjectCreated:Copy":                    true,
-	"s3:ObjectCreated:CompleteMultipartUpload": true,
-}
+// Stats counts the outcome of every notification record since the handler
+// started, by reason, and the objects reconcile queued or refused. A
+// redelivered notification counts again.
+func (h *Handler) Stats() map[string]uint64 { return h.stats.snapshot() }
 
 // Handle parses one notification and returns a job for each record that
-// deserves one. A notification that cannot be parsed is refused for good:
-// redelivering it would only fail again.
+// deserves one, and a failure event for each record refused. A
+// notification that cannot be parsed is refused for good: redelivering it
+// would only fail again.
 func (h *Handler) Handle(ctx context.Context, data []byte) ([]events.Message, error) {
 	n, err := events.ParseNotification(data)
 	if err != nil {
+		h.stats.add(ReasonMalformed)
+		h.log.Warn("notification refused", "stage", "intake", "reason", ReasonMalformed, "payload_bytes", len(data), "err", err)
 		return nil, failure.Permanent(events.PhaseIntake, fmt.Errorf("%w (payload of %d bytes)", err, len(data)), "")
 	}
 	var out []events.Message
 	for _, r := range n.Records {
 		log := h.log.With("bucket", r.Bucket, "key", r.Key, "event", r.EventName)
-		if reason := h.skip(r); reason != "" {
-			log.Info("notification skipped", "stage", "intake", "reason", reason)
-			continue
+		c := candidate{Bucket: r.Bucket, Key: r.Key, Size: r.Size, ETag: r.ETag, VersionID: r.VersionID, Metadata: r.UserMetadata}
+		v := verdict{skip: eventReason(r.EventName)}
+		if v.skip == "" {
+			v, err = h.judgeStored(ctx, c)
+			if err != nil {
+				return nil, err
+			}
 		}
-		msg, job, err := h.job(r)
+		msgs, err := h.act(ctx, c, v, "upload", log.With("payload_bytes", len(data)))
 		if err != nil {
 			return nil, err
 		}
-		if h.status != nil {
-			err := h.status.Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID, UpdatedAt: h.now().UTC()})
-			if err != nil {
-				return nil, failure.Retryable(events.PhaseIntake, err, "")
-			}
-		}
-		log.Info("job queued", "stage", "queued", "job", job.JobID, "size", job.Size)
-		out = append(out, msg)
+		out = append(out, msgs...)
 	}
 	return out, nil
 }
 
-// skip says why a record makes no job, or "" if it makes one.
-func (h *Handler) skip(r events.Record) string {
+// judgeStored judges a candidate and, when the output bucket is the input
+// bucket and the source did not say what metadata the object has, reads it:
+// an output must never be taken for an upload.
+func (h *Handler) judgeStored(ctx context.Context, c candidate) (verdict, error) {
+	v := h.judge(c)
+	if v.skip != "" || c.Metadata != nil || h.cfg.InputBucket != h.cfg.OutputBucket || h.deps.Storage == nil {
+		return v, nil
+	}
+	obj, err := h.deps.Storage.Stat(ctx, c.Bucket, c.Key)
 	switch {
-	case r.Bucket != h.cfg.InputBucket:
-		return "not the input bucket"
-	case !createEvents[r.EventName]:
-		return "not an upload"
-	case strings.HasSuffix(r.Key, "/"):
-		return "folder marker"
-	case r.Size == 0:
-		return "empty object"
-	case strings.HasPrefix(r.Key, ErrorPrefix):
-		return "error report"
-	case isOutput(r.UserMetadata):
-		return "an imagepipe output"
+	case objstore.IsNotFound(err):
+		// Deleted already: there is nothing to convert or to report.
+		return verdict{skip: ReasonGone}, nil
+	case err != nil:
+		return verdict{}, failure.Retryable(events.PhaseIntake, err, "")
 	}
-	return ""
+	c.Metadata = obj.Metadata
+	if c.Metadata == nil {
+		c.Metadata = map[string]string{}
+	}
+	return h.judge(c), nil
 }
 
-func isOutput(meta map[string]string) bool {
-	for k := range meta {
-		if strings.EqualFold(strings.TrimPrefix(strings.ToLower(k), "x-amz-meta-"), OutputMarker) {
-			return true
+// act turns a verdict into messages: nothing for a skip, a failure event
+// and a FAILED state for a refusal, a job and a QUEUED state otherwise.
+func (h *Handler) act(ctx context.Context, c candidate, v verdict, reason string, log *slog.Logger) ([]events.Message, error) {
+	identity := events.ObjectIdentity(c.Bucket, c.Key, c.VersionID, c.ETag)
+	switch {
+	case v.skip != "":
+		h.stats.add(v.skip)
+		level := slog.LevelInfo
+		if v.skip == ReasonUnknownEvent || v.skip == ReasonOtherBucket {
+			// Not routine: a misconfigured bucket notification.
+			level = slog.LevelWarn
 		}
+		log.Log(ctx, level, "notification skipped", "stage", "intake", "reason", v.skip)
+		return nil, nil
+	case v.refuse != nil:
+		msg, err := h.refuse(ctx, c, events.JobIDFor(identity), refusalEventID(identity), v.refuse)
+		if err != nil {
+			return nil, err
+		}
+		h.stats.add(v.refuse.Rule)
+		log.Warn("upload refused", "stage", "intake", "reason", v.refuse.Rule, "err", v.refuse.Err)
+		return []events.Message{msg}, nil
 	}
-	return false
+	msg, job, err := h.job(c, identity, reason)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.deps.Status.Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID, UpdatedAt: h.now().UTC()}); err != nil {
+		return nil, failure.Retryable(events.PhaseIntake, err, "")
+	}
+	h.stats.add(ReasonQueued)
+	log.Info("job queued", "stage", "queued", "job", job.JobID, "size", job.Size, "reason", reason)
+	return []events.Message{msg}, nil
 }
 
-func (h *Handler) job(r events.Record) (events.Message, events.ConvertJob, error) {
-	identity := events.ObjectIdentity(r.Bucket, r.Key, r.VersionID, r.ETag)
+// job makes the convert job of one version of one object. Its event id is
+// the object's identity, so JetStream drops a repeat within its duplicate
+// window, whichever path (notification or reconcile) queued it first; and
+// its job id derives from the identity, so a repeat after the window names
+// the same job.
+func (h *Handler) job(c candidate, identity, reason string) (events.Message, events.ConvertJob, error) {
 	job := events.ConvertJob{
 		JobID:     events.JobIDFor(identity),
-		Bucket:    r.Bucket,
-		Key:       r.Key,
-		VersionID: r.VersionID,
-		ETag:      r.ETag,
-		Size:      r.Size,
-		Reason:    "upload",
+		Bucket:    c.Bucket,
+		Key:       c.Key,
+		VersionID: c.VersionID,
+		ETag:      c.ETag,
+		Size:      c.Size,
+		Reason:    reason,
 		QueuedAt:  h.now().UTC(),
 	}
-	// The event id is the object's identity: JetStream drops a repeated
-	// notification within its duplicate window by it.
-	ev, err := events.New(identity, events.TypeConvertJob, Source, r.Key, job.QueuedAt, job)
+	msg, err := jobMessage(identity, job)
+	return msg, job, err
+}
+
+func jobMessage(eventID string, job events.ConvertJob) (events.Message, error) {
+	ev, err := events.New(eventID, events.TypeConvertJob, Source, job.Key, job.QueuedAt, job)
 	if err != nil {
-		return events.Message{}, job, failure.Permanent(events.PhaseIntake, err, "")
+		return events.Message{}, failure.Permanent(events.PhaseIntake, err, "")
 	}
-	return events.Message{Subject: events.SubjectConvertJob, Event: ev}, job, nil
+	return events.Message{Subject: events.SubjectConvertJob, Event: ev}, nil
+}
+
+var refusalNamespace = uuid.MustParse("0b6f3c1e-7d5a-4f0e-9a2c-5e8d1b4c7a93")
+
+// refusalEventID is deterministic, so a repeated notification of a refused
+// upload republishes the same failure and JetStream drops the copy.
+func refusalEventID(identity string) string {
+	return uuid.NewSHA1(refusalNamespace, []byte(identity)).String()
+}
+
+// refuse records a refusal as FAILED and returns its failure event.
+func (h *Handler) refuse(ctx context.Context, c candidate, jobID, eventID string, fe *failure.Error) (events.Message, error) {
+	data := events.Failed{
+		JobID: jobID, InputBucket: c.Bucket, InputKey: c.Key,
+		Phase: fe.Phase, Message: fe.Err.Error(), Suggestion: fe.Suggestion, Rule: fe.Rule,
+		Attempt: 1, WillRetry: false,
+	}
+	st := events.Status{
+		Bucket: c.Bucket, Key: c.Key, JobID: jobID, State: events.StateFailed, Phase: fe.Phase,
+		Message: data.Message, Suggestion: fe.Suggestion, Attempt: 1, UpdatedAt: h.now().UTC(),
+	}
+	if err := h.deps.Status.Set(ctx, st); err != nil {
+		return events.Message{}, failure.Retryable(events.PhaseIntake, err, "")
+	}
+	ev, err := events.New(eventID, events.TypeFailed, Source, c.Key, h.now(), data)
+	if err != nil {
+		return events.Message{}, failure.Permanent(events.PhaseIntake, err, "")
+	}
+	return events.Message{Subject: events.SubjectFailed, Event: ev}, nil
+}
+
+// statusOf returns an object's status record; found is false when it has
+// none.
+func (h *Handler) statusOf(ctx context.Context, bucket, key string) (st events.Status, found bool, err error) {
+	st, err = h.deps.Status.Get(ctx, bucket, key)
+	switch {
+	case errors.Is(err, status.ErrNotFound):
+		return events.Status{}, false, nil
+	case err != nil:
+		return events.Status{}, false, err
+	}
+	return st, true, nil
 }

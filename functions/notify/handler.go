@@ -26,8 +26,9 @@ type Channel interface {
 type Option func(*options)
 
 type options struct {
-	smtpTLS *tls.Config
-	extra   []extraChannel
+	smtpTLS  *tls.Config
+	extra    []extraChannel
+	recorder func(channel, outcome string)
 }
 
 type extraChannel struct {
@@ -40,6 +41,12 @@ type extraChannel struct {
 // Name must be unique and stable, since the ledger records deliveries by it.
 func WithChannel(ch Channel, on ...string) Option {
 	return func(o *options) { o.extra = append(o.extra, extraChannel{ch: ch, on: on}) }
+}
+
+// WithDeliveryRecorder is told the outcome of every delivery attempt:
+// "delivered", "refused" (permanent) or "retry", for metrics.
+func WithDeliveryRecorder(record func(channel, outcome string)) Option {
+	return func(o *options) { o.recorder = record }
 }
 
 // WithSMTPTLSConfig sets the TLS configuration for SMTP, typically to trust a
@@ -66,6 +73,7 @@ type Handler struct {
 	ledger   Ledger
 	log      *slog.Logger
 	timeout  time.Duration
+	record   func(channel, outcome string)
 }
 
 // NewHandler builds the channels the configuration enables. httpClient is
@@ -94,7 +102,10 @@ func NewHandler(cfg Config, ledger Ledger, log *slog.Logger, httpClient *http.Cl
 	}
 	r := newRedactor(cfg.SlackWebhookURL, cfg.SlackToken, cfg.DiscordWebhookURL, cfg.WebhookURL, cfg.WebhookSecret, cfg.SMTPPassword)
 
-	h := &Handler{ledger: ledger, log: log, timeout: cfg.HTTPTimeout}
+	h := &Handler{ledger: ledger, log: log, timeout: cfg.HTTPTimeout, record: o.recorder}
+	if h.record == nil {
+		h.record = func(string, string) {}
+	}
 	add := func(envName string, own []string, ch Channel) error {
 		rt, ignored, err := narrow(global, envName, own)
 		if err != nil {
@@ -255,12 +266,15 @@ func (h *Handler) deliver(ctx context.Context, log *slog.Logger, ch Channel, m M
 	var de *DeliveryError
 	switch {
 	case err == nil:
+		h.record(ch.Name(), "delivered")
 		log.Debug("delivered")
 	case errors.As(err, &de) && de.Permanent:
+		h.record(ch.Name(), "refused")
 		// Logged once, and recorded as done: repeating a request the
 		// service has refused only fills the log.
 		log.Error("channel refused the notification; not retrying", "status", de.Status, "answer", de.Answer, "err", de.Error())
 	default:
+		h.record(ch.Name(), "retry")
 		log.Warn("notification not delivered; will retry", "err", err.Error())
 		return err
 	}

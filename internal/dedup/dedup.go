@@ -34,6 +34,10 @@ type Record struct {
 	InputBucket string `json:"input_bucket,omitempty"`
 	InputKey    string `json:"input_key,omitempty"`
 	InputFormat string `json:"input_format,omitempty"`
+	// InputSHA256 is the hex SHA-256 of the input as uploaded, so an
+	// upload that declares its checksum is only matched by content that
+	// had that checksum.
+	InputSHA256 string `json:"input_sha256,omitempty"`
 	VirtualSize int64  `json:"virtual_size,omitempty"`
 	// CreatedAt is when the record was written; Prune compares it.
 	CreatedAt time.Time `json:"created_at"`

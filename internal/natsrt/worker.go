@@ -45,6 +45,10 @@ type Binding struct {
 	MaxAttempts int
 	// Backoff[i] is the delay before attempt i+2; the last entry repeats.
 	Backoff []time.Duration
+	// Describe, if set, names the input a message's job works on, so that
+	// an operator can cancel it by bucket and key. It must not fail: an
+	// undecodable message gets the zero JobRef.
+	Describe func(data []byte) JobRef
 }
 
 func (b Binding) consumerConfig() jetstream.ConsumerConfig {
@@ -53,7 +57,12 @@ func (b Binding) consumerConfig() jetstream.ConsumerConfig {
 		FilterSubject: b.FilterSubject,
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       b.AckWait,
-		MaxDeliver:    b.MaxAttempts,
+		// The runtime gives up after MaxAttempts itself. The server's limit
+		// only catches a message that kills its worker every time, and
+		// leaves room for deliveries that end without an outcome: a stop
+		// that hands a job back, or a replica that died, must not use up
+		// the last attempt and strand the job in the queue.
+		MaxDeliver: 2 * b.MaxAttempts,
 		// Room for every replica's workers; each fetches one at a time.
 		MaxAckPending: 1000,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
@@ -83,6 +92,7 @@ type Worker struct {
 
 	paused   atomic.Bool
 	inFlight atomic.Int64
+	ctl      control
 }
 
 // NewWorker creates or updates the durable consumer and returns a worker
@@ -104,7 +114,10 @@ func NewWorker(ctx context.Context, js jetstream.JetStream, b Binding, h Handler
 }
 
 // Pause stops fetching; in-flight messages finish.
-func (w *Worker) Pause() { w.paused.Store(true) }
+func (w *Worker) Pause() {
+	w.paused.Store(true)
+	w.interruptFetches()
+}
 
 // Resume starts fetching again.
 func (w *Worker) Resume() { w.paused.Store(false) }
@@ -119,6 +132,8 @@ func (w *Worker) InFlight() int64 { return w.inFlight.Load() }
 // in-flight messages to finish. Handlers run under jobCtx, not ctx, so that
 // cancelling ctx drains instead of aborting; cancel jobCtx to abort them.
 func (w *Worker) Run(ctx, jobCtx context.Context) error {
+	ctx, jobCtx = w.begin(ctx, jobCtx)
+	defer w.end()
 	cons, err := w.js.Consumer(ctx, w.binding.Stream, w.binding.Durable)
 	if err != nil {
 		return fmt.Errorf("bind consumer %s: %w", w.binding.Durable, err)
@@ -139,10 +154,12 @@ func (w *Worker) loop(ctx, jobCtx context.Context, cons jetstream.Consumer) {
 		}
 		// One message per worker slot: a replica never holds a message it
 		// cannot start, which another replica could be running.
-		msg, err := cons.Next(jetstream.FetchContext(ctx))
+		fctx, done := w.fetchContext(ctx)
+		msg, err := cons.Next(jetstream.FetchContext(fctx))
+		done()
 		if err != nil {
-			if ctx.Err() != nil {
-				return
+			if fctx.Err() != nil {
+				continue // drained, stopped or paused: the loop decides
 			}
 			if !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, context.DeadlineExceeded) {
 				w.log.Warn("fetch failed; retrying", "err", err)
@@ -156,36 +173,64 @@ func (w *Worker) loop(ctx, jobCtx context.Context, cons jetstream.Consumer) {
 	}
 }
 
-func (w *Worker) process(ctx context.Context, msg jetstream.Msg) {
+func (w *Worker) process(jobCtx context.Context, msg jetstream.Msg) {
 	d := Delivery{Attempt: 1, MaxAttempts: w.binding.MaxAttempts}
 	if md, err := msg.Metadata(); err == nil {
 		d.Attempt = int(md.NumDelivered)
 	}
 
+	ctx, j := w.track(jobCtx, msg.Data(), d)
 	stop := w.keepAlive(msg)
 	out, herr := w.handle(ctx, msg.Data(), d)
 	stop()
+	w.finish(j, w.settle(ctx, jobCtx, msg, d, out, herr), out, herr)
+}
 
-	if err := Publish(ctx, w.js, out...); err != nil {
+// settle decides ack, nak or term for a handled message and returns what
+// it did. It is the one place that decision is made.
+func (w *Worker) settle(ctx, jobCtx context.Context, msg jetstream.Msg, d Delivery, out []events.Message, herr error) Outcome {
+	cancelled := errors.Is(context.Cause(ctx), failure.ErrCancelled)
+	if herr != nil && jobCtx.Err() != nil && !cancelled {
+		// A stop cut the job short: whatever the handler made of the
+		// cancellation, the job is not at fault and no attempt should be
+		// spent on it. Its events would report a failure that did not
+		// happen, so they stay unpublished. A nak without delay hands it
+		// to another replica now instead of after the back-off.
+		w.log.Info("job aborted by stop; handing it back", "attempt", d.Attempt)
+		w.nak(msg, 0)
+		return OutcomeAborted
+	}
+	// The work is done whatever happens to the contexts now: publish and
+	// acknowledge it even while stopping.
+	pctx := context.WithoutCancel(ctx)
+	if err := Publish(pctx, w.js, out...); err != nil {
 		// Nothing is acked until its events are out: redeliver.
 		w.log.Warn("publish failed; message will be redelivered", "err", err, "attempt", d.Attempt)
 		w.nak(msg, w.binding.delay(d.Attempt))
-		return
+		return OutcomeRetried
 	}
 	switch {
 	case herr == nil:
-		if err := msg.DoubleAck(ctx); err != nil {
+		actx, cancel := context.WithTimeout(pctx, 10*time.Second)
+		defer cancel()
+		if err := msg.DoubleAck(actx); err != nil {
 			w.log.Warn("ack failed; message may be redelivered", "err", err)
 		}
+		return OutcomeAcked
+	case cancelled:
+		w.term(msg, failure.ErrCancelled.Error())
+		return OutcomeCancelled
 	case failure.IsPermanent(herr):
 		w.term(msg, herr.Error())
+		return OutcomeTerminated
 	case !d.WillRetry(herr):
 		w.term(msg, fmt.Sprintf("gave up after %d attempts: %v", d.Attempt, herr))
-	default:
-		delay := w.binding.delay(d.Attempt)
-		w.log.Info("retrying later", "err", herr, "attempt", d.Attempt, "delay", delay)
-		w.nak(msg, delay)
+		return OutcomeTerminated
 	}
+	delay := w.binding.delay(d.Attempt)
+	w.log.Info("retrying later", "err", herr, "attempt", d.Attempt, "delay", delay)
+	w.nak(msg, delay)
+	return OutcomeRetried
 }
 
 func (w *Worker) nak(msg jetstream.Msg, delay time.Duration) {

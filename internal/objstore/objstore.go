@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"time"
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
@@ -190,6 +191,12 @@ func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta m
 		Progress:             progress,
 	})
 	if err != nil {
+		// minio-go aborts a failed multipart upload with the caller's
+		// context, which a cancelled job no longer has: clean up with one
+		// that still works, so no orphaned parts are left behind.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		_ = s.client.RemoveIncompleteUpload(cctx, bucket, key)
+		cancel()
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	return Object{Bucket: bucket, Key: key, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID}, nil

@@ -1,0 +1,245 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/imagepipe/imagepipe/internal/inspect"
+	"github.com/imagepipe/imagepipe/internal/qemuimg"
+)
+
+const inspectUsage = `Usage: imagepipe inspect [--key KEY] [--json] FILE
+
+Inspects a disk image on this machine, with no service running, and says
+what the convert function would decide about it: the format its header
+shows, its virtual size, its size, and whether the safety rules accept it,
+with the reasons. It runs the same inspector as convert, then qemu-img
+info (from qemu-utils) the way convert runs it, and checks its report.
+
+The virtual size limit is IMAGEPIPE_MAX_VIRTUAL_SIZE, as for convert.
+
+Flags:
+  --key KEY   judge the extension by this object key instead of the file's
+              name, e.g. the key you mean to upload it as
+  --json      print the report as JSON
+
+Examples:
+  imagepipe inspect win11.vhdx
+  imagepipe inspect --json disk.qcow2
+  imagepipe inspect --key disks/web.vmdk ./export/web-disk1.vmdk
+
+Exit codes: 0 convert would accept the image, 1 it would refuse it (or the
+file cannot be read), 2 usage error.
+`
+
+// inspection is what `imagepipe inspect` reports.
+type inspection struct {
+	File        string   `json:"file"`
+	Key         string   `json:"key"`
+	Format      string   `json:"format,omitempty"`
+	Details     []string `json:"details,omitempty"`
+	VirtualSize int64    `json:"virtual_size,omitempty"`
+	FileSize    int64    `json:"file_size"`
+	ActualSize  int64    `json:"actual_size"`
+	Verdict     string   `json:"verdict"` // "accepted" or "refused"
+	Rule        string   `json:"rule,omitempty"`
+	Reason      string   `json:"reason,omitempty"`
+	Suggestion  string   `json:"suggestion,omitempty"`
+	// Checks are the checks passed, in the order convert makes them.
+	Checks []string `json:"checks"`
+}
+
+// runInspect judges a local image as convert would.
+func runInspect(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("inspect", flag.ContinueOnError)
+	key := fs.String("key", "", "")
+	asJSON := fs.Bool("json", false, "")
+	pos, err := parseArgs(fs, inspectUsage, args, stdout)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usageError{"inspect takes one FILE"}
+	}
+	s, err := loadSettings()
+	if err != nil {
+		return err
+	}
+	// qemu-img reads "proto:" and "json:" names as other things than a
+	// file; an absolute path is always the file.
+	path, err := filepath.Abs(pos[0])
+	if err != nil {
+		return err
+	}
+	rep := inspection{File: pos[0], Key: *key, Checks: []string{}}
+	if rep.Key == "" {
+		rep.Key = filepath.Base(path)
+	}
+	if err := judge(ctx, path, inspect.Limits{MaxVirtualSize: s.Convert.MaxVirtualSize}, &rep); err != nil {
+		return err
+	}
+	if *asJSON {
+		if err := writeJSON(stdout, rep); err != nil {
+			return err
+		}
+	} else {
+		printInspection(stdout, rep)
+	}
+	if rep.Verdict != "accepted" {
+		return fmt.Errorf("refused by rule %s: %s", rep.Rule, rep.Reason)
+	}
+	return nil
+}
+
+// judge fills in rep with the verdict, in the order convert reaches it:
+// the header, the name, then qemu-img's own view. It returns an error only
+// when the file cannot be judged at all.
+func judge(ctx context.Context, path string, lim inspect.Limits, rep *inspection) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("inspect: %w", err)
+	}
+	st, err := f.Stat()
+	if err == nil && !st.Mode().IsRegular() {
+		err = fmt.Errorf("%s is not a regular file", path)
+	}
+	var head [6]byte
+	n, _ := io.ReadFull(f, head[:])
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("inspect: %w", err)
+	}
+	rep.FileSize = st.Size()
+	rep.ActualSize = st.Size()
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		rep.ActualSize = sys.Blocks * 512
+	}
+	if codec := compression(head[:n]); codec != "" {
+		return fmt.Errorf("%s is %s-compressed; convert decompresses uploads before inspecting them, so decompress it here and inspect the result", rep.File, codec)
+	}
+
+	ir, err := inspect.InspectFile(path, lim)
+	rep.Format, rep.Details, rep.VirtualSize = string(ir.Format), ir.Details, ir.VirtualSize
+	if refused(rep, err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	rep.Checks = append(rep.Checks, "header: "+describeHeader(ir))
+	if refused(rep, inspect.CheckExtension(ir, rep.Key)) {
+		return nil
+	}
+	if named, ok := inspect.FormatFromKey(rep.Key); ok {
+		rep.Checks = append(rep.Checks, fmt.Sprintf("name: %s says %s, as the content does", filepath.Ext(rep.Key), named))
+	} else {
+		rep.Checks = append(rep.Checks, fmt.Sprintf("name: %q names no format, so it cannot disagree", filepath.Ext(rep.Key)))
+	}
+	if ir.Format == inspect.OVA {
+		rep.Checks = append(rep.Checks, "ova: convert inspects each disk of the archive the same way as it extracts it")
+		rep.Verdict = "accepted"
+		return nil
+	}
+
+	info, err := qemuimg.New(slog.New(slog.DiscardHandler)).Info(ctx, path, string(ir.Format))
+	var ee *qemuimg.ExitError
+	switch {
+	case errors.As(err, &ee) && ee.LimitExceeded():
+		rep.Verdict, rep.Rule = "refused", "resource-limit"
+		rep.Reason = "qemu-img exceeded its memory or CPU limit on this image: " + oneLine(ee.Error())
+		rep.Suggestion = "the image header asks for more memory or CPU than a sane image needs; re-export the disk"
+		return nil
+	case errors.As(err, &ee):
+		rep.Verdict, rep.Rule = "refused", "qemu-img"
+		rep.Reason = fmt.Sprintf("qemu-img cannot read this %s image: %s", ir.Format, oneLine(ee.Error()))
+		rep.Suggestion = "check the file is a complete disk image; export it again and upload the new file"
+		return nil
+	case err != nil:
+		return err
+	}
+	vsize, err := inspect.CheckQemuInfo(ir, info.JSON, path, lim)
+	if refused(rep, err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	rep.VirtualSize = vsize
+	if info.ActualSize > 0 {
+		rep.ActualSize = info.ActualSize
+	}
+	rep.Checks = append(rep.Checks, fmt.Sprintf("qemu-img info: reads it as %s, with no backing file, external data file or outside extent", ir.Format))
+	if lim.MaxVirtualSize > 0 {
+		rep.Checks = append(rep.Checks, fmt.Sprintf("virtual size: %s, within the limit of %s", humanBytes(vsize), humanBytes(lim.MaxVirtualSize)))
+	}
+	rep.Verdict = "accepted"
+	return nil
+}
+
+// refused records a refusal in rep and reports whether err was one.
+func refused(rep *inspection, err error) bool {
+	var r *inspect.Refusal
+	if !errors.As(err, &r) {
+		return false
+	}
+	rep.Verdict, rep.Rule, rep.Reason, rep.Suggestion = "refused", r.Rule, r.Reason, r.Suggestion
+	return true
+}
+
+func describeHeader(r inspect.Report) string {
+	if len(r.Details) == 0 {
+		return string(r.Format)
+	}
+	return strings.Join(r.Details, ", ")
+}
+
+// compression names the codec whose magic number starts head, as convert
+// recognises them on download.
+func compression(head []byte) string {
+	switch {
+	case bytes.HasPrefix(head, []byte{0x1f, 0x8b}):
+		return "gzip"
+	case bytes.HasPrefix(head, []byte{0xfd, '7', 'z', 'X', 'Z', 0x00}):
+		return "xz"
+	case bytes.HasPrefix(head, []byte{0x28, 0xb5, 0x2f, 0xfd}):
+		return "zstd"
+	}
+	return ""
+}
+
+func printInspection(w io.Writer, r inspection) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "file\t%s\n", r.File)
+	if r.Format != "" {
+		fmt.Fprintf(tw, "format\t%s\n", r.Format)
+	}
+	if r.VirtualSize > 0 {
+		fmt.Fprintf(tw, "virtual size\t%s (%d bytes)\n", humanBytes(r.VirtualSize), r.VirtualSize)
+	}
+	fmt.Fprintf(tw, "file size\t%s (%d bytes)\n", humanBytes(r.FileSize), r.FileSize)
+	fmt.Fprintf(tw, "actual size\t%s on disk\n", humanBytes(r.ActualSize))
+	if r.Verdict == "accepted" {
+		fmt.Fprintf(tw, "verdict\taccepted: convert would convert this image\n")
+	} else {
+		fmt.Fprintf(tw, "verdict\trefused by rule %s: %s\n", r.Rule, r.Reason)
+		fmt.Fprintf(tw, "suggestion\t%s\n", r.Suggestion)
+	}
+	for i, c := range r.Checks {
+		label := ""
+		if i == 0 {
+			label = "passed"
+		}
+		fmt.Fprintf(tw, "%s\t%s\n", label, c)
+	}
+	_ = tw.Flush()
+}

@@ -1,0 +1,63 @@
+package ingest
+
+import (
+	"strings"
+	"time"
+)
+
+// Config is the ingest function's settings.
+type Config struct {
+	InputBucket  string `env:"IMAGEPIPE_INPUT_BUCKET" envDefault:"uploads"`
+	OutputBucket string `env:"IMAGEPIPE_OUTPUT_BUCKET" envDefault:"images"`
+	// Prefixes, when set, admit only keys under one of them.
+	Prefixes []string `env:"IMAGEPIPE_INGEST_PREFIXES" envSeparator:","`
+	// ExcludePrefixes refuse keys under any of them; ErrorPrefix always is.
+	ExcludePrefixes []string `env:"IMAGEPIPE_INGEST_EXCLUDE_PREFIXES" envSeparator:","`
+	// Extensions admits keys ending in one of them, in any case, optionally
+	// followed by a compression suffix; "*" admits every key.
+	Extensions []string `env:"IMAGEPIPE_INGEST_EXTENSIONS" envSeparator:"," envDefault:"vhdx,avhdx,vhd,vpc,vmdk,qcow2,qcow,vdi,img,raw,ova"`
+	// MaxInputSize refuses larger objects (bytes).
+	MaxInputSize int64 `env:"IMAGEPIPE_MAX_INPUT_SIZE" envDefault:"1099511627776"`
+	// ReconcileEvery is how often one replica lists the input bucket for
+	// uploads whose notification was lost; 0 turns it off.
+	ReconcileEvery time.Duration `env:"IMAGEPIPE_RECONCILE_EVERY" envDefault:"10m"`
+}
+
+// Defaults for a Config built in code rather than parsed from the
+// environment.
+var (
+	DefaultExtensions   = []string{"vhdx", "avhdx", "vhd", "vpc", "vmdk", "qcow2", "qcow", "vdi", "img", "raw", "ova"}
+	DefaultMaxInputSize = int64(1 << 40)
+)
+
+// compressionSuffixes may follow an allowed extension: convert
+// decompresses before it inspects.
+var compressionSuffixes = []string{".gz", ".xz", ".zst"}
+
+// normalized fills defaults and puts lists in the form the rules compare.
+func (c Config) normalized() Config {
+	c.Prefixes = cleanList(c.Prefixes, false)
+	c.ExcludePrefixes = cleanList(c.ExcludePrefixes, false)
+	c.Extensions = cleanList(c.Extensions, true)
+	if len(c.Extensions) == 0 {
+		c.Extensions = DefaultExtensions
+	}
+	if c.MaxInputSize <= 0 {
+		c.MaxInputSize = DefaultMaxInputSize
+	}
+	return c
+}
+
+func cleanList(in []string, extensions bool) []string {
+	var out []string
+	for _, s := range in {
+		s = strings.TrimSpace(s)
+		if extensions {
+			s = strings.ToLower(strings.TrimPrefix(s, "."))
+		}
+		if s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
+}

@@ -1,0 +1,262 @@
+package infra
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/compose-spec/compose-go/v2/cli"
+	"github.com/compose-spec/compose-go/v2/types"
+)
+
+// loadCompose loads compose.yaml as `docker compose` does, env files
+// included; there is no Docker engine here to ask.
+func loadCompose(t *testing.T) *types.Project {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	opts, err := cli.NewProjectOptions([]string{"../compose.yaml"}, cli.WithWorkingDirectory(".."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := opts.LoadProject(ctx)
+	if err != nil {
+		t.Fatalf("compose.yaml: %v", err)
+	}
+	return p
+}
+
+var (
+	natsNodes     = []string{"nats-1", "nats-2", "nats-3"}
+	functions     = []string{"ingest", "convert", "notify"}
+	oneShots      = []string{"minio-users", "setup"}
+	composeServes = []string{"nats-1", "nats-2", "nats-3", "minio", "minio-users", "setup", "ingest", "convert", "notify", "mailpit"}
+)
+
+func TestComposeHasTheClusterAndEveryPart(t *testing.T) {
+	p := loadCompose(t)
+	var names []string
+	for name := range p.Services {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	want := slices.Clone(composeServes)
+	slices.Sort(want)
+	if !slices.Equal(names, want) {
+		t.Errorf("services %v, want %v", names, want)
+	}
+}
+
+func TestComposePinsEveryImageAndChecksEveryServicesHealth(t *testing.T) {
+	p := loadCompose(t)
+	for name, s := range p.Services {
+		ref, tag, ok := strings.Cut(s.Image, ":")
+		if !ok || tag == "" || tag == "latest" || strings.Contains(tag, "/") || ref == "" {
+			t.Errorf("%s: image %q is not pinned to a tag", name, s.Image)
+		}
+		hc := s.HealthCheck
+		if slices.Contains(oneShots, name) {
+			// Nothing stays up to be healthy; what waits on a one-shot waits
+			// for it to exit 0, and it must not come back.
+			if hc == nil || !hc.Disable || s.Restart != types.RestartPolicyNo {
+				t.Errorf("%s: a one-shot wants its health check disabled and restart \"no\"", name)
+			}
+			continue
+		}
+		if hc == nil || hc.Disable || len(hc.Test) < 2 {
+			t.Errorf("%s: no health check", name)
+		}
+	}
+}
+
+func TestComposeWiresEveryFunctionToTheWholeCluster(t *testing.T) {
+	p := loadCompose(t)
+	opts, err := LoadNATS(NATSNode{Config: "nats/single.conf", StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nodes []string
+	for _, n := range natsNodes {
+		nodes = append(nodes, n+":4222")
+	}
+	users := map[string]string{"ingest": "ingest", "convert": "convert", "notify": "notify", "setup": "admin"}
+	for svc, user := range users {
+		t.Run(svc, func(t *testing.T) {
+			s := p.Services[svc]
+			if s.Image != p.Services["setup"].Image || s.Build == nil {
+				t.Errorf("image %q: every imagepipe service runs the image built here", s.Image)
+			}
+			// Secrets live in infra files, never inline.
+			if len(s.EnvFiles) == 0 {
+				t.Fatal("no env_file")
+			}
+			for _, f := range s.EnvFiles {
+				if rel, _ := filepath.Rel(p.WorkingDir, f.Path); !strings.HasPrefix(rel, "infra"+string(filepath.Separator)) {
+					t.Errorf("env file %s is not under infra/", f.Path)
+				}
+			}
+			for k := range s.Environment {
+				if strings.Contains(k, "SECRET") || strings.Contains(k, "PASSWORD") || k == "IMAGEPIPE_NATS_URL" {
+					env := readEnvFile(t, filepath.Join("compose", svc+".env"))
+					if _, fromFile := env[k]; !fromFile {
+						t.Errorf("%s is set inline, not from infra/compose/%s.env", k, svc)
+					}
+				}
+			}
+			url := s.Environment["IMAGEPIPE_NATS_URL"]
+			if url == nil {
+				t.Fatal("IMAGEPIPE_NATS_URL not set")
+			}
+			checkNATSURL(t, *url, opts, user, nodes)
+			if r := s.Environment["IMAGEPIPE_STREAM_REPLICAS"]; r == nil || *r != "3" {
+				t.Errorf("IMAGEPIPE_STREAM_REPLICAS %v, want 3", r)
+			}
+			if svc == "setup" {
+				for _, dep := range append(slices.Clone(natsNodes), "minio") {
+					if c := s.DependsOn[dep].Condition; c != types.ServiceConditionHealthy {
+						t.Errorf("setup starts on %s %q, want healthy", dep, c)
+					}
+				}
+				return
+			}
+			if c := s.DependsOn["setup"].Condition; c != types.ServiceConditionCompletedSuccessfully {
+				t.Errorf("starts on setup %q, want it completed successfully", c)
+			}
+			if s.Restart != types.RestartPolicyOnFailure {
+				t.Errorf("restart %q", s.Restart)
+			}
+			if addr := s.Environment["IMAGEPIPE_METRICS_ADDR"]; addr == nil || !strings.Contains(strings.Join(s.HealthCheck.Test, " "), strings.TrimPrefix(*addr, ":")+"/healthz") {
+				t.Errorf("health check %v does not ask the metrics listener %v", s.HealthCheck.Test, addr)
+			}
+		})
+	}
+}
+
+func TestComposeRunsTwoConvertReplicasWithScratch(t *testing.T) {
+	p := loadCompose(t)
+	s := p.Services["convert"]
+	if s.Deploy == nil || s.Deploy.Replicas == nil || *s.Deploy.Replicas != 2 {
+		t.Errorf("deploy %+v, want 2 replicas", s.Deploy)
+	}
+	scratch := s.Environment["IMAGEPIPE_SCRATCH_DIR"]
+	if scratch == nil {
+		t.Fatal("IMAGEPIPE_SCRATCH_DIR not set")
+	}
+	mounted := false
+	for _, v := range s.Volumes {
+		if v.Type == types.VolumeTypeVolume && v.Target == *scratch {
+			mounted = true
+		}
+	}
+	if !mounted {
+		t.Errorf("no volume on the scratch dir %s: %+v", *scratch, s.Volumes)
+	}
+}
+
+func TestComposeRunsEachNATSNodeFromItsConfig(t *testing.T) {
+	p := loadCompose(t)
+	for i, name := range natsNodes {
+		s := p.Services[name]
+		want := "/etc/nats/cluster-" + string(rune('1'+i)) + ".conf"
+		if !slices.Contains(s.Command, want) {
+			t.Errorf("%s: command %v, want -c %s", name, s.Command, want)
+		}
+		var confs, data bool
+		for _, v := range s.Volumes {
+			if v.Type == types.VolumeTypeBind && v.Target == "/etc/nats" && strings.HasSuffix(v.Source, filepath.Join("infra", "nats")) && v.ReadOnly {
+				confs = true
+			}
+			if v.Type == types.VolumeTypeVolume && v.Target == "/data" {
+				data = true
+			}
+		}
+		if !confs || !data {
+			t.Errorf("%s: volumes %+v, want infra/nats read-only on /etc/nats and a volume on /data", name, s.Volumes)
+		}
+	}
+}
+
+func TestComposeWiresMinIOAndMail(t *testing.T) {
+	p := loadCompose(t)
+	m := p.Services["minio"]
+	env := func(k string) string {
+		if v := m.Environment[k]; v != nil {
+			return *v
+		}
+		return ""
+	}
+	if addr := env("MINIO_NOTIFY_NATS_ADDRESS_PRIMARY"); !slices.Contains(natsNodes, strings.TrimSuffix(addr, ":4222")) {
+		t.Errorf("MinIO publishes to %q, not a cluster node", addr)
+	}
+	if env("MINIO_NOTIFY_NATS_USERNAME_PRIMARY") != "minio" {
+		t.Error("MinIO does not sign in to NATS as the minio user")
+	}
+	queue := env("MINIO_NOTIFY_NATS_QUEUE_DIR_PRIMARY")
+	onVolume := false
+	for _, v := range m.Volumes {
+		if v.Type == types.VolumeTypeVolume && v.Target == queue {
+			onVolume = true
+		}
+	}
+	if !onVolume {
+		t.Errorf("notification queue %q is not on a volume of its own: queued events would die with the container", queue)
+	}
+	if env("MINIO_ROOT_PASSWORD") == "" {
+		t.Error("no root password from infra/compose/minio.env")
+	}
+
+	n := p.Services["notify"]
+	if smtp := n.Environment["IMAGEPIPE_SMTP_ADDR"]; smtp == nil || *smtp != "mailpit:1025" {
+		t.Errorf("notify mails to %v, want the mail catcher", smtp)
+	}
+	if c := n.DependsOn["mailpit"].Condition; c != types.ServiceConditionHealthy {
+		t.Errorf("notify starts on mailpit %q", c)
+	}
+}
+
+// TestComposeMinIOUsersMatchTheFunctionsKeys runs create-users.sh with a
+// stand-in mc that records its calls: each function's user gets its own
+// policy file and the keys from its own env file.
+func TestComposeMinIOUsersMatchTheFunctionsKeys(t *testing.T) {
+	sh, err := exec.LookPath("sh")
+	if err != nil {
+		t.Skip("no sh")
+	}
+	bin := t.TempDir()
+	calls := filepath.Join(bin, "calls")
+	fake := "#!/bin/sh\necho \"$*\" >> " + calls + "\n"
+	if err := os.WriteFile(filepath.Join(bin, "mc"), []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(sh, "minio/create-users.sh", "compose", "minio/iam")
+	cmd.Env = append(os.Environ(), "PATH="+bin+":"+os.Getenv("PATH"), "MINIO_ROOT_USER=root", "MINIO_ROOT_PASSWORD=rootsecret")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("create-users.sh: %v\n%s", err, out)
+	}
+	got, err := os.ReadFile(calls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := loadCompose(t)
+	for _, fn := range []string{"setup", "ingest", "convert"} {
+		env := p.Services[fn].Environment
+		access, secret := *env["IMAGEPIPE_S3_ACCESS_KEY"], *env["IMAGEPIPE_S3_SECRET_KEY"]
+		for _, want := range []string{
+			"admin policy create imagepipe imagepipe-" + fn + " minio/iam/" + fn + ".json",
+			"admin user add imagepipe " + access + " " + secret,
+			"admin policy attach imagepipe imagepipe-" + fn + " --user " + access,
+		} {
+			if !strings.Contains(string(got), want+"\n") {
+				t.Errorf("mc was not asked to %q; calls:\n%s", want, got)
+			}
+		}
+	}
+	if _, hasS3 := p.Services["notify"].Environment["IMAGEPIPE_S3_ACCESS_KEY"]; hasS3 {
+		t.Error("notify has S3 credentials it does not need")
+	}
+}

@@ -1,0 +1,164 @@
+package infra
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+)
+
+// NATSNode says where a server config from nats/ runs in a test: the same
+// file an operator deploys, with its ports and store directory moved to
+// loopback and a temporary directory.
+type NATSNode struct {
+	Config   string // path of the .conf file
+	StoreDir string
+	Port     int // client port; 0 picks a free one
+	// ClusterPort and Routes replace the cluster block's listen port and
+	// routes (host:port of every node's cluster port, this one included)
+	// when the config has one.
+	ClusterPort int
+	Routes      []string
+}
+
+// LoadNATS reads a server config as `nats-server -t -c` does, where a
+// warning fails the check too, then points it at the node's ports and
+// store directory. Routes keep the config's route credentials.
+func LoadNATS(n NATSNode) (*server.Options, error) {
+	opts, err := server.ProcessConfigFile(n.Config)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", n.Config, err)
+	}
+	if n.Port == 0 {
+		if n.Port, err = FreePort(); err != nil {
+			return nil, err
+		}
+	}
+	opts.Host = "127.0.0.1"
+	opts.Port = n.Port
+	opts.HTTPPort = 0 // monitoring ports would collide between nodes
+	opts.StoreDir = n.StoreDir
+	opts.NoSigs = true
+	if opts.Cluster.Port != 0 {
+		if n.ClusterPort == 0 {
+			return nil, fmt.Errorf("%s has a cluster block: a cluster port is required", n.Config)
+		}
+		opts.Cluster.Host = "127.0.0.1"
+		opts.Cluster.Port = n.ClusterPort
+		opts.Routes = nil
+		for _, r := range n.Routes {
+			u := &url.URL{Scheme: "nats", Host: r}
+			if opts.Cluster.Username != "" {
+				u.User = url.UserPassword(opts.Cluster.Username, opts.Cluster.Password)
+			}
+			opts.Routes = append(opts.Routes, u)
+		}
+	}
+	return opts, nil
+}
+
+// StartNATS starts a server and waits until it takes clients. Its log goes
+// to log, which may be nil.
+func StartNATS(opts *server.Options, log *ServerLog) (*server.Server, error) {
+	s, err := server.NewServer(opts)
+	if err != nil {
+		return nil, fmt.Errorf("nats server %s: %w", opts.ServerName, err)
+	}
+	if log != nil {
+		s.SetLoggerV2(log, false, false, false)
+	}
+	go s.Start()
+	if !s.ReadyForConnections(20 * time.Second) {
+		s.Shutdown()
+		return nil, fmt.Errorf("nats server %s: not ready on port %d after 20s", opts.ServerName, opts.Port)
+	}
+	return s, nil
+}
+
+// Password returns the password the config gives user.
+func Password(opts *server.Options, user string) (string, error) {
+	for _, u := range opts.Users {
+		if u.Username == user {
+			return u.Password, nil
+		}
+	}
+	return "", fmt.Errorf("no user %q in the server config", user)
+}
+
+// ClientURL is a client URL for user on the given ports, with the
+// password from the config, in the comma-separated form of
+// IMAGEPIPE_NATS_URL.
+func ClientURL(opts *server.Options, user string, ports ...int) (string, error) {
+	if len(ports) == 0 {
+		return "", errors.New("client URL: no ports")
+	}
+	pw, err := Password(opts, user)
+	if err != nil {
+		return "", err
+	}
+	var urls []string
+	for _, p := range ports {
+		u := url.URL{Scheme: "nats", User: url.UserPassword(user, pw), Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(p))}
+		urls = append(urls, u.String())
+	}
+	return strings.Join(urls, ","), nil
+}
+
+// FreePort returns a loopback port nothing listens on now. A node that
+// must come back on the same port is given one up front.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// ServerLog keeps what servers say about refused subjects, so that a test
+// whose client hangs on a missing permission can say which one.
+type ServerLog struct {
+	mu         sync.Mutex
+	violations []string
+}
+
+// Violations returns the permission violations logged so far.
+func (l *ServerLog) Violations() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.violations...)
+}
+
+func (l *ServerLog) record(format string, v ...any) {
+	line := fmt.Sprintf(format, v...)
+	if strings.Contains(line, "Violation") {
+		l.mu.Lock()
+		l.violations = append(l.violations, line)
+		l.mu.Unlock()
+	}
+}
+
+// Errorf records permission violations; servers log them as errors.
+func (l *ServerLog) Errorf(format string, v ...any) { l.record(format, v...) }
+
+// Warnf records permission violations too.
+func (l *ServerLog) Warnf(format string, v ...any) { l.record(format, v...) }
+
+// Noticef ignores notices.
+func (l *ServerLog) Noticef(string, ...any) {}
+
+// Fatalf ignores fatal errors: a server that fails to start says so to
+// StartNATS.
+func (l *ServerLog) Fatalf(string, ...any) {}
+
+// Debugf ignores debug output.
+func (l *ServerLog) Debugf(string, ...any) {}
+
+// Tracef ignores traces.
+func (l *ServerLog) Tracef(string, ...any) {}

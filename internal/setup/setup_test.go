@@ -1,0 +1,360 @@
+package setup_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+	"github.com/minio/minio-go/v7/pkg/lifecycle"
+	"github.com/minio/minio-go/v7/pkg/notification"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/minioserver"
+	"github.com/imagepipe/imagepipe/internal/natsserver"
+	"github.com/imagepipe/imagepipe/internal/setup"
+)
+
+// One MinIO for the package, each test in its own buckets; each JetStream
+// test gets its own NATS server, since stream names are fixed.
+var s3 *minio.Client
+
+func TestMain(m *testing.M) { os.Exit(run(m)) }
+
+func run(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "imagepipe-setup-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	ns, err := natsserver.Start(natsserver.Options{Port: -1, StoreDir: filepath.Join(dir, "nats")})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer ns.Shutdown()
+	ms, err := minioserver.Start(context.Background(), minioserver.Options{
+		DataDir:   filepath.Join(dir, "minio"),
+		AccessKey: "setup-test", SecretKey: "setup-test-secret",
+		NATSAddr: ns.Addr(), NATSSubject: events.SubjectS3Events,
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer ms.Stop()
+	s3, err = minio.New(ms.Endpoint, &minio.Options{Creds: credentials.NewStaticV4("setup-test", "setup-test-secret", "")})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return m.Run()
+}
+
+func startJetStream(t *testing.T) jetstream.JetStream {
+	t.Helper()
+	ns, err := natsserver.Start(natsserver.Options{Port: -1, StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Shutdown)
+	nc, err := nats.Connect(ns.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+func lines(r setup.Report) []string {
+	var out []string
+	for _, c := range r {
+		out = append(out, c.String())
+	}
+	return out
+}
+
+func TestSetupTwiceChangesNothingTheSecondTime(t *testing.T) {
+	js := startJetStream(t)
+	cfg := setup.StreamConfig{Replicas: 1, DedupWindow: 2 * time.Minute}
+	objs := setup.ObjectConfig{InputBucket: "twice-in", OutputBucket: "twice-out", NotifyTarget: minioserver.TargetID}
+
+	first, err := setup.JetStream(ctx(t), js, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	firstObjs, err := setup.ObjectStore(ctx(t), s3, objs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first = append(first, firstObjs...)
+	want := []string{
+		"created stream S3_EVENTS",
+		"created stream JOBS",
+		"created stream RESULTS",
+		"created kv " + events.StatusBucket,
+		"created bucket twice-in",
+		"created bucket twice-out",
+		"created lifecycle twice-in " + setup.ErrorReportRuleID,
+		"created notification twice-in → arn:minio:sqs::PRIMARY:nats",
+	}
+	if got := lines(first); !slices.Equal(got, want) {
+		t.Fatalf("first run:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+
+	second, err := setup.JetStream(ctx(t), js, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secondObjs, err := setup.ObjectStore(ctx(t), s3, objs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second = append(second, secondObjs...)
+	if second.Changed() {
+		t.Fatalf("second run changed something:\n%s", strings.Join(lines(second), "\n"))
+	}
+	if len(second) != len(want) {
+		t.Fatalf("second run reported %d things, want %d:\n%s", len(second), len(want), strings.Join(lines(second), "\n"))
+	}
+	for _, c := range second {
+		if !strings.HasPrefix(c.String(), "unchanged: ") {
+			t.Errorf("line %q does not say unchanged", c)
+		}
+	}
+}
+
+func TestSetupRerunKeepsStreamMessages(t *testing.T) {
+	js := startJetStream(t)
+	cfg := setup.StreamConfig{Replicas: 1, DedupWindow: 2 * time.Minute}
+	if _, err := setup.JetStream(ctx(t), js, cfg); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		for _, subj := range []string{events.SubjectS3Events, events.SubjectConvertJob, events.SubjectConverted} {
+			if _, err := js.Publish(ctx(t), subj, []byte(fmt.Sprintf(`{"n":%d}`, i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	kv, err := js.KeyValue(ctx(t), events.StatusBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx(t), "some.key", []byte("READY")); err != nil {
+		t.Fatal(err)
+	}
+
+	// A re-run with a changed setting updates in place; one without
+	// changes nothing. Neither may lose a message.
+	cfg.DedupWindow = 5 * time.Minute
+	r, err := setup.JetStream(ctx(t), js, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r[1].String(); got != "updated stream JOBS (duplicate window 2m0s → 5m0s)" {
+		t.Errorf("update reported as %q", got)
+	}
+	if r, err = setup.JetStream(ctx(t), js, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if r.Changed() {
+		t.Errorf("third run changed something: %v", lines(r))
+	}
+
+	for _, name := range []string{events.StreamS3Events, events.StreamJobs, events.StreamResults} {
+		s, err := js.Stream(ctx(t), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := s.CachedInfo().State.Msgs; n != 5 {
+			t.Errorf("stream %s holds %d messages after re-runs, want 5", name, n)
+		}
+		if d := s.CachedInfo().Config.Duplicates; d != 5*time.Minute {
+			t.Errorf("stream %s duplicate window %s, want 5m", name, d)
+		}
+	}
+	e, err := kv.Get(ctx(t), "some.key")
+	if err != nil || string(e.Value()) != "READY" {
+		t.Errorf("status record after re-runs: %v, %v", e, err)
+	}
+}
+
+func TestSetupUpdatesAStreamAnOlderReleaseMadeAndKeepsOperatorSettings(t *testing.T) {
+	js := startJetStream(t)
+	// RESULTS as releases without queue alerts made it, plus a size limit
+	// an operator added by hand and a year of history instead of 30 days.
+	old := jetstream.StreamConfig{
+		Name: events.StreamResults, Subjects: []string{events.SubjectResults},
+		Storage: jetstream.FileStorage, MaxAge: 365 * 24 * time.Hour, Duplicates: 2 * time.Minute,
+		MaxBytes: 1 << 30,
+	}
+	if _, err := js.CreateStream(ctx(t), old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(ctx(t), events.SubjectFailed, []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	r, err := setup.JetStream(ctx(t), js, setup.StreamConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := r[2].String()
+	if !strings.HasPrefix(got, "updated stream RESULTS (subjects [imagepipe.results.>] → [imagepipe.results.> imagepipe.alerts.>]") {
+		t.Errorf("RESULTS update reported as %q", got)
+	}
+	s, err := js.Stream(ctx(t), events.StreamResults)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := s.CachedInfo()
+	if info.State.Msgs != 1 || info.Config.MaxBytes != 1<<30 || info.Config.MaxAge != 365*24*time.Hour {
+		t.Errorf("after update: %d messages, max bytes %d, max age %s; want 1 and the operator's 1 GiB and year", info.State.Msgs, info.Config.MaxBytes, info.Config.MaxAge)
+	}
+	if _, err := js.Publish(ctx(t), events.SubjectStalled, []byte(`{}`)); err != nil {
+		t.Errorf("alerts not stored after update: %v", err)
+	}
+}
+
+func TestFunctionStartNeverChangesExistingStreams(t *testing.T) {
+	js := startJetStream(t)
+	if _, err := setup.JetStream(ctx(t), js, setup.StreamConfig{DedupWindow: 10 * time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	// A replica started with other settings must not rewrite what setup
+	// decided.
+	if err := setup.Streams(ctx(t), js, setup.StreamConfig{DedupWindow: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := js.Stream(ctx(t), events.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := s.CachedInfo().Config.Duplicates; d != 10*time.Minute {
+		t.Errorf("duplicate window %s after a function started, want setup's 10m", d)
+	}
+}
+
+func TestFunctionStartCreatesMissingStreams(t *testing.T) {
+	js := startJetStream(t)
+	if err := setup.Streams(ctx(t), js, setup.StreamConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := setup.JetStream(ctx(t), js, setup.StreamConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Changed() {
+		t.Errorf("setup after a function made the streams changed: %v", lines(r))
+	}
+}
+
+func TestSetupKeepsOtherLifecycleRulesAndNotifications(t *testing.T) {
+	const in = "keep-in"
+	if err := s3.MakeBucket(ctx(t), in, minio.MakeBucketOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	lc := lifecycle.NewConfiguration()
+	lc.Rules = []lifecycle.Rule{{
+		ID: "operator-tmp", Status: "Enabled",
+		RuleFilter: lifecycle.Filter{Prefix: "tmp/"}, Expiration: lifecycle.Expiration{Days: 1},
+	}, {
+		// imagepipe's rule, edited by hand to a week: setup puts it back.
+		ID: setup.ErrorReportRuleID, Status: "Enabled",
+		RuleFilter: lifecycle.Filter{Prefix: setup.ErrorReportPrefix}, Expiration: lifecycle.Expiration{Days: 7},
+	}}
+	if err := s3.SetBucketLifecycle(ctx(t), in, lc); err != nil {
+		t.Fatal(err)
+	}
+	nc := notification.Configuration{}
+	q := notification.NewConfig(setup.NotificationARN(minioserver.TargetID))
+	q.AddEvents(notification.ObjectRemovedAll)
+	q.AddFilterPrefix("audit/")
+	nc.AddQueue(q)
+	if err := s3.SetBucketNotification(ctx(t), in, nc); err != nil {
+		t.Fatal(err)
+	}
+
+	r, err := setup.ObjectStore(ctx(t), s3, setup.ObjectConfig{InputBucket: in, OutputBucket: in, NotifyTarget: minioserver.TargetID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"unchanged: bucket keep-in",
+		"updated lifecycle keep-in " + setup.ErrorReportRuleID + " (expire errors/ after 30 days)",
+		"created notification keep-in → arn:minio:sqs::PRIMARY:nats",
+	}
+	if got := lines(r); !slices.Equal(got, want) {
+		t.Errorf("report %q, want %q", got, want)
+	}
+	got, err := s3.GetBucketLifecycle(ctx(t), in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	days := map[string]lifecycle.ExpirationDays{}
+	for _, rule := range got.Rules {
+		days[rule.ID] = rule.Expiration.Days
+	}
+	if days["operator-tmp"] != 1 || days[setup.ErrorReportRuleID] != setup.ErrorReportDays || len(days) != 2 {
+		t.Errorf("rules after setup: %v", days)
+	}
+	after, err := s3.GetBucketNotification(ctx(t), in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, qc := range after.QueueConfigs {
+		for _, e := range qc.Events {
+			kinds = append(kinds, string(e))
+		}
+	}
+	slices.Sort(kinds)
+	if want := []string{"s3:ObjectCreated:*", "s3:ObjectRemoved:*"}; !slices.Equal(kinds, want) {
+		t.Errorf("notification events after setup %v, want the operator's removals kept beside imagepipe's creations %v", kinds, want)
+	}
+}
+
+func TestOwnedKVReportsWhatTheFunctionsOwnCodeChanged(t *testing.T) {
+	js := startJetStream(t)
+	open := func(ttl time.Duration) func(context.Context) error {
+		return func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "owned", History: 1, TTL: ttl})
+			return err
+		}
+	}
+	for _, tt := range []struct {
+		ttl  time.Duration
+		want string
+	}{
+		{time.Hour, "created kv owned"},
+		{time.Hour, "unchanged: kv owned"},
+		{2 * time.Hour, "updated kv owned (ttl 1h0m0s → 2h0m0s)"},
+	} {
+		c, err := setup.OwnedKV(ctx(t), js, "owned", open(tt.ttl))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.String() != tt.want {
+			t.Errorf("got %q, want %q", c, tt.want)
+		}
+	}
+}
