@@ -14,6 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -291,7 +292,7 @@ func printFleet(w io.Writer, rep fleetReport) {
 	fmt.Fprintf(tw, "  retried\t%d\tfailed attempts that were tried again\n", r.Retried)
 	fmt.Fprintf(tw, "  success rate\t%s\t\n", percent(r.SuccessRate, r.Converted+r.Duplicates+r.Failed))
 	fmt.Fprintf(tw, "  conversion time\tavg %s\tp50 %s  p95 %s\n", seconds(r.AvgSeconds), seconds(r.P50Seconds), seconds(r.P95Seconds))
-	fmt.Fprintf(tw, "  bytes\tin %s\tout %s\n", humanBytes(r.BytesIn), humanBytes(r.BytesOut))
+	fmt.Fprintf(tw, "  bytes\tin %s\tout %s\n", humanize.IBytes(uint64(r.BytesIn)), humanize.IBytes(uint64(r.BytesOut)))
 	fmt.Fprintf(tw, "  queue\t%d\t(%d waiting, %d held by replicas)\n", rep.Queue.Depth, rep.Queue.Pending, rep.Queue.AckPending)
 	fmt.Fprintf(tw, "  in flight\t%d\tacross convert replicas\n", rep.InFlight)
 	_ = tw.Flush()
@@ -355,18 +356,4 @@ func ctlCancel(ctx context.Context, nc *nats.Conn, client *control.Client, bucke
 		fmt.Fprintf(w, "cancelled job %s of %s/%s before it started; convert will skip it\n", res.JobID, bucket, key)
 	}
 	return nil
-}
-
-// humanBytes renders a byte count in binary units.
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit && exp < 5; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"text/tabwriter"
 
+	"github.com/dustin/go-humanize"
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
 )
@@ -180,7 +181,7 @@ func judge(ctx context.Context, path string, lim inspect.Limits, rep *inspection
 	}
 	rep.Checks = append(rep.Checks, fmt.Sprintf("qemu-img info: reads it as %s, with no backing file, external data file or outside extent", ir.Format))
 	if lim.MaxVirtualSize > 0 {
-		rep.Checks = append(rep.Checks, fmt.Sprintf("virtual size: %s, within the limit of %s", humanBytes(vsize), humanBytes(lim.MaxVirtualSize)))
+		rep.Checks = append(rep.Checks, fmt.Sprintf("virtual size: %s, within the limit of %s", humanize.IBytes(uint64(vsize)), humanize.IBytes(uint64(lim.MaxVirtualSize))))
 	}
 	rep.Verdict = "accepted"
 	return nil
@@ -224,10 +225,10 @@ func printInspection(w io.Writer, r inspection) {
 		fmt.Fprintf(tw, "format\t%s\n", r.Format)
 	}
 	if r.VirtualSize > 0 {
-		fmt.Fprintf(tw, "virtual size\t%s (%d bytes)\n", humanBytes(r.VirtualSize), r.VirtualSize)
+		fmt.Fprintf(tw, "virtual size\t%s (%d bytes)\n", humanize.IBytes(uint64(r.VirtualSize)), r.VirtualSize)
 	}
-	fmt.Fprintf(tw, "file size\t%s (%d bytes)\n", humanBytes(r.FileSize), r.FileSize)
-	fmt.Fprintf(tw, "actual size\t%s on disk\n", humanBytes(r.ActualSize))
+	fmt.Fprintf(tw, "file size\t%s (%d bytes)\n", humanize.IBytes(uint64(r.FileSize)), r.FileSize)
+	fmt.Fprintf(tw, "actual size\t%s on disk\n", humanize.IBytes(uint64(r.ActualSize)))
 	if r.Verdict == "accepted" {
 		fmt.Fprintf(tw, "verdict\taccepted: convert would convert this image\n")
 	} else {

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/schollz/progressbar/v3"
 	"golang.org/x/term"
@@ -121,7 +122,7 @@ func runUpload(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "uploaded %s to %s/%s (%s)\n", path, bucket, key, humanBytes(st.Size()))
+	fmt.Fprintf(stderr, "uploaded %s to %s/%s (%s)\n", path, bucket, key, humanize.IBytes(uint64(st.Size())))
 	if *noWait {
 		if *asJSON {
 			return writeJSON(stdout, map[string]any{"bucket": bucket, "key": key, "size": st.Size(), "etag": obj.ETag})
@@ -291,7 +292,7 @@ func (p *byteProgress) Read(b []byte) (int, error) {
 		return len(b), nil
 	}
 	for p.total > 0 && p.done >= p.next && p.next < p.total {
-		fmt.Fprintf(p.w, "%s: %d%% (%s of %s)\n", p.label, 100*p.next/p.total, humanBytes(p.next), humanBytes(p.total))
+		fmt.Fprintf(p.w, "%s: %d%% (%s of %s)\n", p.label, 100*p.next/p.total, humanize.IBytes(uint64(p.next)), humanize.IBytes(uint64(p.total)))
 		p.next += p.total / 4
 	}
 	return len(b), nil

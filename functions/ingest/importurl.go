@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/google/uuid"
 
 	"github.com/imagepipe/imagepipe/events"
@@ -231,7 +232,7 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 	v.n += int64(n)
 	if v.n > v.limit {
 		v.err = failure.Refused(events.PhaseIntake, ReasonTooLarge,
-			fmt.Errorf("the source sent more than the %s (%d bytes) limit set by IMAGEPIPE_MAX_INPUT_SIZE", humanBytes(v.limit), v.limit),
+			fmt.Errorf("the source sent more than the %s (%d bytes) limit set by IMAGEPIPE_MAX_INPUT_SIZE", humanize.IBytes(uint64(v.limit)), v.limit),
 			"compress the image, or raise IMAGEPIPE_MAX_INPUT_SIZE on the ingest function if images this large are expected")
 		return 0, v.err
 	}

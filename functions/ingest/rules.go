@@ -9,6 +9,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/dustin/go-humanize"
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
 )
@@ -155,7 +156,7 @@ func (h *Handler) sizeVerdict(size int64) verdict {
 func (h *Handler) tooLarge(size int64) *failure.Error {
 	return failure.Refused(events.PhaseIntake, ReasonTooLarge,
 		fmt.Errorf("the object is %s (%d bytes), larger than the %s (%d bytes) limit set by IMAGEPIPE_MAX_INPUT_SIZE",
-			humanBytes(size), size, humanBytes(h.cfg.MaxInputSize), h.cfg.MaxInputSize),
+			humanize.IBytes(uint64(size)), size, humanize.IBytes(uint64(h.cfg.MaxInputSize)), h.cfg.MaxInputSize),
 		"compress the image (.xz, .gz or .zst) or split the disk, or raise IMAGEPIPE_MAX_INPUT_SIZE on the ingest function if images this large are expected")
 }
 
@@ -268,17 +269,4 @@ func isOutput(meta map[string]string) bool {
 		}
 	}
 	return false
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit && exp < 5; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

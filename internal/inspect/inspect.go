@@ -10,6 +10,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/dustin/go-humanize"
 )
 
 // Format is a disk image format, spelled as qemu-img spells it (VHD is
@@ -276,8 +278,8 @@ func (lim Limits) check(rep Report) error {
 
 func refuseSize(f Format, size int64, lim Limits) *Refusal {
 	return refuse("virtual-size",
-		fmt.Sprintf("shrink the disk inside the guest and re-export it, or ask an operator to raise the limit of %s", humanSize(lim.MaxVirtualSize)),
-		"the %s image claims a virtual size of %s, above the limit of %s", f, humanSize(size), humanSize(lim.MaxVirtualSize))
+		fmt.Sprintf("shrink the disk inside the guest and re-export it, or ask an operator to raise the limit of %s", humanize.IBytes(uint64(lim.MaxVirtualSize))),
+		"the %s image claims a virtual size of %s, above the limit of %s", f, humanize.IBytes(uint64(size)), humanize.IBytes(uint64(lim.MaxVirtualSize)))
 }
 
 // checkSize refuses a size that does not fit an int64 (no real disk comes
@@ -291,20 +293,6 @@ func checkSize(f Format, size uint64, lim Limits) (int64, error) {
 		return 0, refuseSize(f, int64(size), lim)
 	}
 	return int64(size), nil
-}
-
-func humanSize(n int64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	f := float64(n)
-	i := 0
-	for f >= 1024 && i < len(units)-1 {
-		f /= 1024
-		i++
-	}
-	if i == 0 {
-		return strconv.FormatInt(n, 10) + " B"
-	}
-	return strconv.FormatFloat(f, 'g', 4, 64) + " " + units[i]
 }
 
 // Suggestions shared by several rules.
@@ -343,7 +331,7 @@ func (s *source) try(off int64, n int) ([]byte, error) {
 	}
 	if s.read+int64(n) > readBudget {
 		return nil, refuse("header-too-large", sugReexport,
-			"inspecting the image needs more than %s of metadata", humanSize(readBudget))
+			"inspecting the image needs more than %s of metadata", humanize.IBytes(uint64(readBudget)))
 	}
 	s.read += int64(n)
 	b := make([]byte, n)

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strings"
+
+	"github.com/dustin/go-humanize"
 )
 
 // qcow2 header fields, big-endian (docs/interop/qcow2.txt in QEMU).
@@ -42,7 +44,7 @@ func inspectQcow(s *source, head []byte, lim Limits) (Report, error) {
 	case 1:
 		detail := ""
 		if len(head) >= 32 {
-			detail = fmt.Sprintf(" (it claims a virtual size of %s)", humanSize(int64(min(be.Uint64(head[24:]), 1<<62))))
+			detail = fmt.Sprintf(" (it claims a virtual size of %s)", humanize.IBytes(uint64(int64(min(be.Uint64(head[24:]), 1<<62)))))
 		}
 		return Report{}, refuse("qcow-v1", sugConvertFirst,
 			"the file is a QCOW version 1 image%s; only qcow2 is accepted", detail)
@@ -152,7 +154,7 @@ func inspectQcow(s *source, head []byte, lim Limits) (Report, error) {
 	}
 	if uint64(l1Size) < needL1 {
 		return rep, refuse("qcow2-l1-table", sugReexport,
-			"the qcow2 L1 table has %d entries but the virtual size of %s needs %d", l1Size, humanSize(size), needL1)
+			"the qcow2 L1 table has %d entries but the virtual size of %s needs %d", l1Size, humanize.IBytes(uint64(size)), needL1)
 	}
 	if uint64(refTableClust)*clusterSize > qcowMaxRefTableBytes {
 		return rep, refuse("qcow2-header", sugReexport, "the qcow2 refcount table claims %d clusters, more than qemu allows", refTableClust)
