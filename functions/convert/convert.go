@@ -78,6 +78,11 @@ func New(cfg Config, store Storage, qemu QemuImg, report Reporter, dd Deduper, l
 	if cfg.ScratchDir == "" {
 		cfg.ScratchDir = os.TempDir()
 	}
+	// A replica killed mid-job left its scratch behind; starting up is the
+	// first chance to reclaim it.
+	if removed := sweepScratch(cfg.ScratchDir, time.Now()); len(removed) > 0 && log != nil {
+		log.Info("removed scratch of jobs whose process died", "dirs", removed)
+	}
 	return &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now}
 }
 
@@ -194,13 +199,16 @@ func (h *Handler) alreadyDone(ctx context.Context, j *job) (*disk, bool) {
 }
 
 func (h *Handler) run(ctx context.Context, j *job) error {
-	dir, err := os.MkdirTemp(h.cfg.ScratchDir, "imagepipe-job-")
+	if removed := sweepScratch(h.cfg.ScratchDir, h.now()); len(removed) > 0 {
+		j.log.Info("removed scratch of jobs whose process died", "dirs", removed)
+	}
+	dir, release, err := newJobDir(h.cfg.ScratchDir)
 	if err != nil {
 		return failure.Retryable(events.PhaseDownload, fmt.Errorf("create scratch dir: %w", err), "check IMAGEPIPE_SCRATCH_DIR exists and is writable")
 	}
 	// Scratch paths never derive from the object key, which the uploader
-	// chose; and they never outlive the job.
-	defer os.RemoveAll(dir)
+	// chose; and they never outlive the job, even one whose process died.
+	defer release()
 	j.dir = dir
 	j.input = filepath.Join(dir, "input")
 

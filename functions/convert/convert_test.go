@@ -281,3 +281,27 @@ func TestShutdownMidJobRequeuesWithoutReporting(t *testing.T) {
 		t.Errorf("last state %s, want QUEUED", last.State)
 	}
 }
+
+func TestScratchOfADeadProcessIsSweptAndALiveJobsIsKept(t *testing.T) {
+	scratch := t.TempDir()
+	live, release, err := newJobDir(scratch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	// A job directory whose lock nobody holds, as a killed process leaves.
+	dead, err := os.MkdirTemp(scratch, jobDirPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dead+"/"+lockName, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	removed := sweepScratch(scratch, time.Now())
+	if len(removed) != 1 || !strings.HasSuffix(dead, removed[0]) {
+		t.Errorf("removed %v, want only %s", removed, dead)
+	}
+	if _, err := os.Stat(live); err != nil {
+		t.Errorf("the live job's dir was removed: %v", err)
+	}
+}

@@ -181,6 +181,11 @@ func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta m
 	if err != nil {
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
+	// A writer of this key that died mid-upload left its parts behind;
+	// only one job writes a given output at a time, so they are orphans.
+	if err := s.client.RemoveIncompleteUpload(ctx, bucket, key); err != nil && !IsNotFound(err) {
+		return Object{}, fmt.Errorf("upload %s/%s: remove an earlier incomplete upload: %w", bucket, key, err)
+	}
 	info, err := s.client.PutObject(ctx, bucket, key, f, st.Size(), minio.PutObjectOptions{
 		ContentType:          "application/octet-stream",
 		UserMetadata:         meta,
