@@ -42,6 +42,13 @@ func (e *ExitError) Error() string {
 
 func (e *ExitError) Unwrap() error { return e.Err }
 
+// Is makes errors.Is(err, syscall.ENOSPC) hold when qemu-img failed for
+// want of room to write its output: the disk was full, not the image
+// wrong, and another attempt may well succeed.
+func (e *ExitError) Is(target error) bool {
+	return target == syscall.ENOSPC && strings.Contains(e.Stderr, "No space left on device")
+}
+
 // ExitCode is qemu-img's exit status, or -1 when it was killed by a signal
 // or did not exit on its own. Exit status 1 with a message is qemu-img
 // refusing the image, which no retry will change.
