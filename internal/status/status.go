@@ -16,6 +16,9 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 )
 
+// writeTimeout bounds one status write.
+const writeTimeout = 10 * time.Second
+
 // ErrNotFound means no record exists for the object.
 var ErrNotFound = errors.New("no status record")
 
@@ -38,6 +41,10 @@ func (s *Store) Set(ctx context.Context, st events.Status) error {
 	if err != nil {
 		return fmt.Errorf("encode status: %w", err)
 	}
+	// A status write is a hint: it must never hold a job for the length of
+	// the job's own deadline when an ack is lost to a NATS restart.
+	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
+	defer cancel()
 	if _, err := s.kv.Put(ctx, events.StatusKey(st.Bucket, st.Key), b); err != nil {
 		return fmt.Errorf("write status of %s/%s: %w", st.Bucket, st.Key, err)
 	}
