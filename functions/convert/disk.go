@@ -14,6 +14,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/sparse"
 )
 
 // convertDisk takes one inspected disk through the remaining stages:
@@ -136,7 +137,7 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 }
 
 func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
+	f, err := sparse.Open(path)
 	if err != nil {
 		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
 	}

@@ -9,9 +9,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"time"
 
+	"github.com/imagepipe/imagepipe/internal/sparse"
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
 )
@@ -172,21 +172,19 @@ func (s *Store) Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag
 // UploadFile uploads a local file with parallel multipart parts. progress,
 // if set, is fed the bytes as they are sent.
 func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (Object, error) {
-	f, err := os.Open(path)
+	// Parts are read with ReadAt, in parallel; a sparse raw image's holes
+	// come from memory instead of the page cache.
+	f, err := sparse.Open(path)
 	if err != nil {
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
-	}
 	// A writer of this key that died mid-upload left its parts behind;
 	// only one job writes a given output at a time, so they are orphans.
 	if err := s.client.RemoveIncompleteUpload(ctx, bucket, key); err != nil && !IsNotFound(err) {
 		return Object{}, fmt.Errorf("upload %s/%s: remove an earlier incomplete upload: %w", bucket, key, err)
 	}
-	info, err := s.client.PutObject(ctx, bucket, key, f, st.Size(), minio.PutObjectOptions{
+	info, err := s.client.PutObject(ctx, bucket, key, io.NewSectionReader(f, 0, f.Size()), f.Size(), minio.PutObjectOptions{
 		ContentType:          "application/octet-stream",
 		UserMetadata:         meta,
 		PartSize:             partSize,
