@@ -209,7 +209,7 @@ func (r *Report) Write(w io.Writer) error {
 		p("A VHDX of %s virtual with %s written by qemu-io in 64 MiB patterned runs spread over the disk. ", mib(x.Virtual), mib(x.Data))
 		p("Pipeline: upload complete → result event (the upload itself is not counted in any column). ")
 		p("Sequential baseline: %s. ", x.Baseline)
-		p("The pipeline's stages are read from the line convert logs as a job enters each stage: notification (upload complete → MinIO's event on NATS), queue (→ download starts), download, inspect (the header and `qemu-img info`), convert (qemu-img), verify (re-inspecting and hashing the whole output), upload, result (→ the result event). ")
+		p("The pipeline's stages are read from the line convert logs as a job enters each stage: notification (upload complete → MinIO's event on NATS), queue (→ download starts), download, inspect (the header and `qemu-img info`), convert (qemu-img), verify (the size, and for qcow2 a re-inspection), upload (hashing the output at the same time), result (→ the result event). ")
 		p("Bare stages: what convert does, one at a time and without the pipeline: a streamed download, the same `qemu-img convert -p -S 4k`, and objstore's parallel upload (128 MiB parts, 4 at a time, CRC32C instead of payload SHA-256).\n\n")
 		p("| | median | runs |\n| --- | --- | --- |\n")
 		p("| pipeline, end to end | %s | %s |\n", sec(stack.Median(x.Pipeline)), list(x.Pipeline, sec))

@@ -19,6 +19,7 @@ import (
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
 	"github.com/minio/minio-go/v7/pkg/lifecycle"
+	"github.com/minio/minio-go/v7/pkg/tags"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
@@ -189,6 +190,31 @@ func copyObject(bucket, from, to string) s3op {
 	}}
 }
 
+func copyTagged(bucket, from, to string) s3op {
+	return s3op{"copy " + bucket + "/" + from + " to " + to + " with tags", func(ctx context.Context, c *minio.Client) error {
+		_, err := c.CopyObject(ctx, minio.CopyDestOptions{Bucket: bucket, Object: to, UserTags: map[string]string{"imagepipe-sha256": "ab"}, ReplaceTags: true},
+			minio.CopySrcOptions{Bucket: bucket, Object: from})
+		return err
+	}}
+}
+
+func tag(bucket, key string) s3op {
+	return s3op{"tag " + bucket + "/" + key, func(ctx context.Context, c *minio.Client) error {
+		t, err := tags.NewTags(map[string]string{"imagepipe-sha256": "ab"}, true)
+		if err != nil {
+			return err
+		}
+		return c.PutObjectTagging(ctx, bucket, key, t, minio.PutObjectTaggingOptions{})
+	}}
+}
+
+func readTags(bucket, key string) s3op {
+	return s3op{"read tags of " + bucket + "/" + key, func(ctx context.Context, c *minio.Client) error {
+		_, err := c.GetObjectTagging(ctx, bucket, key, minio.GetObjectTaggingOptions{})
+		return err
+	}}
+}
+
 func makeBucket(bucket string) s3op {
 	return s3op{"create bucket " + bucket, func(ctx context.Context, c *minio.Client) error {
 		return c.MakeBucket(ctx, bucket, minio.MakeBucketOptions{})
@@ -256,9 +282,12 @@ func TestMinIOPoliciesGrantEachFunctionItsWorkAndNothingElse(t *testing.T) {
 				put(outputBucket, "disks/win11.vhdx.raw"), stat(outputBucket, "disks/win11.vhdx.raw"),
 				copyObject(outputBucket, "disks/old.vhdx.raw", "disks/copy.vhdx.raw"),
 				put(inputBucket, "errors/disks/win11.vhdx.error.json"), listUploads(outputBucket),
+				tag(outputBucket, "disks/win11.vhdx.raw"), readTags(outputBucket, "disks/old.vhdx.raw"),
+				copyTagged(outputBucket, "disks/old.vhdx.raw", "disks/tagged.vhdx.raw"),
 			},
 			denied: []s3op{
 				put(inputBucket, "disks/forged.vhdx"), remove(inputBucket, "disks/win11.vhdx"),
+				tag(inputBucket, "disks/win11.vhdx"),
 				remove(outputBucket, "disks/old.vhdx.raw"), list(inputBucket), list(outputBucket),
 				get("elsewhere", "secret"), makeBucket("more"), removeNotifications(inputBucket),
 			},

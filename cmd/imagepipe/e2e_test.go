@@ -553,3 +553,109 @@ func TestScratchFilesNeverOutliveTheirJob(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// jobCapture keeps the jobs published while it is subscribed, so a test
+// can hand one to convert again, as a redelivery would.
+type jobCapture struct{ ch chan *nats.Msg }
+
+func captureJobs(t *testing.T) *jobCapture {
+	t.Helper()
+	c := &jobCapture{ch: make(chan *nats.Msg, 64)}
+	sub, err := e2e.nc.ChanSubscribe(events.SubjectConvertJob, c.ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e2e.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	return c
+}
+
+// republish queues the first captured job for key again, as a new message.
+func (c *jobCapture) republish(t *testing.T, key string) {
+	t.Helper()
+	for {
+		select {
+		case m := <-c.ch:
+			ev, err := events.Decode(m.Data)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var j events.ConvertJob
+			if err := ev.DecodeData(events.TypeConvertJob, &j); err != nil || j.Key != key {
+				continue
+			}
+			if _, err := e2e.js.Publish(context.Background(), events.SubjectConvertJob, m.Data); err != nil {
+				t.Fatal(err)
+			}
+			c.ch <- m // for the next republish
+			return
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no job for %s was published", key)
+		}
+	}
+}
+
+func outputTag(t *testing.T, key string) string {
+	t.Helper()
+	tg, err := e2e.s3.GetObjectTagging(context.Background(), "images", key, minio.GetObjectTaggingOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tg.ToMap()["imagepipe-sha256"]
+}
+
+func TestRedeliveredJobReportsItsTaggedOutputAndReconvertsAnUntaggedOne(t *testing.T) {
+	res := subscribeResults(t)
+	dir := t.TempDir()
+	path := makeImage(t, dir, "again.qcow2", "qcow2", "write -P 0x66 0 2M", "write -P 0x67 40M 1M")
+	key := "e2e/again/again.qcow2"
+	outKey := key + ".raw"
+	want, _ := localRaw(t, path, "qcow2")
+	jobs := captureJobs(t)
+	upload(t, key, path, false)
+
+	converted := func(step string) events.Converted {
+		t.Helper()
+		ev := res.await(t, key, 90*time.Second)
+		var c events.Converted
+		if err := ev.DecodeData(events.TypeConverted, &c); err != nil {
+			t.Fatalf("%s: %s %s", step, ev.Type, ev.Data)
+		}
+		return c
+	}
+	first := converted("first conversion")
+	if first.SHA256 != want {
+		t.Fatalf("first conversion sha256 %s, want %s", first.SHA256, want)
+	}
+	if got, _ := downloadSum(t, "images", outKey); got != want {
+		t.Fatalf("uploaded output hashes to %s, the event says %s", got, want)
+	}
+	if got := outputTag(t, outKey); got != want {
+		t.Fatalf("output tag imagepipe-sha256 = %q, want %s", got, want)
+	}
+
+	// An output without its hash tag may be a half-finished upload: the
+	// redelivered job converts again and tags it.
+	if err := e2e.s3.RemoveObjectTagging(context.Background(), "images", outKey, minio.RemoveObjectTaggingOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	jobs.republish(t, key)
+	if c := converted("redelivery of an untagged output"); c.SHA256 != want {
+		t.Fatalf("reconversion sha256 %s, want %s", c.SHA256, want)
+	}
+	if got := outputTag(t, outKey); got != want {
+		t.Fatalf("after reconversion the tag is %q, want %s", got, want)
+	}
+
+	// With the tag in place the output is reported again, not rebuilt:
+	// with the input gone, a conversion could only fail.
+	if err := e2e.s3.RemoveObject(context.Background(), "uploads", key, minio.RemoveObjectOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	jobs.republish(t, key)
+	if c := converted("redelivery of a finished job"); c.SHA256 != want || c.OutputKey != outKey {
+		t.Fatalf("redelivered job reported %+v, want the first output again", c)
+	}
+}

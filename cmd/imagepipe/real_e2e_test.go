@@ -231,7 +231,11 @@ func checkStored(t *testing.T, c events.Converted) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Size != c.OutputSize || info.UserMetadata["Imagepipe-Sha256"] != c.SHA256 {
-		t.Errorf("%s: stored size %d metadata %v, event says size %d sha256 %s", c.OutputKey, info.Size, info.UserMetadata, c.OutputSize, c.SHA256)
+	tg, err := e2e.s3.GetObjectTagging(context.Background(), c.OutputBucket, c.OutputKey, minio.GetObjectTaggingOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum := tg.ToMap()["imagepipe-sha256"]; info.Size != c.OutputSize || sum != c.SHA256 {
+		t.Errorf("%s: stored size %d tagged sha256 %s, event says size %d sha256 %s", c.OutputKey, info.Size, sum, c.OutputSize, c.SHA256)
 	}
 }

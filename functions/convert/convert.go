@@ -31,11 +31,16 @@ const (
 	MetaOutput = "imagepipe-output" // marks outputs so ingest never takes them in
 	MetaJob    = "imagepipe-job"
 	MetaSource = "imagepipe-source"
-	MetaSHA256 = "imagepipe-sha256" // on an output: its sha256; on an upload: the expected one
+	MetaSHA256 = "imagepipe-sha256" // on an upload: the sha256 its bytes must have
 	MetaInput  = "imagepipe-input-format"
 	MetaVSize  = "imagepipe-virtual-size"
 	MetaFormat = "imagepipe-format" // on an upload: the output format wanted
 )
+
+// TagSHA256 is the object tag holding an output's sha256. A tag, not
+// metadata: metadata is fixed when an upload starts, and the hash is
+// computed while the output uploads.
+const TagSHA256 = "imagepipe-sha256"
 
 // Storage is the part of object storage convert uses.
 type Storage interface {
@@ -43,7 +48,9 @@ type Storage interface {
 	UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (objstore.Object, error)
 	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
 	ReaderAt(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
-	Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta map[string]string) (objstore.Object, error)
+	Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string) (objstore.Object, error)
+	SetTags(ctx context.Context, bucket, key, versionID string, tags map[string]string) error
+	Tags(ctx context.Context, bucket, key string) (map[string]string, error)
 	PutBytes(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
 }
 
@@ -186,16 +193,35 @@ func (h *Handler) applyUploadFormat(ctx context.Context, j *job) {
 func (h *Handler) alreadyDone(ctx context.Context, j *job) (*disk, bool) {
 	key := j.Key + "." + j.outFormat
 	obj, err := h.store.Stat(ctx, h.cfg.OutputBucket, key)
-	if err != nil || obj.Metadata[MetaJob] != j.JobID || obj.Metadata[MetaSHA256] == "" {
+	if err != nil || obj.Metadata[MetaJob] != j.JobID {
 		return nil, false
 	}
 	vsize, err := strconv.ParseInt(obj.Metadata[MetaVSize], 10, 64)
 	if err != nil {
 		return nil, false
 	}
+	// The hash is tagged last: without it the upload may not have
+	// finished, and converting again is the safe answer.
+	sum := h.outputSHA256(ctx, obj)
+	if sum == "" {
+		return nil, false
+	}
 	j.format = inspect.Format(obj.Metadata[MetaInput])
 	j.inputSize = j.Size
-	return &disk{outKey: key, sha256: obj.Metadata[MetaSHA256], outSize: obj.Size, virtualSize: vsize, format: j.format}, true
+	return &disk{outKey: key, sha256: sum, outSize: obj.Size, virtualSize: vsize, format: j.format}, true
+}
+
+// outputSHA256 is the sha256 recorded on an output, "" if none is. Outputs
+// written before the hash moved to a tag carry it as metadata.
+func (h *Handler) outputSHA256(ctx context.Context, obj objstore.Object) string {
+	if v := obj.Metadata[MetaSHA256]; v != "" {
+		return v
+	}
+	tags, err := h.store.Tags(ctx, obj.Bucket, obj.Key)
+	if err != nil {
+		return ""
+	}
+	return tags[TagSHA256]
 }
 
 func (h *Handler) run(ctx context.Context, j *job) error {

@@ -27,7 +27,9 @@ type fakeStore struct {
 	StatFn       func(ctx context.Context, bucket, key string) (objstore.Object, error)
 	PutBytesFn   func(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
 	ReaderAtFn   func(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
-	CopyFn       func(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta map[string]string) (objstore.Object, error)
+	CopyFn       func(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string) (objstore.Object, error)
+	SetTagsFn    func(ctx context.Context, bucket, key, versionID string, tags map[string]string) error
+	TagsFn       func(ctx context.Context, bucket, key string) (map[string]string, error)
 }
 
 var _ Storage = (*fakeStore)(nil)
@@ -47,8 +49,14 @@ func (f *fakeStore) PutBytes(ctx context.Context, b, k string, body []byte, ct s
 func (f *fakeStore) ReaderAt(ctx context.Context, b, k, v string) (objstore.RangeReader, error) {
 	return f.ReaderAtFn(ctx, b, k, v)
 }
-func (f *fakeStore) Copy(ctx context.Context, sb, sk, sv, se, db, dk string, m map[string]string) (objstore.Object, error) {
-	return f.CopyFn(ctx, sb, sk, sv, se, db, dk, m)
+func (f *fakeStore) Copy(ctx context.Context, sb, sk, sv, se, db, dk string, m, t map[string]string) (objstore.Object, error) {
+	return f.CopyFn(ctx, sb, sk, sv, se, db, dk, m, t)
+}
+func (f *fakeStore) SetTags(ctx context.Context, b, k, v string, t map[string]string) error {
+	return f.SetTagsFn(ctx, b, k, v, t)
+}
+func (f *fakeStore) Tags(ctx context.Context, b, k string) (map[string]string, error) {
+	return f.TagsFn(ctx, b, k)
 }
 
 type fakeReporter struct {
@@ -99,9 +107,19 @@ func memStore(key string, body []byte, meta map[string]string) (*fakeStore, *[]s
 		ReaderAtFn: func(context.Context, string, string, string) (objstore.RangeReader, error) {
 			return bytesAt{bytes.NewReader(body)}, nil
 		},
-		CopyFn: func(_ context.Context, _, _, _, _, db, dk string, m map[string]string) (objstore.Object, error) {
+		CopyFn: func(_ context.Context, _, _, _, _, db, dk string, _, t map[string]string) (objstore.Object, error) {
 			note("copy " + db + "/" + dk)
+			if len(t[TagSHA256]) != 64 {
+				return objstore.Object{}, errors.New("copy without the output's sha256 tag")
+			}
 			return objstore.Object{Bucket: db, Key: dk, Size: obj.Size}, nil
+		},
+		SetTagsFn: func(_ context.Context, b, k, _ string, _ map[string]string) error {
+			note("tag " + b + "/" + k)
+			return nil
+		},
+		TagsFn: func(context.Context, string, string) (map[string]string, error) {
+			return nil, errors.New("no tags")
 		},
 		UploadFileFn: func(_ context.Context, b, k, _ string, _ map[string]string, _ io.Reader) (objstore.Object, error) {
 			note("upload " + b + "/" + k)

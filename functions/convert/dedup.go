@@ -62,7 +62,7 @@ func (h *Handler) reuse(ctx context.Context, j *job) (bool, error) {
 	}
 	outKey := j.Key + "." + j.outFormat
 	prev, err := h.store.Stat(ctx, rec.OutputBucket, rec.OutputKey)
-	if err != nil || prev.Metadata[MetaSHA256] != rec.SHA256 {
+	if err != nil || h.outputSHA256(ctx, prev) != rec.SHA256 {
 		// The earlier output is gone or was replaced: convert, and the new
 		// record replaces the stale one.
 		if objstore.IsNotFound(err) || err == nil {
@@ -77,7 +77,7 @@ func (h *Handler) reuse(ctx context.Context, j *job) (bool, error) {
 	}
 	j.duplicateOf = rec.Output()
 	j.log.Info("same content already converted; copying its output", "stage", events.PhaseUpload, "duplicate_of", j.duplicateOf, "output_key", outKey)
-	if _, err := h.store.Copy(ctx, rec.OutputBucket, rec.OutputKey, "", prev.ETag, h.cfg.OutputBucket, outKey, outputMeta(j, d)); err != nil {
+	if _, err := h.store.Copy(ctx, rec.OutputBucket, rec.OutputKey, "", prev.ETag, h.cfg.OutputBucket, outKey, outputMeta(j, d), outputTags(d)); err != nil {
 		if objstore.IsChanged(err) || objstore.IsNotFound(err) {
 			j.duplicateOf, j.disks = "", nil
 			return false, nil

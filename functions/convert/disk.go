@@ -106,24 +106,48 @@ func (h *Handler) verify(ctx context.Context, j *job, d *disk, _ inspect.Report)
 			return failure.Permanent(events.PhaseVerify, fmt.Errorf("qcow2 output has virtual size %d, the input %d", vsize, d.virtualSize), "")
 		}
 	}
-	sum, err := fileSHA256(d.output)
-	if err != nil {
-		return failure.Retryable(events.PhaseVerify, err, "")
-	}
-	d.sha256 = sum
 	return nil
 }
 
+// upload sends the output and hashes it at the same time: on a large image
+// both take seconds, and neither needs the other until the end. The hash
+// is tagged on the object last, so an output without it is one whose
+// upload may not have finished.
 func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
 	h.setState(ctx, j, events.StateUploading, 0)
 	j.log.Info("uploading", "stage", events.PhaseUpload, "output_bucket", h.cfg.OutputBucket, "output_key", d.outKey, "size", d.outSize)
-	meta := outputMeta(j, d)
+	hctx, stopHash := context.WithCancel(ctx)
+	defer stopHash()
+	type hashed struct {
+		sum string
+		err error
+	}
+	sumc := make(chan hashed, 1)
+	go func() {
+		sum, err := fileSHA256(hctx, d.output)
+		sumc <- hashed{sum, err}
+	}()
+
 	// Uploading to the same key on a redelivery replaces the object whole:
 	// S3 never exposes a half-written one, so a retry cannot corrupt it.
 	meter := h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, d.outSize)
-	if _, err := h.store.UploadFile(ctx, h.cfg.OutputBucket, d.outKey, d.output, meta, meter); err != nil {
+	obj, err := h.store.UploadFile(ctx, h.cfg.OutputBucket, d.outKey, d.output, outputMeta(j, d), meter)
+	if err != nil {
+		stopHash()
+		<-sumc
 		if objstore.IsPermanent(err) {
 			return failure.Permanent(events.PhaseUpload, err, "check the output bucket exists and the converter may write to it")
+		}
+		return failure.Retryable(events.PhaseUpload, err, "")
+	}
+	hs := <-sumc
+	if hs.err != nil {
+		return failure.Retryable(events.PhaseUpload, hs.err, "")
+	}
+	d.sha256 = hs.sum
+	if err := h.store.SetTags(ctx, h.cfg.OutputBucket, d.outKey, obj.VersionID, outputTags(d)); err != nil {
+		if objstore.IsPermanent(err) {
+			return failure.Permanent(events.PhaseUpload, err, "allow the converter s3:PutObjectTagging on the output bucket")
 		}
 		return failure.Retryable(events.PhaseUpload, err, "")
 	}
@@ -136,15 +160,28 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 	return nil
 }
 
-func fileSHA256(path string) (string, error) {
+func fileSHA256(ctx context.Context, path string) (string, error) {
 	f, err := sparse.Open(path)
 	if err != nil {
 		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
 	}
 	defer f.Close()
 	hsh := sha256.New()
-	if _, err := io.Copy(hsh, f); err != nil {
+	if _, err := io.Copy(ctxWriter{ctx, hsh}, f); err != nil {
 		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
 	}
 	return hex.EncodeToString(hsh.Sum(nil)), nil
+}
+
+// ctxWriter stops a copy once its context is done.
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+func (c ctxWriter) Write(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.w.Write(p)
 }

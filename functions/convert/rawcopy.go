@@ -74,10 +74,9 @@ func (h *Handler) copyRaw(ctx context.Context, j *job) (bool, error) {
 	if err := verifyChecksum(obj, d.sha256); err != nil {
 		return true, err
 	}
-	meta := outputMeta(j, d)
 	// Copying on the ETag just hashed: if the object changed in between,
 	// the copy fails instead of publishing a hash of other bytes.
-	if _, err := h.store.Copy(ctx, j.Bucket, j.Key, j.VersionID, obj.ETag, h.cfg.OutputBucket, d.outKey, meta); err != nil {
+	if _, err := h.store.Copy(ctx, j.Bucket, j.Key, j.VersionID, obj.ETag, h.cfg.OutputBucket, d.outKey, outputMeta(j, d), outputTags(d)); err != nil {
 		if objstore.IsChanged(err) {
 			return true, errSuperseded
 		}
@@ -95,8 +94,12 @@ func outputMeta(j *job, d *disk) map[string]string {
 		MetaOutput: "true",
 		MetaJob:    j.JobID,
 		MetaSource: j.Bucket + "/" + j.Key,
-		MetaSHA256: d.sha256,
 		MetaInput:  string(d.format),
 		MetaVSize:  strconv.FormatInt(d.virtualSize, 10),
 	}
+}
+
+// outputTags are the tags every output carries once it is complete.
+func outputTags(d *disk) map[string]string {
+	return map[string]string{TagSHA256: d.sha256}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/sparse"
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
+	"github.com/minio/minio-go/v7/pkg/tags"
 )
 
 // Config is how to reach S3. Every function that touches storage embeds it.
@@ -158,10 +159,14 @@ func (s *Store) ReaderAt(ctx context.Context, bucket, key, versionID string) (Ra
 	return obj, nil
 }
 
-// Copy copies an object server-side, replacing its metadata.
-func (s *Store) Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta map[string]string) (Object, error) {
+// Copy copies an object server-side, replacing its metadata and tags.
+func (s *Store) Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tagValues map[string]string) (Object, error) {
 	src := minio.CopySrcOptions{Bucket: srcBucket, Object: srcKey, VersionID: srcVersion, MatchETag: srcETag}
-	dst := minio.CopyDestOptions{Bucket: dstBucket, Object: dstKey, UserMetadata: meta, ReplaceMetadata: true}
+	dst := minio.CopyDestOptions{
+		Bucket: dstBucket, Object: dstKey,
+		UserMetadata: meta, ReplaceMetadata: true,
+		UserTags: tagValues, ReplaceTags: true,
+	}
 	info, err := s.client.ComposeObject(ctx, dst, src)
 	if err != nil {
 		return Object{}, fmt.Errorf("copy %s/%s to %s/%s: %w", srcBucket, srcKey, dstBucket, dstKey, err)
@@ -203,6 +208,29 @@ func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta m
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	return Object{Bucket: bucket, Key: key, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID}, nil
+}
+
+// SetTags replaces the tags of one version of an object ("" is the
+// latest). Unlike metadata, tags can be set once an object is written,
+// without copying it.
+func (s *Store) SetTags(ctx context.Context, bucket, key, versionID string, values map[string]string) error {
+	t, err := tags.NewTags(values, true)
+	if err != nil {
+		return fmt.Errorf("tag %s/%s: %w", bucket, key, err)
+	}
+	if err := s.client.PutObjectTagging(ctx, bucket, key, t, minio.PutObjectTaggingOptions{VersionID: versionID}); err != nil {
+		return fmt.Errorf("tag %s/%s: %w", bucket, key, err)
+	}
+	return nil
+}
+
+// Tags returns the tags of the latest version of an object.
+func (s *Store) Tags(ctx context.Context, bucket, key string) (map[string]string, error) {
+	t, err := s.client.GetObjectTagging(ctx, bucket, key, minio.GetObjectTaggingOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("read tags of %s/%s: %w", bucket, key, err)
+	}
+	return t.ToMap(), nil
 }
 
 // PutBytes stores a small object such as an error report.
