@@ -172,7 +172,7 @@ func (r *Report) Write(w io.Writer) error {
 	p("Machine: %d cores (%s); MinIO data, scratch and the baselines' files on %s. ", m.Cores, m.CPU, m.Disk)
 	p("Load average %s at the start, %s at the end: the machine is shared, so absolute times are noisy; ", m.LoadAvg, m.LoadEnd)
 	p("each comparison is between runs made side by side, interleaved repetition by repetition.\n\n")
-	p("Software: %s, MinIO %s, %s; one convert replica, MinIO with compression of `.raw` objects, as `imagepipe dev` runs them.\n\n", m.QemuImg, m.MinIO, m.Go)
+	p("Software: %s, MinIO %s, %s; one convert replica, MinIO with compression of `.raw` objects and its NATS notification target without a queue directory, as `imagepipe dev` runs them (with the queue of infra/minio/notify.env, each notification waits for a 3 s tick; see the README).\n\n", m.QemuImg, m.MinIO, m.Go)
 	p("Medians over %d repetitions. Sizes: P1 %s virtual with %s of data; P2 %d images; P3 %d images at %d jobs; P4 %s of data at %s virtual.\n\n",
 		r.Config.Reps, mib(r.Config.P1Virtual), mib(r.Config.P1Data), r.Config.P2Images, r.Config.P3Images, r.Config.P3Concurrency,
 		mib(r.Config.P4Data), strings.Join(mapSizes(r.Config.P4Sizes), " and "))
@@ -231,8 +231,8 @@ func (r *Report) Write(w io.Writer) error {
 	if x := r.P2; x != nil {
 		p("## P2: small images\n\n")
 		p("%d images of 16–64 MiB virtual in the formats qemu-img converts (vhdx, vmdk, qcow2, vhd, vdi, streamOptimized vmdk), sent one at a time. ", x.Images)
-		p("Overhead is end to end minus `qemu-img convert` alone on the same file; it includes MinIO's notification delay, ")
-		p("which its queue store adds (it sends queued events on a 3 s tick), shown apart.\n\n")
+		p("Overhead is end to end minus `qemu-img convert` alone on the same file; it includes MinIO's notification delay ")
+		p("(upload complete → its event on NATS), shown apart.\n\n")
 		p("| | p50 | p95 |\n| --- | --- | --- |\n")
 		for _, row := range []struct {
 			name string

@@ -588,6 +588,7 @@ func TestMinIODeliversUploadsMadeWhileNATSWasDown(t *testing.T) {
 	ms, err := minioserver.Start(ctx, minioserver.Options{
 		DataDir: filepath.Join(t.TempDir(), "minio"), AccessKey: rootUser, SecretKey: rootSecret,
 		NATSAddr: fmt.Sprintf("127.0.0.1:%d", port), NATSSubject: events.SubjectS3Events,
+		QueueEvents: true, // notify.env's queue directory, which this test is about
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -98,6 +98,10 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 		NATSAddr:    d.nats.Addr(),
 		NATSSubject: events.SubjectS3Events,
 		Compress:    true,
+		// No notification queue: NATS runs in this process and MinIO is
+		// its child, so the two are never apart, and a queue would hold
+		// every upload's notification for up to 3 s.
+		QueueEvents: false,
 		Stdout:      o.MinIOOutput,
 	})
 	if err != nil {

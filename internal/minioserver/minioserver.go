@@ -33,13 +33,20 @@ const TargetID = "PRIMARY"
 // Options configures the child process.
 type Options struct {
 	Binary      string // default: found by FindBinary
-	DataDir     string // object data; queue_dir lives beside it
+	DataDir     string // object data; the notification queue lives beside it
 	Addr        string // host:port; "" or port 0 picks a free loopback port
 	ConsoleAddr string // "" disables the browser console
 	AccessKey   string
 	SecretKey   string // at least 8 characters
 	NATSAddr    string // host:port of the NATS server for notifications
 	NATSSubject string
+	// QueueEvents keeps the notifications NATS does not take in a queue
+	// directory beside DataDir and resends them when it is back: no
+	// upload is lost to a NATS outage. The price is latency: MinIO then
+	// sends every notification from that queue, on a 3-second tick.
+	// Without it MinIO publishes before it answers the upload, and drops a
+	// notification NATS refuses (ingest's reconcile finds that upload).
+	QueueEvents bool
 	// Compress turns on MinIO's transparent compression for raw outputs,
 	// which are mostly zeros and compress to almost nothing.
 	Compress bool
@@ -104,11 +111,8 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start minio: %w", err)
 	}
-	queueDir := filepath.Join(filepath.Dir(dataDir), filepath.Base(dataDir)+"-events")
-	for _, d := range []string{dataDir, queueDir} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("start minio: %w", err)
-		}
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("start minio: %w", err)
 	}
 
 	args := []string{"server", dataDir, "--address", o.Addr, "--quiet"}
@@ -131,8 +135,14 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 			// "jetstream", not the "nats_jetstream" some docs show, which
 			// MinIO silently ignores.
 			"MINIO_NOTIFY_NATS_JETSTREAM_"+TargetID+"=on",
-			"MINIO_NOTIFY_NATS_QUEUE_DIR_"+TargetID+"="+queueDir,
 		)
+		if o.QueueEvents {
+			queueDir := filepath.Join(filepath.Dir(dataDir), filepath.Base(dataDir)+"-events")
+			if err := os.MkdirAll(queueDir, 0o700); err != nil {
+				return nil, fmt.Errorf("start minio: %w", err)
+			}
+			env = append(env, "MINIO_NOTIFY_NATS_QUEUE_DIR_"+TargetID+"="+queueDir)
+		}
 	}
 	if o.Compress {
 		env = append(env,

@@ -126,7 +126,7 @@ func TestFaultsLoseDuplicateAndCorruptNothing(t *testing.T) {
 	for k, v := range stackEnv {
 		env[k] = v
 	}
-	st, err := stack.Start(ctx, stack.Config{Dir: filepath.Join(dir, "stack"), Binary: bin, ScratchDir: scratch, Env: env, Compress: true})
+	st, err := stack.Start(ctx, stack.Config{Dir: filepath.Join(dir, "stack"), Binary: bin, ScratchDir: scratch, Env: env, Compress: true, QueueEvents: true})
 	if err != nil {
 		t.Fatal(err)
 	}

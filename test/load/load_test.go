@@ -110,7 +110,7 @@ func TestBurstOfSmallImages(t *testing.T) {
 	// The same files go up once per run under new keys: de-duplication
 	// would turn every run after the first into server-side copies.
 	st, err := stack.Start(ctx, stack.Config{
-		Dir: filepath.Join(dir, "stack"), Binary: bin, Compress: true,
+		Dir: filepath.Join(dir, "stack"), Binary: bin, Compress: true, QueueEvents: true,
 		Env: map[string]string{"IMAGEPIPE_DEDUP": "off", "IMAGEPIPE_LOG_LEVEL": "info"},
 	})
 	if err != nil {

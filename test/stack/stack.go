@@ -49,6 +49,10 @@ type Config struct {
 	// Compress turns on MinIO's transparent compression of .raw outputs,
 	// as `imagepipe dev` does.
 	Compress bool
+	// QueueEvents gives MinIO's notification target a queue on disk, as
+	// infra/minio/notify.env does, so uploads made while NATS is down are
+	// announced when it is back. `imagepipe dev` runs without one.
+	QueueEvents bool
 }
 
 // Stack is a running system.
@@ -166,6 +170,7 @@ func (s *Stack) startMinIO(ctx context.Context) error {
 		NATSAddr:    s.nats.Addr(),
 		NATSSubject: events.SubjectS3Events,
 		Compress:    s.cfg.Compress,
+		QueueEvents: s.cfg.QueueEvents,
 		Stdout:      s.minioLog,
 	})
 	if err != nil {
