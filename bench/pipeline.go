@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/minio/minio-go/v7"
@@ -195,6 +196,7 @@ type trip struct {
 // through uploads img under key and waits for its result.
 func (r *Runner) through(ctx context.Context, img stack.Image, key string) (trip, error) {
 	img.Key = key
+	settleDisk()
 	at, err := r.st.Upload(ctx, img)
 	if err != nil {
 		return trip{}, err
@@ -355,9 +357,15 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 // freshCopy uploads img to key in the output bucket, where no
 // notification makes a job of it.
 func (r *Runner) freshCopy(ctx context.Context, img stack.Image, key string) error {
+	settleDisk()
 	_, err := r.store.UploadFile(ctx, stack.OutputBucket, key, img.Path, nil, nil)
 	return err
 }
+
+// settleDisk writes back what earlier runs left dirty, so that each timed
+// run starts with the disk idle rather than paying for its predecessor's
+// writeback.
+func settleDisk() { syscall.Sync() }
 
 // sequential is what one would do by hand, reading key in the output
 // bucket: download, convert, upload.
