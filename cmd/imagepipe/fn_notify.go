@@ -15,7 +15,7 @@ import (
 )
 
 func startNotify(ctx context.Context, js jetstream.JetStream, s settings, recordDelivery func(channel, outcome string), log *slog.Logger) (*natsrt.Worker, error) {
-	ledger, err := notify.NewKVLedger(ctx, js)
+	ledger, err := notify.NewKVLedger(ctx, js, s.Streams.Replicas)
 	if err != nil {
 		return nil, err
 	}
@@ -25,7 +25,7 @@ func startNotify(ctx context.Context, js jetstream.JetStream, s settings, record
 	}
 	// The watchdog lives as long as the function: it stops with ctx, and
 	// only one replica's watchdog is active at a time (a KV lease).
-	wd, err := notify.NewWatchdog(ctx, js, s.Notify.StallAfter, log)
+	wd, err := notify.NewWatchdog(ctx, js, s.Notify.StallAfter, log, notify.WithLeaseReplicas(s.Streams.Replicas))
 	if err != nil {
 		return nil, err
 	}

@@ -3,9 +3,11 @@ package notify
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -152,8 +154,23 @@ func httpFailure(channel string, resp *http.Response, body []byte, r *redactor) 
 	if resp.StatusCode == http.StatusTooManyRequests {
 		e.reason = "rate limited"
 		e.RetryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())
+		if e.RetryAfter == 0 {
+			e.RetryAfter = retryAfterInBody(body)
+		}
 	}
 	return e
+}
+
+// retryAfterInBody reads the wait Discord puts in its rate-limit answer,
+// {"retry_after": seconds}, for when no Retry-After header made it through.
+func retryAfterInBody(body []byte) time.Duration {
+	var v struct {
+		RetryAfter float64 `json:"retry_after"`
+	}
+	if json.Unmarshal(body, &v) != nil || v.RetryAfter <= 0 {
+		return 0
+	}
+	return time.Duration(math.Round(v.RetryAfter*1000)) * time.Millisecond
 }
 
 // transportFailure describes an error that got no answer at all. Such

@@ -2,6 +2,7 @@ package notify_test
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strings"
 	"testing"
@@ -175,6 +176,24 @@ func TestDiscordHonoursRetryAfter(t *testing.T) {
 	}
 	if gap := reqs[1].at.Sub(reqs[0].at); gap < 500*time.Millisecond {
 		t.Errorf("retried after %s, before the 0.5s Retry-After", gap)
+	}
+}
+
+func TestDiscordRetryAfterInTheBodyOnlyIsHonoured(t *testing.T) {
+	// Discord's rate-limit answers carry the wait in the JSON body; a proxy
+	// in front may drop the header.
+	srv := newService(t, discordCheck,
+		answer{status: http.StatusTooManyRequests, header: map[string]string{"Content-Type": "application/json"},
+			body: `{"message": "You are being rate limited.", "retry_after": 64.57, "global": false}`},
+		answer{status: http.StatusNoContent})
+	h, _ := newHandler(t, notify.Config{DiscordWebhookURL: srv.URL + discordPath, HTTPTimeout: 2 * time.Second}, nil)
+	err := handle(t, h, convertedEvent(t, "ev-dbody"))
+	var de *notify.DeliveryError
+	if !errors.As(err, &de) || de.Status != http.StatusTooManyRequests || de.RetryAfter != 64570*time.Millisecond {
+		t.Fatalf("Handle = %v, want a retryable 429 carrying the body's 64.57s wait", err)
+	}
+	if failure.IsPermanent(err) {
+		t.Fatalf("Handle = %v, want retryable", err)
 	}
 }
 

@@ -172,7 +172,7 @@ func TestRoutingFollowsNotifyOnAndPerChannelNarrowing(t *testing.T) {
 func TestRedeliveredResultPostsOnce(t *testing.T) {
 	js := startJetStream(t)
 	ctx := context.Background()
-	ledger, err := notify.NewKVLedger(ctx, js)
+	ledger, err := notify.NewKVLedger(ctx, js, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +182,7 @@ func TestRedeliveredResultPostsOnce(t *testing.T) {
 	replicaA, _ := newHandler(t, cfg, ledger)
 	// A second replica with its own ledger handle on the same bucket, as
 	// after a crash the redelivery may land anywhere.
-	ledgerB, err := notify.NewKVLedger(ctx, js)
+	ledgerB, err := notify.NewKVLedger(ctx, js, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,7 +217,7 @@ func TestRedeliveredResultPostsOnce(t *testing.T) {
 
 func TestRedeliveryRetriesOnlyChannelsNotYetDelivered(t *testing.T) {
 	js := startJetStream(t)
-	ledger, err := notify.NewKVLedger(context.Background(), js)
+	ledger, err := notify.NewKVLedger(context.Background(), js, 1)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,15 +36,16 @@ type KVLedger struct {
 
 var _ Ledger = (*KVLedger)(nil)
 
-// NewKVLedger opens the ledger bucket, creating it on first use. An existing
-// bucket is used as it is, so an operator may create it beforehand with more
-// replicas.
-func NewKVLedger(ctx context.Context, js jetstream.JetStream) (*KVLedger, error) {
+// NewKVLedger opens the ledger bucket, creating it on first use with
+// replicas copies (as many as the streams have: losing a node must not make
+// notify forget what it sent). An existing bucket is used as it is.
+func NewKVLedger(ctx context.Context, js jetstream.JetStream, replicas int) (*KVLedger, error) {
 	kv, err := openOrCreateKV(ctx, js, jetstream.KeyValueConfig{
 		Bucket:      LedgerBucket,
 		Description: "imagepipe notify: notifications already delivered, by event and channel",
 		TTL:         LedgerTTL,
 		History:     1,
+		Replicas:    max(replicas, 1),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("notify ledger: %w", err)

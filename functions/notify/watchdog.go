@@ -53,6 +53,7 @@ type Watchdog struct {
 	stallAfter time.Duration
 	interval   time.Duration
 	leaseTTL   time.Duration
+	replicas   int
 	holder     string
 	stream     string
 	consumer   string
@@ -74,6 +75,13 @@ func WithCheckInterval(d time.Duration) WatchdogOption {
 // replica takes over. It must be longer than the check interval.
 func WithLeaseTTL(d time.Duration) WatchdogOption {
 	return func(w *Watchdog) { w.leaseTTL = d }
+}
+
+// WithLeaseReplicas sets how many copies the lease bucket has when the
+// watchdog creates it (default one); a cluster gives it as many as its
+// streams, so losing a node does not lose the lease.
+func WithLeaseReplicas(n int) WatchdogOption {
+	return func(w *Watchdog) { w.replicas = n }
 }
 
 // NewWatchdog opens (or creates) the lease bucket. stallAfter of zero means
@@ -115,6 +123,7 @@ func NewWatchdog(ctx context.Context, js jetstream.JetStream, stallAfter time.Du
 		Description: "imagepipe notify: which replica runs the stalled-queue watchdog",
 		TTL:         w.leaseTTL,
 		History:     1,
+		Replicas:    max(w.replicas, 1),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("watchdog lease: %w", err)

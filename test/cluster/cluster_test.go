@@ -26,6 +26,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/functions/notify"
 	"github.com/imagepipe/imagepipe/infra"
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 )
@@ -297,6 +298,17 @@ func TestClusterConvertsEveryImageExactlyOnceThroughCrashes(t *testing.T) {
 	}
 	checkResults(ctx, t, js, want)
 	checkOutputs(ctx, t, s3, want)
+	// notify's memory of what it sent, and its watchdog lease, must survive
+	// a node as the streams do.
+	for _, bucket := range []string{notify.LedgerBucket, notify.WatchdogBucket} {
+		s, err := js.Stream(ctx, "KV_"+bucket)
+		if err != nil {
+			t.Fatalf("notify's bucket %s: %v", bucket, err)
+		}
+		if r := s.CachedInfo().Config.Replicas; r != 3 {
+			t.Errorf("notify's bucket %s has %d replicas, want 3 like the streams", bucket, r)
+		}
+	}
 	if v := c.log.Violations(); len(v) > 0 {
 		t.Errorf("NATS refused a function something it did (infra/nats/accounts.conf lacks a right):\n%s", strings.Join(v, "\n"))
 	}
