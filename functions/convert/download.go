@@ -7,13 +7,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strings"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/ulikunitz/xz"
+	"github.com/therootcompany/xz"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
@@ -59,6 +60,9 @@ func (h *Handler) download(ctx context.Context, j *job) error {
 	body := &readErrs{r: rc}
 	br := bufio.NewReaderSize(io.TeeReader(body, io.MultiWriter(sum, meter)), 1<<20)
 	src, codec, err := decompressor(br)
+	if windowTooLarge(err) {
+		return refuseWindow(codec)
+	}
 	if err != nil {
 		return failure.Permanent(events.PhaseDownload, err, "upload the file again; its compressed stream is damaged")
 	}
@@ -76,6 +80,9 @@ func (h *Handler) download(ctx context.Context, j *job) error {
 		err = cerr
 	}
 	if err != nil {
+		if windowTooLarge(err) {
+			return refuseWindow(codec)
+		}
 		if codec != codecNone && body.err == nil && !isNoSpace(err) && ctx.Err() == nil {
 			return failure.Permanent(events.PhaseDownload, fmt.Errorf("decompress %s stream: %w", codec, err), "upload the file again; its compressed stream is damaged or truncated")
 		}
@@ -100,6 +107,12 @@ func verifyChecksum(obj objstore.Object, got string) error {
 	return nil
 }
 
+// maxDecompressWindow bounds the memory a compressed upload may make the
+// decoder hold: the xz dictionary or zstd window its header declares. A
+// header is free to claim gigabytes; 64 MiB covers xz -9 and zstd up to
+// --ultra -21, and keeps a replica's memory flat.
+const maxDecompressWindow = 64 << 20
+
 func decompressor(br *bufio.Reader) (io.Reader, string, error) {
 	head, _ := br.Peek(6)
 	switch {
@@ -110,19 +123,30 @@ func decompressor(br *bufio.Reader) (io.Reader, string, error) {
 		}
 		return zr, codecGzip, nil
 	case bytes.HasPrefix(head, magicXZ):
-		xr, err := xz.NewReader(br)
+		xr, err := xz.NewReader(br, maxDecompressWindow)
 		if err != nil {
 			return nil, codecXZ, fmt.Errorf("open xz stream: %w", err)
 		}
 		return xr, codecXZ, nil
 	case bytes.HasPrefix(head, magicZstd):
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+			zstd.WithDecoderMaxWindow(maxDecompressWindow), zstd.WithDecoderMaxMemory(maxDecompressWindow))
 		if err != nil {
 			return nil, codecZstd, fmt.Errorf("open zstd stream: %w", err)
 		}
 		return zr.IOReadCloser(), codecZstd, nil
 	}
 	return br, codecNone, nil
+}
+
+func refuseWindow(codec string) error {
+	return failure.Refused(events.PhaseDownload, "decompress-window",
+		fmt.Errorf("the %s stream needs more than %d MiB of memory to decompress (its dictionary or window size)", codec, maxDecompressWindow>>20),
+		"compress the image again with a smaller window: xz -9 or less, zstd -19 or less without --long")
+}
+
+func windowTooLarge(err error) bool {
+	return errors.Is(err, xz.ErrMemlimit) || errors.Is(err, zstd.ErrWindowSizeExceeded) || errors.Is(err, zstd.ErrDecoderSizeExceeded)
 }
 
 // compressedSuffixes are stripped from a key before its extension is
