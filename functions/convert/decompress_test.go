@@ -25,10 +25,11 @@ func payload() []byte {
 	return b
 }
 
-func compressXZ(t *testing.T, data []byte, dictCap int) []byte {
+// compressed runs data through the writer newWriter makes.
+func compressed(t *testing.T, data []byte, newWriter func(io.Writer) (io.WriteCloser, error)) []byte {
 	t.Helper()
 	var buf bytes.Buffer
-	w, err := ulxz.WriterConfig{DictCap: dictCap}.NewWriter(&buf)
+	w, err := newWriter(&buf)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,20 +42,8 @@ func compressXZ(t *testing.T, data []byte, dictCap int) []byte {
 	return buf.Bytes()
 }
 
-func compressZstd(t *testing.T, data []byte, window int) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	w, err := zstd.NewWriter(&buf, zstd.WithWindowSize(window), zstd.WithSingleSegment(false))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := w.Write(data); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
+func xzWithDict(dictCap int) func(io.Writer) (io.WriteCloser, error) {
+	return func(w io.Writer) (io.WriteCloser, error) { return ulxz.WriterConfig{DictCap: dictCap}.NewWriter(w) }
 }
 
 // zstdFrameDeclaringWindow is a valid zstd frame whose header asks for a
@@ -77,8 +66,10 @@ func TestCompressedStreamsWithinTheWindowCapDecodeWhole(t *testing.T) {
 	data := payload()
 	want := sha256.Sum256(data)
 	for name, body := range map[string][]byte{
-		"xz -9 (64 MiB dictionary)": compressXZ(t, data, 64<<20),
-		"zstd 8 MiB window":         compressZstd(t, data, 8<<20),
+		"xz -9 (64 MiB dictionary)": compressed(t, data, xzWithDict(64<<20)),
+		"zstd 8 MiB window": compressed(t, data, func(w io.Writer) (io.WriteCloser, error) {
+			return zstd.NewWriter(w, zstd.WithWindowSize(8<<20))
+		}),
 	} {
 		t.Run(name, func(t *testing.T) {
 			r, _, err := decompressor(bufio.NewReader(bytes.NewReader(body)))
@@ -99,7 +90,7 @@ func TestCompressedStreamsWithinTheWindowCapDecodeWhole(t *testing.T) {
 func TestCompressedUploadDeclaringAHugeWindowIsRefusedByRule(t *testing.T) {
 	data := bytes.Repeat([]byte("imagepipe"), 1000)
 	for key, body := range map[string][]byte{
-		"big-dict.qcow2.xz":    compressXZ(t, data, 1<<30),
+		"big-dict.qcow2.xz":    compressed(t, data, xzWithDict(1<<30)),
 		"big-window.qcow2.zst": zstdFrameDeclaringWindow(256 << 20),
 	} {
 		t.Run(key, func(t *testing.T) {

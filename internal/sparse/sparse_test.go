@@ -67,15 +67,22 @@ func build(t *testing.T, l layout) (string, []byte) {
 	return path, want
 }
 
+// openLayout builds l and opens it; the file is closed with the test.
+func openLayout(t *testing.T, l layout) (*File, []byte) {
+	t.Helper()
+	path, want := build(t, l)
+	f, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f, want
+}
+
 func TestReadAtMatchesTheFileByteForByte(t *testing.T) {
 	for _, l := range layouts {
 		t.Run(l.name, func(t *testing.T) {
-			path, want := build(t, l)
-			f, err := Open(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
+			f, want := openLayout(t, l)
 			if f.Size() != l.size {
 				t.Fatalf("Size() = %d, want %d", f.Size(), l.size)
 			}
@@ -115,12 +122,7 @@ func TestReadAtMatchesTheFileByteForByte(t *testing.T) {
 func TestWriteToHashesLikeTheFile(t *testing.T) {
 	for _, l := range layouts {
 		t.Run(l.name, func(t *testing.T) {
-			path, want := build(t, l)
-			f, err := Open(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
+			f, want := openLayout(t, l)
 			h := sha256.New()
 			n, err := io.Copy(h, f)
 			if err != nil || n != l.size {
@@ -134,12 +136,7 @@ func TestWriteToHashesLikeTheFile(t *testing.T) {
 }
 
 func TestHolesAreNotCountedAsData(t *testing.T) {
-	path, _ := build(t, layout{size: 64 << 20, writes: [][2]int64{{8 << 20, 9 << 20}}})
-	f, err := Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f, _ := openLayout(t, layout{size: 64 << 20, writes: [][2]int64{{8 << 20, 9 << 20}}})
 	// ext4 and tmpfs allocate in 4 KiB blocks; a megabyte written is a
 	// megabyte mapped, give or take a block at each end.
 	if got := f.DataBytes(); got < 1<<20 || got > 1<<20+8192 {
@@ -171,12 +168,7 @@ func TestExtentLimitReadsTheRestAsData(t *testing.T) {
 
 func TestConcurrentReadersSeeTheSameBytes(t *testing.T) {
 	l := layouts[len(layouts)-1]
-	path, want := build(t, l)
-	f, err := Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f, want := openLayout(t, l)
 	const parts = 8
 	part := l.size / parts
 	var wg sync.WaitGroup
