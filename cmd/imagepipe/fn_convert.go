@@ -35,16 +35,31 @@ func startConvert(ctx context.Context, js jetstream.JetStream, st *status.Store,
 		return nil, err
 	}
 	h := convert.New(s.Convert, store, qemuimg.New(log), st, dd, log)
-	return natsrt.NewWorker(ctx, js, natsrt.Binding{
+	binding := natsrt.Binding{
 		Stream: events.StreamJobs, Durable: "convert", FilterSubject: events.SubjectConvertJob,
 		Concurrency: s.Convert.MaxConcurrentJobs, AckWait: s.Convert.AckWait,
 		MaxAttempts: s.Convert.MaxAttempts, Backoff: s.Convert.Backoff(),
 		Describe: describeConvertJob,
-	}, func(ctx context.Context, data []byte, d natsrt.Delivery) ([]events.Message, error) {
+	}
+	w, err := natsrt.NewWorker(ctx, js, binding, func(ctx context.Context, data []byte, d natsrt.Delivery) ([]events.Message, error) {
 		var job events.ConvertJob
 		if err := decode(data, events.TypeConvertJob, &job); err != nil {
 			return nil, err
 		}
 		return h.Handle(ctx, job, d.Attempt, d.MaxAttempts)
 	}, log)
+	if err != nil {
+		return nil, err
+	}
+	// A job whose replica died on every delivery has no attempt left to
+	// report it: the advisory JetStream sends then does.
+	err = natsrt.WatchExhausted(ctx, js, binding, func(ctx context.Context, data []byte, deliveries int) []events.Message {
+		var job events.ConvertJob
+		if err := decode(data, events.TypeConvertJob, &job); err != nil {
+			log.Warn("a job given up on cannot be read; nothing to report", "err", err)
+			return nil
+		}
+		return h.Exhausted(ctx, job, deliveries)
+	}, log)
+	return w, err
 }

@@ -173,6 +173,23 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 
 var errSuperseded = errors.New("object superseded")
 
+// Exhausted reports a job no delivery finished: each ended with its
+// replica gone (killed, out of memory), so no attempt could say why. It
+// fails for good; `imagepipe reconvert` starts it again.
+func (h *Handler) Exhausted(ctx context.Context, cj events.ConvertJob, deliveries int) []events.Message {
+	j := &job{
+		ConvertJob:  cj,
+		attempt:     deliveries,
+		maxAttempts: deliveries,
+		started:     h.now(),
+		log:         h.log.With("job", cj.JobID, "bucket", cj.Bucket, "key", cj.Key),
+	}
+	out, _ := h.fail(ctx, j, failure.Permanent(events.PhaseConvert,
+		fmt.Errorf("the converter stopped %d times while working on this upload and never finished it", deliveries),
+		"look for convert replicas that were killed or ran out of memory during its attempts; once that is fixed, run `imagepipe reconvert "+cj.Bucket+"/"+cj.Key+"`"))
+	return out
+}
+
 // applyUploadFormat honours x-amz-meta-imagepipe-format on the upload when
 // the job itself names no format. A bad value is refused at download.
 func (h *Handler) applyUploadFormat(ctx context.Context, j *job) {

@@ -323,3 +323,26 @@ func TestScratchOfADeadProcessIsSweptAndALiveJobsIsKept(t *testing.T) {
 		t.Errorf("the live job's dir was removed: %v", err)
 	}
 }
+
+func TestJobNoDeliveryFinishedFailsForGoodWithAReport(t *testing.T) {
+	store, calls := memStore("disks/a.vhdx", []byte("irrelevant"), nil)
+	rep := &fakeReporter{}
+	h := newTestHandler(t, store, rep)
+	out := h.Exhausted(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "disks/a.vhdx"}, 8)
+	if len(out) != 1 || out[0].Subject != events.SubjectFailed {
+		t.Fatalf("events %+v, want one failed event", out)
+	}
+	var f events.Failed
+	if err := out[0].Event.DecodeData(events.TypeFailed, &f); err != nil {
+		t.Fatal(err)
+	}
+	if f.WillRetry || f.Attempt != 8 || !strings.Contains(f.Message, "stopped 8 times") || !strings.Contains(f.Suggestion, "imagepipe reconvert uploads/disks/a.vhdx") {
+		t.Errorf("failed = %+v", f)
+	}
+	if last := rep.states[len(rep.states)-1]; last.State != events.StateFailed {
+		t.Errorf("last state %s, want FAILED", last.State)
+	}
+	if got := strings.Join(*calls, ","); !strings.Contains(got, "put uploads/errors/disks/a.vhdx.error.json") {
+		t.Errorf("storage calls %q: want an error report", got)
+	}
+}
