@@ -92,25 +92,25 @@ func serveIngestControl(ctx context.Context, nc *nats.Conn, h *ingest.Handler, l
 		name, subject string
 		handle        func(ctx context.Context, data []byte) (any, error)
 	}{
-		{"reconvert", ingest.SubjectReconvert, func(ctx context.Context, data []byte) (any, error) {
-			var req ingest.ReconvertRequest
+		{"reconvert", events.SubjectReconvert, func(ctx context.Context, data []byte) (any, error) {
+			var req events.ReconvertRequest
 			if err := decodeRequest(data, &req); err != nil {
 				return nil, err
 			}
 			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			defer cancel()
 			id, err := h.Reconvert(rctx, req)
-			return ingest.ReconvertReply{JobID: id}, err
+			return events.ReconvertReply{JobID: id}, err
 		}},
-		{"import", ingest.SubjectImport, func(ctx context.Context, data []byte) (any, error) {
-			var req ingest.ImportRequest
+		{"import", events.SubjectImport, func(ctx context.Context, data []byte) (any, error) {
+			var req events.ImportRequest
 			if err := decodeRequest(data, &req); err != nil {
 				return nil, err
 			}
 			return h.Import(ctx, req)
 		}},
-		{"reconcile", ingest.SubjectReconcile, func(ctx context.Context, data []byte) (any, error) {
-			var req reconcileRequest
+		{"reconcile", events.SubjectReconcile, func(ctx context.Context, data []byte) (any, error) {
+			var req events.ReconcileRequest
 			if err := decodeRequest(data, &req); err != nil {
 				return nil, err
 			}
@@ -135,10 +135,6 @@ func serveIngestControl(ctx context.Context, nc *nats.Conn, h *ingest.Handler, l
 		_ = svc.Stop()
 	}()
 	return nil
-}
-
-type reconcileRequest struct {
-	Prefix string `json:"prefix,omitempty"`
 }
 
 type errorReply struct {

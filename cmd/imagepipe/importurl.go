@@ -7,7 +7,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/imagepipe/imagepipe/functions/ingest"
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // runImport asks an ingest replica to fetch a URL into the input bucket.
@@ -27,15 +27,15 @@ func runImport(ctx context.Context, args []string, stdout io.Writer) error {
 	if fs.NArg() < 1 || fs.NArg() > 2 {
 		return usageError{"import takes a URL and optionally BUCKET/KEY"}
 	}
-	req := ingest.ImportRequest{URL: fs.Arg(0), SHA256: *sum}
+	req := events.ImportRequest{URL: fs.Arg(0), SHA256: *sum}
 	if fs.NArg() == 2 {
 		var err error
 		if req.Bucket, req.Key, err = splitObject(fs.Arg(1)); err != nil {
 			return err
 		}
 	}
-	var reply ingest.ImportReply
-	if err := ctlRequest(ctx, ingest.SubjectImport, req, &reply, *timeout); err != nil {
+	var reply events.ImportReply
+	if err := ctlRequest(ctx, events.SubjectImport, req, &reply, *timeout); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "%s/%s\n", reply.Bucket, reply.Key)

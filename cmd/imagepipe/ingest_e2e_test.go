@@ -524,7 +524,7 @@ func TestReconvertQueuesAFreshJobThatBypassesDeduplication(t *testing.T) {
 	}
 
 	// The same request over NATS, as a program would send it.
-	msg, err := e2e.nc.Request(ingest.SubjectReconvert, []byte(`{"bucket":"uploads","key":"e2e/intake/reconvert/missing.qcow2"}`), 5*time.Second)
+	msg, err := e2e.nc.Request(events.SubjectReconvert, []byte(`{"bucket":"uploads","key":"e2e/intake/reconvert/missing.qcow2"}`), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/imagepipe/imagepipe/functions/ingest"
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // runReconcile asks an ingest replica to list the input bucket and queue
@@ -27,8 +27,8 @@ func runReconcile(ctx context.Context, args []string, stdout io.Writer) error {
 	if fs.NArg() != 0 {
 		return usageError{"reconcile takes no arguments"}
 	}
-	var res ingest.ReconcileResult
-	if err := ctlRequest(ctx, ingest.SubjectReconcile, reconcileRequest{Prefix: *prefix}, &res, *timeout); err != nil {
+	var res events.ReconcileResult
+	if err := ctlRequest(ctx, events.SubjectReconcile, events.ReconcileRequest{Prefix: *prefix}, &res, *timeout); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "listed %d, queued %d, refused %d\n", res.Listed, res.Queued, res.Refused)

@@ -12,7 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/imagepipe/imagepipe/functions/ingest"
+	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 )
 
@@ -38,8 +38,8 @@ func runReconvert(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	var reply ingest.ReconvertReply
-	if err := ctlRequest(ctx, ingest.SubjectReconvert, ingest.ReconvertRequest{Bucket: bucket, Key: key, Format: *format}, &reply, *timeout); err != nil {
+	var reply events.ReconvertReply
+	if err := ctlRequest(ctx, events.SubjectReconvert, events.ReconvertRequest{Bucket: bucket, Key: key, Format: *format}, &reply, *timeout); err != nil {
 		return err
 	}
 	fmt.Fprintln(stdout, reply.JobID)

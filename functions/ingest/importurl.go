@@ -23,29 +23,6 @@ import (
 	"github.com/imagepipe/imagepipe/internal/failure"
 )
 
-// ImportRequest asks ingest to fetch a URL into the input bucket.
-type ImportRequest struct {
-	URL string `json:"url"`
-	// Bucket and Key name the object to create; Bucket defaults to the
-	// input bucket and Key to ImportPrefix plus the URL's file name.
-	Bucket string `json:"bucket,omitempty"`
-	Key    string `json:"key,omitempty"`
-	// SHA256 is the expected hex digest of the body; on a mismatch no
-	// object is created.
-	SHA256 string `json:"sha256,omitempty"`
-}
-
-// ImportReply answers an ImportRequest once the source has answered and
-// the transfer has started; the transfer itself goes on without the asker.
-type ImportReply struct {
-	ImportID string `json:"import_id,omitempty"`
-	Bucket   string `json:"bucket,omitempty"`
-	Key      string `json:"key,omitempty"`
-	// Size is the body's length, -1 when the source did not say.
-	Size  int64  `json:"size,omitempty"`
-	Error string `json:"error,omitempty"`
-}
-
 // ImportPrefix is where imports land when the request names no key.
 const ImportPrefix = "imports/"
 
@@ -77,30 +54,30 @@ func defaultHTTPClient() *http.Client {
 // connected. From there the normal flow takes over: the bucket notifies,
 // ingest queues a job. A failed transfer is reported like any refused
 // upload, with a failure event and a FAILED state for the key.
-func (h *Handler) Import(ctx context.Context, req ImportRequest) (ImportReply, error) {
+func (h *Handler) Import(ctx context.Context, req events.ImportRequest) (events.ImportReply, error) {
 	if h.deps.Storage == nil || h.deps.Publish == nil {
-		return ImportReply{}, errors.New("import: no storage or publisher configured")
+		return events.ImportReply{}, errors.New("import: no storage or publisher configured")
 	}
 	src, err := url.Parse(req.URL)
 	switch {
 	case err != nil:
-		return ImportReply{}, requestErrorf("import: %q is not a URL", req.URL)
+		return events.ImportReply{}, requestErrorf("import: %q is not a URL", req.URL)
 	case src.Scheme != "http" && src.Scheme != "https":
-		return ImportReply{}, requestErrorf("import: %s: only http and https URLs are imported", redact(src))
+		return events.ImportReply{}, requestErrorf("import: %s: only http and https URLs are imported", redact(src))
 	case src.Host == "":
-		return ImportReply{}, requestErrorf("import: %q names no host", req.URL)
+		return events.ImportReply{}, requestErrorf("import: %q names no host", req.URL)
 	}
 	bucket, key := req.Bucket, req.Key
 	if bucket == "" {
 		bucket = h.cfg.InputBucket
 	}
 	if bucket != h.cfg.InputBucket {
-		return ImportReply{}, requestErrorf("import: %q is not the input bucket; imports go to %q", bucket, h.cfg.InputBucket)
+		return events.ImportReply{}, requestErrorf("import: %q is not the input bucket; imports go to %q", bucket, h.cfg.InputBucket)
 	}
 	if key == "" {
 		name := path.Base(src.Path)
 		if name == "/" || name == "." || name == "" {
-			return ImportReply{}, requestErrorf("import: %s names no file; give BUCKET/KEY", redact(src))
+			return events.ImportReply{}, requestErrorf("import: %s names no file; give BUCKET/KEY", redact(src))
 		}
 		key = ImportPrefix + name
 	}
@@ -109,31 +86,31 @@ func (h *Handler) Import(ctx context.Context, req ImportRequest) (ImportReply, e
 		if v.refuse != nil {
 			why = v.refuse.Err.Error()
 		}
-		return ImportReply{}, requestErrorf("import: %s/%s would not be converted (%s); choose another key", bucket, key, why)
+		return events.ImportReply{}, requestErrorf("import: %s/%s would not be converted (%s); choose another key", bucket, key, why)
 	}
 	want := strings.ToLower(strings.TrimSpace(req.SHA256))
 	if want != "" {
 		if b, err := hex.DecodeString(want); err != nil || len(b) != sha256.Size {
-			return ImportReply{}, requestErrorf("import: %q is not a hex SHA-256 digest", req.SHA256)
+			return events.ImportReply{}, requestErrorf("import: %q is not a hex SHA-256 digest", req.SHA256)
 		}
 	}
 
 	resp, err := h.open(ctx, src)
 	if err != nil {
-		return ImportReply{}, err
+		return events.ImportReply{}, err
 	}
 	size := resp.ContentLength
 	switch {
 	case size == 0:
 		resp.Body.Close()
-		return ImportReply{}, requestErrorf("import: %s is empty", redact(src))
+		return events.ImportReply{}, requestErrorf("import: %s is empty", redact(src))
 	case size > h.cfg.MaxInputSize:
 		resp.Body.Close()
-		return ImportReply{}, requestErrorf("import: %s: %v", redact(src), h.tooLarge(size).Err)
+		return events.ImportReply{}, requestErrorf("import: %s: %v", redact(src), h.tooLarge(size).Err)
 	}
 
 	id := uuid.NewString()
-	reply := ImportReply{ImportID: id, Bucket: bucket, Key: key, Size: size}
+	reply := events.ImportReply{ImportID: id, Bucket: bucket, Key: key, Size: size}
 	log := h.log.With("import", id, "bucket", bucket, "key", key, "url", redact(src))
 	st := events.Status{Bucket: bucket, Key: key, JobID: id, State: events.StateUploaded,
 		Message: "importing from " + redact(src), UpdatedAt: h.now().UTC()}
@@ -174,7 +151,7 @@ func (h *Handler) open(ctx context.Context, src *url.URL) (*http.Response, error
 // an upload completes, so a failed upload leaves nothing behind — no
 // temporary key, no server-side copy of a 40 GiB object, no notification to
 // take back.
-func (h *Handler) transfer(ctx context.Context, r ImportReply, src *url.URL, body io.Reader, want string, log *slog.Logger) {
+func (h *Handler) transfer(ctx context.Context, r events.ImportReply, src *url.URL, body io.Reader, want string, log *slog.Logger) {
 	start := h.now()
 	vr := &verifyingReader{r: body, expected: r.Size, limit: h.cfg.MaxInputSize, want: want, h: sha256.New()}
 	var partSize uint64

@@ -52,7 +52,7 @@ func TestImportStreamsTheURLIntoTheInputBucket(t *testing.T) {
 			srv := serve(t, importBody, chunked)
 			r := newRig(Config{})
 			u := strings.Replace(srv.URL, "http://", "http://user:secret@", 1) + "/files/disk.qcow2?X-Amz-Signature=token"
-			reply, err := r.h.Import(context.Background(), ImportRequest{URL: u, SHA256: strings.ToUpper(sum(importBody))})
+			reply, err := r.h.Import(context.Background(), events.ImportRequest{URL: u, SHA256: strings.ToUpper(sum(importBody))})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -87,7 +87,7 @@ func TestImportWithTheWrongDigestLeavesNoObject(t *testing.T) {
 			srv := serve(t, importBody, chunked)
 			r := newRig(Config{})
 			wrong := sum([]byte("something else"))
-			if _, err := r.h.Import(context.Background(), ImportRequest{URL: srv.URL + "/files/disk.qcow2", Key: "in/d.qcow2", SHA256: wrong}); err != nil {
+			if _, err := r.h.Import(context.Background(), events.ImportRequest{URL: srv.URL + "/files/disk.qcow2", Key: "in/d.qcow2", SHA256: wrong}); err != nil {
 				t.Fatal(err)
 			}
 			r.h.WaitImports()
@@ -112,14 +112,14 @@ func TestImportWithTheWrongDigestLeavesNoObject(t *testing.T) {
 func TestImportOverTheSizeLimitIsRefused(t *testing.T) {
 	t.Run("announced", func(t *testing.T) {
 		r := newRig(Config{MaxInputSize: 1000})
-		_, err := r.h.Import(context.Background(), ImportRequest{URL: serve(t, importBody, false).URL + "/files/disk.qcow2"})
+		_, err := r.h.Import(context.Background(), events.ImportRequest{URL: serve(t, importBody, false).URL + "/files/disk.qcow2"})
 		if !IsRequestError(err) || !strings.Contains(err.Error(), "IMAGEPIPE_MAX_INPUT_SIZE") {
 			t.Errorf("err = %v, want a refusal naming the limit", err)
 		}
 	})
 	t.Run("discovered while streaming", func(t *testing.T) {
 		r := newRig(Config{MaxInputSize: 1000})
-		if _, err := r.h.Import(context.Background(), ImportRequest{URL: serve(t, importBody, true).URL + "/files/disk.qcow2"}); err != nil {
+		if _, err := r.h.Import(context.Background(), events.ImportRequest{URL: serve(t, importBody, true).URL + "/files/disk.qcow2"}); err != nil {
 			t.Fatal(err)
 		}
 		r.h.WaitImports()
@@ -133,19 +133,19 @@ func TestImportOverTheSizeLimitIsRefused(t *testing.T) {
 func TestImportRefusesRequestsItCannotHonour(t *testing.T) {
 	srv := serve(t, importBody, false)
 	tests := []struct {
-		req  ImportRequest
+		req  events.ImportRequest
 		want string
 	}{
-		{ImportRequest{URL: "ftp://example.com/a.qcow2"}, "only http and https"},
-		{ImportRequest{URL: "http://"}, "names no host"},
-		{ImportRequest{URL: "http://[::1"}, "is not a URL"},
-		{ImportRequest{URL: srv.URL + "/"}, "names no file"},
-		{ImportRequest{URL: srv.URL + "/files/disk.qcow2", Bucket: "images"}, `"images" is not the input bucket`},
-		{ImportRequest{URL: srv.URL + "/files/disk.qcow2", Key: "notes.txt"}, "would not be converted (\"notes.txt\" does not name a disk image format"},
-		{ImportRequest{URL: srv.URL + "/files/disk.qcow2", Key: "a/../b.qcow2"}, `".." segment`},
-		{ImportRequest{URL: srv.URL + "/files/disk.qcow2", SHA256: "abc"}, "not a hex SHA-256"},
-		{ImportRequest{URL: srv.URL + "/files/missing.qcow2"}, "answered 404"},
-		{ImportRequest{URL: "http://user:secret@127.0.0.1:1/x.qcow2?sig=token"}, "could not be fetched"},
+		{events.ImportRequest{URL: "ftp://example.com/a.qcow2"}, "only http and https"},
+		{events.ImportRequest{URL: "http://"}, "names no host"},
+		{events.ImportRequest{URL: "http://[::1"}, "is not a URL"},
+		{events.ImportRequest{URL: srv.URL + "/"}, "names no file"},
+		{events.ImportRequest{URL: srv.URL + "/files/disk.qcow2", Bucket: "images"}, `"images" is not the input bucket`},
+		{events.ImportRequest{URL: srv.URL + "/files/disk.qcow2", Key: "notes.txt"}, "would not be converted (\"notes.txt\" does not name a disk image format"},
+		{events.ImportRequest{URL: srv.URL + "/files/disk.qcow2", Key: "a/../b.qcow2"}, `".." segment`},
+		{events.ImportRequest{URL: srv.URL + "/files/disk.qcow2", SHA256: "abc"}, "not a hex SHA-256"},
+		{events.ImportRequest{URL: srv.URL + "/files/missing.qcow2"}, "answered 404"},
+		{events.ImportRequest{URL: "http://user:secret@127.0.0.1:1/x.qcow2?sig=token"}, "could not be fetched"},
 	}
 	for _, tt := range tests {
 		r := newRig(Config{})

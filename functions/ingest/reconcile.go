@@ -11,15 +11,6 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 )
 
-// ReconcileResult says what one reconcile pass did.
-type ReconcileResult struct {
-	Listed  int `json:"listed"`
-	Queued  int `json:"queued"`
-	Refused int `json:"refused"`
-	// Keys are the keys queued or refused, at most maxReportedKeys of them.
-	Keys []string `json:"keys,omitempty"`
-}
-
 const maxReportedKeys = 100
 
 // Reconcile lists the input bucket (under prefix, if set) and queues every
@@ -33,8 +24,8 @@ const maxReportedKeys = 100
 // The job is the one the notification would have made (same identity, same
 // event id), so if the notification does arrive, JetStream's duplicate
 // window or the status record makes the second one harmless.
-func (h *Handler) Reconcile(ctx context.Context, prefix string) (ReconcileResult, error) {
-	var res ReconcileResult
+func (h *Handler) Reconcile(ctx context.Context, prefix string) (events.ReconcileResult, error) {
+	var res events.ReconcileResult
 	if h.deps.Storage == nil || h.deps.Publish == nil {
 		return res, errors.New("reconcile: no storage or publisher configured")
 	}

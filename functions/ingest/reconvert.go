@@ -12,27 +12,6 @@ import (
 	"github.com/imagepipe/imagepipe/internal/objstore"
 )
 
-// Control subjects ingest answers on, one replica per request.
-const (
-	SubjectReconvert = "imagepipe.ctl.reconvert"
-	SubjectImport    = "imagepipe.ctl.import"
-	SubjectReconcile = "imagepipe.ctl.reconcile"
-)
-
-// ReconvertRequest asks for a new conversion of an existing object.
-type ReconvertRequest struct {
-	Bucket string `json:"bucket"`
-	Key    string `json:"key"`
-	// Format is "raw" or "qcow2"; empty means the converter's default.
-	Format string `json:"format,omitempty"`
-}
-
-// ReconvertReply answers a ReconvertRequest: the job id, or why not.
-type ReconvertReply struct {
-	JobID string `json:"job_id,omitempty"`
-	Error string `json:"error,omitempty"`
-}
-
 // RequestError is a request that can never succeed as asked; its message
 // is meant for the person who asked.
 type RequestError struct{ Msg string }
@@ -53,7 +32,7 @@ func IsRequestError(err error) bool {
 // de-duplication: an operator who asks for a conversion gets one. The job
 // id is fresh, so the job is neither dropped as a repeat nor mistaken by
 // convert for an earlier delivery that already uploaded its output.
-func (h *Handler) Reconvert(ctx context.Context, req ReconvertRequest) (string, error) {
+func (h *Handler) Reconvert(ctx context.Context, req events.ReconvertRequest) (string, error) {
 	if h.deps.Storage == nil || h.deps.Publish == nil {
 		return "", errors.New("reconvert: no storage or publisher configured")
 	}

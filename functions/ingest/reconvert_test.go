@@ -17,11 +17,11 @@ func TestReconvertQueuesAFreshJobThatBypassesDeduplication(t *testing.T) {
 	ident := events.ObjectIdentity("uploads", "disks/a.vhdx", "v1", "e1")
 	r.status.Set(ctx, events.Status{Bucket: "uploads", Key: "disks/a.vhdx", JobID: events.JobIDFor(ident), State: events.StateReady})
 
-	id1, err := r.h.Reconvert(ctx, ReconvertRequest{Bucket: "uploads", Key: "disks/a.vhdx", Format: "QCOW2"})
+	id1, err := r.h.Reconvert(ctx, events.ReconvertRequest{Bucket: "uploads", Key: "disks/a.vhdx", Format: "QCOW2"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	id2, err := r.h.Reconvert(ctx, ReconvertRequest{Bucket: "uploads", Key: "disks/a.vhdx"})
+	id2, err := r.h.Reconvert(ctx, events.ReconvertRequest{Bucket: "uploads", Key: "disks/a.vhdx"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,18 +56,18 @@ func TestReconvertRefusesWithAPlainReason(t *testing.T) {
 		{Bucket: "uploads", Key: "errors/a.vhdx.error.json", Size: 10, ETag: "e", Metadata: map[string]string{}},
 	}
 	tests := []struct {
-		req  ReconvertRequest
+		req  events.ReconvertRequest
 		want string
 	}{
-		{ReconvertRequest{Bucket: "uploads", Key: "missing.vhdx"}, "no object uploads/missing.vhdx exists"},
-		{ReconvertRequest{Bucket: "images", Key: "a.vhdx.raw"}, `"images" is not the input bucket`},
-		{ReconvertRequest{Bucket: "uploads"}, "no key"},
-		{ReconvertRequest{Bucket: "uploads", Key: "a.vhdx", Format: "vmdk"}, `"vmdk" is not raw or qcow2`},
-		{ReconvertRequest{Bucket: "uploads", Key: "out.raw"}, "is an imagepipe output"},
-		{ReconvertRequest{Bucket: "uploads", Key: "empty.vhdx"}, "is empty"},
-		{ReconvertRequest{Bucket: "uploads", Key: "huge.vhdx"}, "IMAGEPIPE_MAX_INPUT_SIZE"},
-		{ReconvertRequest{Bucket: "uploads", Key: "ctl\x01.vhdx"}, "control character"},
-		{ReconvertRequest{Bucket: "uploads", Key: "errors/a.vhdx.error.json"}, "error report"},
+		{events.ReconvertRequest{Bucket: "uploads", Key: "missing.vhdx"}, "no object uploads/missing.vhdx exists"},
+		{events.ReconvertRequest{Bucket: "images", Key: "a.vhdx.raw"}, `"images" is not the input bucket`},
+		{events.ReconvertRequest{Bucket: "uploads"}, "no key"},
+		{events.ReconvertRequest{Bucket: "uploads", Key: "a.vhdx", Format: "vmdk"}, `"vmdk" is not raw or qcow2`},
+		{events.ReconvertRequest{Bucket: "uploads", Key: "out.raw"}, "is an imagepipe output"},
+		{events.ReconvertRequest{Bucket: "uploads", Key: "empty.vhdx"}, "is empty"},
+		{events.ReconvertRequest{Bucket: "uploads", Key: "huge.vhdx"}, "IMAGEPIPE_MAX_INPUT_SIZE"},
+		{events.ReconvertRequest{Bucket: "uploads", Key: "ctl\x01.vhdx"}, "control character"},
+		{events.ReconvertRequest{Bucket: "uploads", Key: "errors/a.vhdx.error.json"}, "error report"},
 	}
 	for _, tt := range tests {
 		r := newRig(Config{}, objs...)
@@ -87,7 +87,7 @@ func TestReconvertRestoresTheStatusWhenTheJobCannotBePublished(t *testing.T) {
 	before := events.Status{Bucket: "uploads", Key: "a.vhdx", JobID: "old", State: events.StateReady, UpdatedAt: testNow.Add(-time.Hour)}
 	r.status.Set(ctx, before)
 	r.pub.err = errors.New("jetstream unavailable")
-	if _, err := r.h.Reconvert(ctx, ReconvertRequest{Bucket: "uploads", Key: "a.vhdx"}); err == nil || IsRequestError(err) {
+	if _, err := r.h.Reconvert(ctx, events.ReconvertRequest{Bucket: "uploads", Key: "a.vhdx"}); err == nil || IsRequestError(err) {
 		t.Errorf("err = %v, want a server-side error", err)
 	}
 	if st, _ := r.status.record("uploads", "a.vhdx"); st != before {

@@ -1,0 +1,61 @@
+package events
+
+// Requests ingest answers on, one replica per request (NATS request/reply,
+// JSON bodies). A failed request is answered {"error": "..."} with the
+// micro error headers.
+const (
+	SubjectReconvert = "imagepipe.ctl.reconvert"
+	SubjectImport    = "imagepipe.ctl.import"
+	SubjectReconcile = "imagepipe.ctl.reconcile"
+)
+
+// ReconvertRequest asks for a new conversion of an existing object.
+type ReconvertRequest struct {
+	Bucket string `json:"bucket"`
+	Key    string `json:"key"`
+	// Format is "raw" or "qcow2"; empty means the converter's default.
+	Format string `json:"format,omitempty"`
+}
+
+// ReconvertReply answers a ReconvertRequest: the job id, or why not.
+type ReconvertReply struct {
+	JobID string `json:"job_id,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+// ImportRequest asks ingest to fetch a URL into the input bucket.
+type ImportRequest struct {
+	URL string `json:"url"`
+	// Bucket and Key name the object to create; Bucket defaults to the
+	// input bucket and Key to imports/ plus the URL's file name.
+	Bucket string `json:"bucket,omitempty"`
+	Key    string `json:"key,omitempty"`
+	// SHA256 is the expected hex digest of the body; on a mismatch no
+	// object is created.
+	SHA256 string `json:"sha256,omitempty"`
+}
+
+// ImportReply answers an ImportRequest once the source has answered and
+// the transfer has started; the transfer itself goes on without the asker.
+type ImportReply struct {
+	ImportID string `json:"import_id,omitempty"`
+	Bucket   string `json:"bucket,omitempty"`
+	Key      string `json:"key,omitempty"`
+	// Size is the body's length, -1 when the source did not say.
+	Size  int64  `json:"size,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+// ReconcileRequest asks for one reconcile pass now, under Prefix if set.
+type ReconcileRequest struct {
+	Prefix string `json:"prefix,omitempty"`
+}
+
+// ReconcileResult says what one reconcile pass did.
+type ReconcileResult struct {
+	Listed  int `json:"listed"`
+	Queued  int `json:"queued"`
+	Refused int `json:"refused"`
+	// Keys are the keys queued or refused, at most 100 of them.
+	Keys []string `json:"keys,omitempty"`
+}
