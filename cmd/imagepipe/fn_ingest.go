@@ -5,13 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"iter"
 	"log/slog"
 	"os"
 	"time"
 
-	"github.com/minio/minio-go/v7"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
@@ -35,7 +32,7 @@ func startIngest(ctx context.Context, js jetstream.JetStream, st *status.Store, 
 	}
 	h := ingest.New(s.Ingest, ingest.Deps{
 		Status:  st,
-		Storage: ingestStorage{store.Client()},
+		Storage: store,
 		Publish: func(ctx context.Context, msgs ...events.Message) error { return natsrt.Publish(ctx, js, msgs...) },
 	}, log)
 	w, err := natsrt.NewWorker(ctx, js, natsrt.Binding{
@@ -212,69 +209,4 @@ func (l *kvLease) Acquire(ctx context.Context) (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("reconcile lease: %w", err)
-}
-
-// ingestStorage adapts minio-go to ingest.Storage: stats with the
-// modification time, listings with metadata, streaming uploads.
-type ingestStorage struct{ c *minio.Client }
-
-func (s ingestStorage) Stat(ctx context.Context, bucket, key string) (ingest.Object, error) {
-	info, err := s.c.StatObject(ctx, bucket, key, minio.StatObjectOptions{})
-	if err != nil {
-		return ingest.Object{}, fmt.Errorf("stat %s/%s: %w", bucket, key, err)
-	}
-	return objectOf(bucket, info), nil
-}
-
-func (s ingestStorage) List(ctx context.Context, bucket, prefix string) iter.Seq2[ingest.Object, error] {
-	return func(yield func(ingest.Object, error) bool) {
-		ctx, cancel := context.WithCancel(ctx)
-		defer cancel() // stops the lister when the caller stops early
-		// WithMetadata is MinIO's extension; elsewhere it is ignored,
-		// metadata comes back nil and ingest stats when it must know.
-		for info := range s.c.ListObjects(ctx, bucket, minio.ListObjectsOptions{Prefix: prefix, Recursive: true, WithMetadata: true}) {
-			if info.Err != nil {
-				yield(ingest.Object{}, info.Err)
-				return
-			}
-			if !yield(objectOf(bucket, info), nil) {
-				return
-			}
-		}
-	}
-}
-
-func (s ingestStorage) Put(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error {
-	_, err := s.c.PutObject(ctx, bucket, key, r, size, minio.PutObjectOptions{
-		ContentType:  "application/octet-stream",
-		UserMetadata: meta,
-		PartSize:     partSize,
-		// A CRC32C trailer instead of a SHA-256 of every part, which
-		// would cost a second pass over buffered data.
-		DisableContentSha256: true,
-		Checksum:             minio.ChecksumCRC32C,
-	})
-	if err != nil {
-		return fmt.Errorf("put %s/%s: %w", bucket, key, err)
-	}
-	return nil
-}
-
-func objectOf(bucket string, info minio.ObjectInfo) ingest.Object {
-	var meta map[string]string
-	if info.UserMetadata != nil || info.Metadata != nil {
-		meta = map[string]string{}
-		for k, v := range info.UserMetadata {
-			meta[k] = v
-		}
-		for k, v := range info.Metadata {
-			if len(v) > 0 {
-				meta[k] = v[0]
-			}
-		}
-	}
-	return ingest.Object{
-		Bucket: bucket, Key: info.Key, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID,
-		Metadata: meta, LastModified: info.LastModified,
-	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/minio/minio-go/v7"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/status"
 )
 
@@ -73,15 +74,15 @@ func (f *fakeStatus) record(bucket, key string) (events.Status, bool) {
 // fakeStorage is a bucket in memory.
 type fakeStorage struct {
 	mu      sync.Mutex
-	objects map[string]Object // by bucket/key
+	objects map[string]objstore.Object // by bucket/key
 	bodies  map[string][]byte
 	stats   int
 }
 
 var _ Storage = (*fakeStorage)(nil)
 
-func newFakeStorage(objs ...Object) *fakeStorage {
-	f := &fakeStorage{objects: map[string]Object{}, bodies: map[string][]byte{}}
+func newFakeStorage(objs ...objstore.Object) *fakeStorage {
+	f := &fakeStorage{objects: map[string]objstore.Object{}, bodies: map[string][]byte{}}
 	for _, o := range objs {
 		f.objects[o.Bucket+"/"+o.Key] = o
 	}
@@ -92,20 +93,20 @@ func notFound(bucket, key string) error {
 	return fmt.Errorf("stat %s/%s: %w", bucket, key, minio.ErrorResponse{Code: minio.NoSuchKey, StatusCode: 404})
 }
 
-func (f *fakeStorage) Stat(_ context.Context, bucket, key string) (Object, error) {
+func (f *fakeStorage) Stat(_ context.Context, bucket, key string) (objstore.Object, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.stats++
 	o, ok := f.objects[bucket+"/"+key]
 	if !ok {
-		return Object{}, notFound(bucket, key)
+		return objstore.Object{}, notFound(bucket, key)
 	}
 	return o, nil
 }
 
-func (f *fakeStorage) List(_ context.Context, bucket, prefix string) iter.Seq2[Object, error] {
+func (f *fakeStorage) List(_ context.Context, bucket, prefix string) iter.Seq2[objstore.Object, error] {
 	f.mu.Lock()
-	var objs []Object
+	var objs []objstore.Object
 	for _, o := range f.objects {
 		if o.Bucket == bucket && len(o.Key) >= len(prefix) && o.Key[:len(prefix)] == prefix {
 			objs = append(objs, o)
@@ -113,7 +114,7 @@ func (f *fakeStorage) List(_ context.Context, bucket, prefix string) iter.Seq2[O
 	}
 	f.mu.Unlock()
 	sort.Slice(objs, func(i, j int) bool { return objs[i].Key < objs[j].Key })
-	return func(yield func(Object, error) bool) {
+	return func(yield func(objstore.Object, error) bool) {
 		for _, o := range objs {
 			if !yield(o, nil) {
 				return
@@ -122,7 +123,7 @@ func (f *fakeStorage) List(_ context.Context, bucket, prefix string) iter.Seq2[O
 	}
 }
 
-func (f *fakeStorage) Put(_ context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error {
+func (f *fakeStorage) PutStream(_ context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error {
 	if size < 0 && partSize == 0 {
 		return fmt.Errorf("unknown size needs a part size")
 	}
@@ -135,7 +136,7 @@ func (f *fakeStorage) Put(_ context.Context, bucket, key string, r io.Reader, si
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.objects[bucket+"/"+key] = Object{Bucket: bucket, Key: key, Size: int64(len(body)), ETag: "e-import", Metadata: meta, LastModified: time.Now()}
+	f.objects[bucket+"/"+key] = objstore.Object{Bucket: bucket, Key: key, Size: int64(len(body)), ETag: "e-import", Metadata: meta, LastModified: time.Now()}
 	f.bodies[bucket+"/"+key] = bytes.Clone(body)
 	return nil
 }
@@ -179,7 +180,7 @@ type testRig struct {
 	pub     *published
 }
 
-func newRig(cfg Config, objs ...Object) *testRig {
+func newRig(cfg Config, objs ...objstore.Object) *testRig {
 	if cfg.InputBucket == "" {
 		cfg.InputBucket, cfg.OutputBucket = "uploads", "images"
 	}

@@ -158,7 +158,7 @@ func (h *Handler) transfer(ctx context.Context, r events.ImportReply, src *url.U
 	if r.Size < 0 {
 		partSize = partSizeFor(h.cfg.MaxInputSize)
 	}
-	err := h.deps.Storage.Put(ctx, r.Bucket, r.Key, vr, r.Size, partSize, map[string]string{MetaImportSource: redact(src)})
+	err := h.deps.Storage.PutStream(ctx, r.Bucket, r.Key, vr, r.Size, partSize, map[string]string{MetaImportSource: redact(src)})
 	if err == nil {
 		log.Info("imported", "stage", "import", "size", vr.n, "sha256", hex.EncodeToString(vr.h.Sum(nil)), "duration", h.now().Sub(start))
 		return

@@ -36,27 +36,16 @@ type StatusStore interface {
 	Get(ctx context.Context, bucket, key string) (events.Status, error)
 }
 
-// Object is what ingest learns of a stored object.
-type Object struct {
-	Bucket, Key     string
-	Size            int64
-	ETag, VersionID string
-	// Metadata is the user metadata; nil when the listing did not include
-	// it.
-	Metadata     map[string]string
-	LastModified time.Time
-}
-
 // Storage is the part of object storage ingest uses beyond notifications:
 // a stat when a notification leaves a doubt, listings for reconcile, and
 // streaming uploads for import.
 type Storage interface {
-	Stat(ctx context.Context, bucket, key string) (Object, error)
-	List(ctx context.Context, bucket, prefix string) iter.Seq2[Object, error]
+	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
+	List(ctx context.Context, bucket, prefix string) iter.Seq2[objstore.Object, error]
 	// Put streams r into bucket/key. size is -1 when unknown, and then
 	// partSize bounds the memory the upload buffers. The object appears
 	// only when r has been read to its end without an error.
-	Put(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error
+	PutStream(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error
 }
 
 // Publisher sends events to their streams with the event id as

@@ -9,6 +9,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 )
 
 func notification(event, bucket, wireKey string, size int64, meta string) []byte {
@@ -230,7 +231,7 @@ func TestIngestHandlesUnusualKeysAndRefusesUnsafeOnes(t *testing.T) {
 func TestIngestChecksTheMarkerWhenTheOutputBucketIsTheInputBucket(t *testing.T) {
 	// A notification that does not say what metadata the object has.
 	noMeta := []byte(`{"Records":[{"eventName":"s3:ObjectCreated:Put","s3":{"bucket":{"name":"uploads"},"object":{"key":"a.vhdx.raw","size":10,"eTag":"e1"}}}]}`)
-	marked := Object{Bucket: "uploads", Key: "a.vhdx.raw", Size: 10, ETag: "e1", Metadata: map[string]string{"imagepipe-output": "true"}}
+	marked := objstore.Object{Bucket: "uploads", Key: "a.vhdx.raw", Size: 10, ETag: "e1", Metadata: map[string]string{"imagepipe-output": "true"}}
 
 	same := newRig(Config{InputBucket: "uploads", OutputBucket: "uploads"}, marked)
 	out, err := same.h.Handle(context.Background(), noMeta)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 )
 
 const maxReportedKeys = 100
@@ -67,7 +68,7 @@ func (h *Handler) listPrefixes(prefix string) []string {
 	return h.cfg.Prefixes
 }
 
-func (h *Handler) reconcileObject(ctx context.Context, obj Object) ([]events.Message, error) {
+func (h *Handler) reconcileObject(ctx context.Context, obj objstore.Object) ([]events.Message, error) {
 	c := candidate{Bucket: obj.Bucket, Key: obj.Key, Size: obj.Size, ETag: obj.ETag, VersionID: obj.VersionID, Metadata: obj.Metadata}
 	// Skips are not counted here: they were counted when their
 	// notification came, and a pass would count the whole bucket again.

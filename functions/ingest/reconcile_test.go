@@ -7,23 +7,24 @@ import (
 	"time"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 )
 
 func TestReconcileQueuesExactlyTheUploadsNoNotificationBroughtIn(t *testing.T) {
 	ctx := context.Background()
-	lost := Object{Bucket: "uploads", Key: "lost.vhdx", Size: 10, ETag: "e-lost", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Hour)}
-	seen := Object{Bucket: "uploads", Key: "seen.vhdx", Size: 10, ETag: "e-seen", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Hour)}
-	overwritten := Object{Bucket: "uploads", Key: "overwritten.vhdx", Size: 10, ETag: "e-new", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Minute)}
-	reconverted := Object{Bucket: "uploads", Key: "reconverted.vhdx", Size: 10, ETag: "e-rc", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Hour)}
-	big := Object{Bucket: "uploads", Key: "big.vhdx", Size: 1 << 50, ETag: "e-big", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Hour)}
-	skipped := []Object{
+	lost := objstore.Object{Bucket: "uploads", Key: "lost.vhdx", Size: 10, ETag: "e-lost", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Hour)}
+	seen := objstore.Object{Bucket: "uploads", Key: "seen.vhdx", Size: 10, ETag: "e-seen", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Hour)}
+	overwritten := objstore.Object{Bucket: "uploads", Key: "overwritten.vhdx", Size: 10, ETag: "e-new", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Minute)}
+	reconverted := objstore.Object{Bucket: "uploads", Key: "reconverted.vhdx", Size: 10, ETag: "e-rc", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Hour)}
+	big := objstore.Object{Bucket: "uploads", Key: "big.vhdx", Size: 1 << 50, ETag: "e-big", Metadata: map[string]string{}, LastModified: testNow.Add(-time.Hour)}
+	skipped := []objstore.Object{
 		{Bucket: "uploads", Key: "notes.txt", Size: 10, ETag: "e1", Metadata: map[string]string{}},
 		{Bucket: "uploads", Key: "empty.vhdx", Size: 0, ETag: "e2", Metadata: map[string]string{}},
 		{Bucket: "uploads", Key: "errors/x.vhdx", Size: 10, ETag: "e3", Metadata: map[string]string{}},
 		{Bucket: "uploads", Key: "out.vhdx.raw", Size: 10, ETag: "e4", Metadata: map[string]string{"X-Amz-Meta-Imagepipe-Output": "true"}},
 	}
 	r := newRig(Config{}, append(skipped, lost, seen, overwritten, reconverted, big)...)
-	ident := func(o Object) string { return events.ObjectIdentity(o.Bucket, o.Key, o.VersionID, o.ETag) }
+	ident := func(o objstore.Object) string { return events.ObjectIdentity(o.Bucket, o.Key, o.VersionID, o.ETag) }
 	r.status.Set(ctx, events.Status{Bucket: "uploads", Key: "seen.vhdx", JobID: events.JobIDFor(ident(seen)), State: events.StateReady, UpdatedAt: testNow.Add(-2 * time.Hour)})
 	r.status.Set(ctx, events.Status{Bucket: "uploads", Key: "overwritten.vhdx", JobID: "job-of-old-content", State: events.StateReady, UpdatedAt: testNow.Add(-time.Hour)})
 	r.status.Set(ctx, events.Status{Bucket: "uploads", Key: "reconverted.vhdx", JobID: "a-reconvert", State: events.StateConverting, UpdatedAt: testNow.Add(-time.Minute)})
@@ -41,7 +42,7 @@ func TestReconcileQueuesExactlyTheUploadsNoNotificationBroughtIn(t *testing.T) {
 			jobs[decodeJob(t, m).Key] = m
 		}
 	}
-	for _, o := range []Object{lost, overwritten} {
+	for _, o := range []objstore.Object{lost, overwritten} {
 		m, ok := jobs[o.Key]
 		if !ok {
 			t.Errorf("%s not queued", o.Key)
@@ -80,7 +81,7 @@ func keys(m map[string]events.Message) []string {
 }
 
 func TestReconcileListsOnlyTheConfiguredOrRequestedPrefixes(t *testing.T) {
-	objs := []Object{
+	objs := []objstore.Object{
 		{Bucket: "uploads", Key: "a/1.vhdx", Size: 1, ETag: "1", Metadata: map[string]string{}},
 		{Bucket: "uploads", Key: "b/2.vhdx", Size: 1, ETag: "2", Metadata: map[string]string{}},
 		{Bucket: "uploads", Key: "c/3.vhdx", Size: 1, ETag: "3", Metadata: map[string]string{}},
@@ -108,7 +109,7 @@ func (l *fakeLease) Acquire(context.Context) (bool, error) {
 }
 
 func TestPeriodicReconcileRunsOnlyWhileHoldingTheLease(t *testing.T) {
-	obj := Object{Bucket: "uploads", Key: "lost.vhdx", Size: 10, ETag: "e", Metadata: map[string]string{}}
+	obj := objstore.Object{Bucket: "uploads", Key: "lost.vhdx", Size: 10, ETag: "e", Metadata: map[string]string{}}
 	for _, grant := range []bool{false, true} {
 		r := newRig(Config{}, obj)
 		lease := &fakeLease{grant: grant}

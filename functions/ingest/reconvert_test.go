@@ -8,11 +8,12 @@ import (
 	"time"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 )
 
 func TestReconvertQueuesAFreshJobThatBypassesDeduplication(t *testing.T) {
 	ctx := context.Background()
-	obj := Object{Bucket: "uploads", Key: "disks/a.vhdx", Size: 100, ETag: "e1", VersionID: "v1", Metadata: map[string]string{}}
+	obj := objstore.Object{Bucket: "uploads", Key: "disks/a.vhdx", Size: 100, ETag: "e1", VersionID: "v1", Metadata: map[string]string{}}
 	r := newRig(Config{}, obj)
 	ident := events.ObjectIdentity("uploads", "disks/a.vhdx", "v1", "e1")
 	r.status.Set(ctx, events.Status{Bucket: "uploads", Key: "disks/a.vhdx", JobID: events.JobIDFor(ident), State: events.StateReady})
@@ -47,7 +48,7 @@ func TestReconvertQueuesAFreshJobThatBypassesDeduplication(t *testing.T) {
 }
 
 func TestReconvertRefusesWithAPlainReason(t *testing.T) {
-	objs := []Object{
+	objs := []objstore.Object{
 		{Bucket: "uploads", Key: "a.vhdx", Size: 10, ETag: "e", Metadata: map[string]string{}},
 		{Bucket: "uploads", Key: "out.raw", Size: 10, ETag: "e", Metadata: map[string]string{"imagepipe-output": "true"}},
 		{Bucket: "uploads", Key: "empty.vhdx", Size: 0, ETag: "e", Metadata: map[string]string{}},
@@ -83,7 +84,7 @@ func TestReconvertRefusesWithAPlainReason(t *testing.T) {
 
 func TestReconvertRestoresTheStatusWhenTheJobCannotBePublished(t *testing.T) {
 	ctx := context.Background()
-	r := newRig(Config{}, Object{Bucket: "uploads", Key: "a.vhdx", Size: 10, ETag: "e", Metadata: map[string]string{}})
+	r := newRig(Config{}, objstore.Object{Bucket: "uploads", Key: "a.vhdx", Size: 10, ETag: "e", Metadata: map[string]string{}})
 	before := events.Status{Bucket: "uploads", Key: "a.vhdx", JobID: "old", State: events.StateReady, UpdatedAt: testNow.Add(-time.Hour)}
 	r.status.Set(ctx, before)
 	r.pub.err = errors.New("jetstream unavailable")

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"net/http"
 	"time"
 
@@ -68,8 +69,11 @@ type Object struct {
 	Size      int64
 	ETag      string
 	VersionID string
-	Metadata  map[string]string // user metadata, lower-case keys without x-amz-meta-
-	Checksum  string            // x-amz-checksum-sha256, base64, when the uploader sent one
+	// Metadata is the user metadata, lower-case keys without x-amz-meta-;
+	// nil when a listing did not include it.
+	Metadata     map[string]string
+	Checksum     string // x-amz-checksum-sha256, base64, when the uploader sent one
+	LastModified time.Time
 }
 
 func objectFrom(bucket string, info minio.ObjectInfo) Object {
@@ -85,7 +89,56 @@ func objectFrom(bucket string, info minio.ObjectInfo) Object {
 		VersionID: info.VersionID,
 		Metadata:  meta,
 		Checksum:  info.ChecksumSHA256,
+
+		LastModified: info.LastModified,
 	}
+}
+
+// List yields the objects under prefix. It asks for their user metadata,
+// which MinIO lists; other servers ignore the request, Metadata is then
+// nil, and a caller that must know stats the object.
+func (s *Store) List(ctx context.Context, bucket, prefix string) iter.Seq2[Object, error] {
+	return func(yield func(Object, error) bool) {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel() // stops the lister when the caller stops early
+		for info := range s.client.ListObjects(ctx, bucket, minio.ListObjectsOptions{Prefix: prefix, Recursive: true, WithMetadata: true}) {
+			if info.Err != nil {
+				yield(Object{}, fmt.Errorf("list %s/%s: %w", bucket, prefix, info.Err))
+				return
+			}
+			obj := objectFrom(bucket, info)
+			if info.UserMetadata == nil && info.Metadata == nil {
+				obj.Metadata = nil
+			}
+			for k, v := range info.Metadata {
+				if len(v) > 0 {
+					obj.Metadata[normalizeMetaKey(k)] = v[0]
+				}
+			}
+			if !yield(obj, nil) {
+				return
+			}
+		}
+	}
+}
+
+// PutStream stores what r yields as bucket/key. size is -1 when unknown,
+// and then partSize bounds the memory the upload buffers. The object
+// appears only when r has been read to its end without an error.
+func (s *Store) PutStream(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error {
+	_, err := s.client.PutObject(ctx, bucket, key, r, size, minio.PutObjectOptions{
+		ContentType:  "application/octet-stream",
+		UserMetadata: meta,
+		PartSize:     partSize,
+		// A CRC32C trailer instead of a SHA-256 of every part, which
+		// would cost a second pass over buffered data.
+		DisableContentSha256: true,
+		Checksum:             minio.ChecksumCRC32C,
+	})
+	if err != nil {
+		return fmt.Errorf("put %s/%s: %w", bucket, key, err)
+	}
+	return nil
 }
 
 // Stat returns an object's attributes.
