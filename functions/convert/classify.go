@@ -8,6 +8,7 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
 )
 
@@ -20,6 +21,16 @@ func classifyInspect(err error) error {
 		return failure.Refused(events.PhaseInspect, r.Rule, err, r.Suggestion)
 	}
 	return failure.Retryable(events.PhaseInspect, err, "")
+}
+
+// classifyWrite decides on a failure to write an output: refused by the
+// store (no such bucket, access denied) will stay refused; anything else
+// may pass.
+func classifyWrite(err error) error {
+	if objstore.IsPermanent(err) {
+		return failure.Permanent(events.PhaseUpload, err, "check the output bucket exists and the converter may write and tag objects in it")
+	}
+	return failure.Retryable(events.PhaseUpload, err, "")
 }
 
 // classifyQemu decides on a qemu-img failure. qemu-img exiting with an error

@@ -13,7 +13,6 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
-	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/sparse"
 )
 
@@ -135,10 +134,7 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 	if err != nil {
 		stopHash()
 		<-sumc
-		if objstore.IsPermanent(err) {
-			return failure.Permanent(events.PhaseUpload, err, "check the output bucket exists and the converter may write to it")
-		}
-		return failure.Retryable(events.PhaseUpload, err, "")
+		return classifyWrite(err)
 	}
 	hs := <-sumc
 	if hs.err != nil {
@@ -146,10 +142,7 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 	}
 	d.sha256 = hs.sum
 	if err := h.store.SetTags(ctx, h.cfg.OutputBucket, d.outKey, obj.VersionID, outputTags(d)); err != nil {
-		if objstore.IsPermanent(err) {
-			return failure.Permanent(events.PhaseUpload, err, "allow the converter s3:PutObjectTagging on the output bucket")
-		}
-		return failure.Retryable(events.PhaseUpload, err, "")
+		return classifyWrite(err)
 	}
 	// The scratch copy is no longer needed; an OVA's next disk may need
 	// the room.

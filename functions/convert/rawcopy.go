@@ -10,7 +10,6 @@ import (
 	"strconv"
 
 	"github.com/imagepipe/imagepipe/events"
-	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 )
@@ -80,10 +79,7 @@ func (h *Handler) copyRaw(ctx context.Context, j *job) (bool, error) {
 		if objstore.IsChanged(err) {
 			return true, errSuperseded
 		}
-		if objstore.IsPermanent(err) {
-			return true, failure.Permanent(events.PhaseUpload, err, "check the output bucket exists and the converter may write to it")
-		}
-		return true, failure.Retryable(events.PhaseUpload, fmt.Errorf("server-side copy: %w", err), "")
+		return true, classifyWrite(fmt.Errorf("server-side copy: %w", err))
 	}
 	return true, nil
 }
