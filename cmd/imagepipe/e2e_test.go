@@ -25,6 +25,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/internal/status"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // The end-to-end tests run the real wiring of `imagepipe dev`: embedded
@@ -144,42 +145,20 @@ func runTool(t *testing.T, name string, args ...string) {
 // sha256 and size.
 func localRaw(t *testing.T, path, format string) (string, int64) {
 	t.Helper()
-	sum, size, err := convertLocally(path, format, t.TempDir())
+	sum, size, err := stack.LocalRaw(context.Background(), path, format, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	return sum, size
 }
 
-// convertLocally is localRaw for goroutines, which may not call t.Fatal.
-func convertLocally(path, format, dir string) (string, int64, error) {
-	out := filepath.Join(dir, "expected.raw")
-	defer os.Remove(out)
-	if b, err := exec.Command("qemu-img", "convert", "-f", format, "-O", "raw", path, out).CombinedOutput(); err != nil {
-		return "", 0, fmt.Errorf("qemu-img convert %s: %v\n%s", path, err, b)
-	}
-	f, err := os.Open(out)
-	if err != nil {
-		return "", 0, err
-	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	return hex.EncodeToString(h.Sum(nil)), n, err
-}
-
 func fileSum(t *testing.T, path string) string {
 	t.Helper()
-	f, err := os.Open(path)
+	sum, _, err := stack.FileSHA256(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
+	return sum
 }
 
 // results subscribes to every result before an upload, so none is missed.

@@ -16,6 +16,7 @@ import (
 	"github.com/minio/minio-go/v7"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // realImagesDir holds disk images written by other tools, with the verdict
@@ -87,7 +88,7 @@ func gunzipTo(t *testing.T, src, dst string) {
 // for an OVA.
 func expectedOutputs(ri realImage, path, key, scratch string) (map[string]string, error) {
 	if ri.format != "ova" {
-		sum, _, err := convertLocally(path, ri.format, scratch)
+		sum, _, err := stack.LocalRaw(context.Background(), path, ri.format, scratch)
 		return map[string]string{key + ".raw": sum}, err
 	}
 	f, err := os.Open(path)
@@ -120,7 +121,7 @@ func expectedOutputs(ri realImage, path, key, scratch string) (map[string]string
 		if err != nil {
 			return nil, err
 		}
-		sum, _, err := convertLocally(disk, "vmdk", scratch)
+		sum, _, err := stack.LocalRaw(context.Background(), disk, "vmdk", scratch)
 		if err != nil {
 			return nil, err
 		}

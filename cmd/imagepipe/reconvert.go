@@ -7,13 +7,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/imagepipe/imagepipe/events"
-	"github.com/imagepipe/imagepipe/internal/natsrt"
 )
 
 // runReconvert asks an ingest replica to queue a new conversion of an
@@ -49,11 +47,7 @@ func runReconvert(ctx context.Context, args []string, stdout io.Writer) error {
 // ctlRequest sends a JSON request to ingest's control endpoints and decodes
 // the reply, turning {"error": ...} into an error of one plain line.
 func ctlRequest(ctx context.Context, subject string, req, reply any, timeout time.Duration) error {
-	s, err := loadSettings()
-	if err != nil {
-		return err
-	}
-	nc, err := natsrt.Connect(ctx, s.NATS, "imagepipe-cli", slog.New(slog.DiscardHandler))
+	nc, _, err := connectCLI(ctx, "cli")
 	if err != nil {
 		return err
 	}

@@ -7,14 +7,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
-	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/status"
 )
 
@@ -27,11 +25,7 @@ func splitObject(arg string) (bucket, key string, err error) {
 }
 
 func openStatusKV(ctx context.Context) (jetstream.KeyValue, func(), error) {
-	s, err := loadSettings()
-	if err != nil {
-		return nil, nil, err
-	}
-	nc, err := natsrt.Connect(ctx, s.NATS, "imagepipe-cli", slog.New(slog.DiscardHandler))
+	nc, _, err := connectCLI(ctx, "cli")
 	if err != nil {
 		return nil, nil, err
 	}
