@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/direct"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
@@ -246,6 +247,14 @@ func qemuConvert(ctx context.Context, src, format, dst string, flags ...string) 
 	return took, nil
 }
 
+// scratchCache is the cache mode convert gives qemu-img for files in dir.
+func scratchCache(dir string) []string {
+	if direct.Supported(dir) {
+		return []string{"-T", "none", "-t", "none"}
+	}
+	return []string{"-t", "unsafe"}
+}
+
 // P1 is the large-image comparison.
 type P1 struct {
 	Virtual, Data int64
@@ -427,7 +436,7 @@ func (r *Runner) bareStages(ctx context.Context, key, dir string, rep int) ([3]t
 	if err != nil {
 		return d, err
 	}
-	f, err := os.Create(in)
+	f, err := direct.Create(in)
 	if err == nil {
 		_, err = f.ReadFrom(rc)
 		if cerr := f.Close(); err == nil {
@@ -439,7 +448,7 @@ func (r *Runner) bareStages(ctx context.Context, key, dir string, rep int) ([3]t
 		return d, err
 	}
 	d[0] = time.Since(start)
-	if d[1], err = qemuConvert(ctx, in, "vhdx", out, "-t", "unsafe"); err != nil {
+	if d[1], err = qemuConvert(ctx, in, "vhdx", out, scratchCache(dir)...); err != nil {
 		return d, err
 	}
 	start = time.Now()

@@ -211,7 +211,7 @@ func (r *Report) Write(w io.Writer) error {
 		p("The pipeline, the baseline and the bare stages each read their own copy of the image, uploaded just before they run, so none finds it already in the page cache. ")
 		p("Sequential baseline: %s. ", x.Baseline)
 		p("The pipeline's stages are read from the line convert logs as a job enters each stage: notification (upload complete → MinIO's event on NATS), queue (→ download starts), download, inspect (the header and `qemu-img info`), convert (qemu-img), verify (the size, and for qcow2 a re-inspection), upload (hashing the output at the same time), result (→ the result event). ")
-		p("Bare stages: what convert does, one at a time and without the pipeline: a streamed download, the same `qemu-img convert -p -t unsafe -S 4k` (no closing fsync of the scratch output), and objstore's parallel upload (128 MiB parts, 4 at a time, CRC32C instead of payload SHA-256).\n\n")
+		p("Bare stages: what convert does, one at a time and without the pipeline: a streamed download written with O_DIRECT, the same `qemu-img convert -p -T none -t none -S 4k` (O_DIRECT on both files; `-t unsafe` where the scratch file system refuses O_DIRECT), and objstore's parallel upload (128 MiB parts, 4 at a time, CRC32C instead of payload SHA-256).\n\n")
 		p("| | median | runs |\n| --- | --- | --- |\n")
 		p("| pipeline, end to end | %s | %s |\n", sec(stack.Median(x.Pipeline)), list(x.Pipeline, sec))
 		p("| sequential baseline | %s | %s |\n", sec(stack.Median(x.Sequential)), list(x.Sequential, sec))

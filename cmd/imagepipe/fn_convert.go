@@ -10,6 +10,7 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/functions/convert"
 	"github.com/imagepipe/imagepipe/internal/dedup"
+	"github.com/imagepipe/imagepipe/internal/direct"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
@@ -34,7 +35,10 @@ func startConvert(ctx context.Context, js jetstream.JetStream, st *status.Store,
 	if err != nil {
 		return nil, err
 	}
-	h := convert.New(s.Convert, store, qemuimg.New(log), st, dd, log)
+	qemu := qemuimg.New(log)
+	qemu.DirectIO = direct.Supported(s.Convert.Scratch())
+	log.Info("scratch", "dir", s.Convert.Scratch(), "direct_io", qemu.DirectIO)
+	h := convert.New(s.Convert, store, qemu, st, dd, log)
 	binding := natsrt.Binding{
 		Stream: events.StreamJobs, Durable: "convert", FilterSubject: events.SubjectConvertJob,
 		Concurrency: s.Convert.MaxConcurrentJobs, AckWait: s.Convert.AckWait,

@@ -1,6 +1,7 @@
 package convert
 
 import (
+	"os"
 	"time"
 
 	"github.com/imagepipe/imagepipe/internal/dedup"
@@ -27,6 +28,14 @@ type Config struct {
 	AckWait      time.Duration `env:"IMAGEPIPE_ACK_WAIT" envDefault:"60s"`
 	// Dedup is content de-duplication (IMAGEPIPE_DEDUP, _DEDUP_HASH, ...).
 	Dedup dedup.Config
+}
+
+// Scratch is the scratch directory: ScratchDir, or the OS temp dir.
+func (c Config) Scratch() string {
+	if c.ScratchDir == "" {
+		return os.TempDir()
+	}
+	return c.ScratchDir
 }
 
 // Backoff is the redelivery schedule for MaxAttempts.

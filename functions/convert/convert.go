@@ -82,9 +82,7 @@ type Handler struct {
 
 // New returns a handler. dd may be nil: content de-duplication is then off.
 func New(cfg Config, store Storage, qemu QemuImg, report Reporter, dd Deduper, log *slog.Logger) *Handler {
-	if cfg.ScratchDir == "" {
-		cfg.ScratchDir = os.TempDir()
-	}
+	cfg.ScratchDir = cfg.Scratch()
 	// A replica killed mid-job left its scratch behind; starting up is the
 	// first chance to reclaim it.
 	if removed := sweepScratch(cfg.ScratchDir, time.Now()); len(removed) > 0 && log != nil {

@@ -9,14 +9,15 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
-	"os"
 	"strings"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/therootcompany/xz"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/direct"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 )
@@ -55,7 +56,8 @@ func (h *Handler) download(ctx context.Context, j *job) error {
 		j.outFormat = f
 	}
 
-	sum := sha256.New()
+	sum := newAsyncHash(sha256.New())
+	defer sum.Close()
 	meter := h.newMeter(ctx, j, events.PhaseDownload, events.StateDownloading, obj.Size)
 	body := &readErrs{r: rc}
 	br := bufio.NewReaderSize(io.TeeReader(body, io.MultiWriter(sum, meter)), 1<<20)
@@ -68,7 +70,7 @@ func (h *Handler) download(ctx context.Context, j *job) error {
 	}
 	j.codec = codec
 
-	f, err := os.OpenFile(j.input, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	f, err := direct.Create(j.input)
 	if err != nil {
 		return failure.Retryable(events.PhaseDownload, fmt.Errorf("create scratch file: %w", err), "")
 	}
@@ -92,7 +94,7 @@ func (h *Handler) download(ctx context.Context, j *job) error {
 		return failure.Refused(events.PhaseDownload, "virtual-size", fmt.Errorf("the %s stream expands to more than %d bytes", codec, limit),
 			"split the disk or raise IMAGEPIPE_MAX_VIRTUAL_SIZE")
 	}
-	j.sha256In = hex.EncodeToString(sum.Sum(nil))
+	j.sha256In = hex.EncodeToString(sum.Sum())
 	return verifyChecksum(obj, j.sha256In)
 }
 
@@ -193,4 +195,61 @@ func (r *readErrs) Read(p []byte) (int, error) {
 		r.err = err
 	}
 	return n, err
+}
+
+// asyncHash hashes what is written to it on a goroutine of its own, so
+// that hashing a download overlaps the network and the disk instead of
+// adding to them. A few buffers bound its memory: a writer that gets ahead
+// waits.
+type asyncHash struct {
+	h      hash.Hash
+	chunks chan []byte
+	free   chan []byte
+	done   chan struct{}
+	closed bool
+}
+
+const asyncHashBuffers, asyncHashBufferSize = 4, 1 << 20
+
+func newAsyncHash(h hash.Hash) *asyncHash {
+	a := &asyncHash{h: h, chunks: make(chan []byte, asyncHashBuffers), free: make(chan []byte, asyncHashBuffers), done: make(chan struct{})}
+	for range asyncHashBuffers {
+		a.free <- make([]byte, asyncHashBufferSize)
+	}
+	go func() {
+		defer close(a.done)
+		for b := range a.chunks {
+			a.h.Write(b)
+			a.free <- b[:cap(b)]
+		}
+	}()
+	return a
+}
+
+func (a *asyncHash) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		b := <-a.free
+		c := copy(b, p)
+		a.chunks <- b[:c]
+		p = p[c:]
+	}
+	return n, nil
+}
+
+// Sum waits for everything written to be hashed and returns the hash. No
+// Write may follow.
+func (a *asyncHash) Sum() []byte {
+	a.Close()
+	return a.h.Sum(nil)
+}
+
+// Close stops the hashing goroutine; a download that failed calls it
+// without Sum.
+func (a *asyncHash) Close() {
+	if !a.closed {
+		a.closed = true
+		close(a.chunks)
+	}
+	<-a.done
 }

@@ -17,6 +17,7 @@ import (
 	"strings"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/direct"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
 )
@@ -113,7 +114,7 @@ func (h *Handler) convertOVA(ctx context.Context, j *job) error {
 }
 
 func extract(r io.Reader, dst string) ([2]string, error) {
-	f, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	f, err := direct.Create(dst)
 	if err != nil {
 		return [2]string{}, err
 	}

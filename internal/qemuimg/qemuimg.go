@@ -77,11 +77,17 @@ func (r *Runner) Convert(ctx context.Context, src, srcFormat, dst, dstFormat str
 	if err := checkArgs(dst, dstFormat); err != nil {
 		return fmt.Errorf("qemu-img convert %s to %s: %w", src, dst, err)
 	}
-	// -t unsafe: qemu-img skips its closing fsync of the output. The
-	// output is scratch, read back at once and deleted; after a crash the
-	// job starts over and the sweep removes it. The fsync cost seconds per
-	// GiB of data on a rotational disk and bought nothing.
-	args := []string{"convert", "-p", "-t", "unsafe", "-f", srcFormat, "-O", dstFormat}
+	// Both files are scratch, read once and deleted. With O_DIRECT they
+	// stay out of the page cache. Without it, -t unsafe at least skips the
+	// closing fsync of the output, which cost seconds per GiB of data on a
+	// rotational disk and bought nothing: after a crash the job starts over
+	// and the sweep removes the file.
+	cache := []string{"-t", "unsafe"}
+	if r.DirectIO {
+		cache = []string{"-T", "none", "-t", "none"}
+	}
+	args := append([]string{"convert", "-p"}, cache...)
+	args = append(args, "-f", srcFormat, "-O", dstFormat)
 	if dstFormat == "raw" {
 		// Explicit rather than relying on the default: runs of zeroes must
 		// become holes, or a mostly empty 1 TB disk costs 1 TB of scratch.

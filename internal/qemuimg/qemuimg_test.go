@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -170,10 +171,19 @@ func TestConvertQcow2ToRaw(t *testing.T) {
 	src := patternedQcow2(t, dir)
 	ref := filepath.Join(dir, "ref.raw")
 	sh(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", src, ref)
-	dst := filepath.Join(dir, "out.raw")
+	for _, directIO := range []bool{false, true} {
+		t.Run(fmt.Sprintf("DirectIO=%v", directIO), func(t *testing.T) {
+			testConvertQcow2ToRaw(t, src, ref, directIO)
+		})
+	}
+}
 
+func testConvertQcow2ToRaw(t *testing.T, src, ref string, directIO bool) {
+	dst := filepath.Join(t.TempDir(), "out.raw")
+	r := New(nil)
+	r.DirectIO = directIO
 	var progress []float64
-	err := New(nil).Convert(context.Background(), src, "qcow2", dst, "raw", func(p float64) {
+	err := r.Convert(context.Background(), src, "qcow2", dst, "raw", func(p float64) {
 		progress = append(progress, p)
 	})
 	if err != nil {

@@ -58,7 +58,12 @@ type Runner struct {
 	// ConvertLimits applies to convert and check, whose cost grows with the
 	// size of the image rather than with its header.
 	ConvertLimits Limits
-	Log           *slog.Logger
+	// DirectIO makes convert read and write with O_DIRECT (-T none -t
+	// none), past the page cache. Set it only where the scratch file
+	// system supports O_DIRECT (see package direct): qemu-img fails to
+	// open files elsewhere.
+	DirectIO bool
+	Log      *slog.Logger
 }
 
 // New returns a Runner with the defaults: info limited to 1 GiB of address

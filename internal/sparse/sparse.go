@@ -4,16 +4,18 @@
 // kernel serves a hole as zeros, but only after allocating and clearing a
 // page-cache page for every 4 KiB of it: reading an 8 GiB output with 1 GiB
 // of data costs seconds of CPU and fills 8 GiB of cache. File maps the data
-// extents once with SEEK_DATA/SEEK_HOLE and serves the holes from memory.
+// extents once with SEEK_DATA/SEEK_HOLE and serves the holes from memory;
+// the data it reads with O_DIRECT where it can (see package direct).
 package sparse
 
 import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"sort"
 	"syscall"
+
+	"github.com/imagepipe/imagepipe/internal/direct"
 )
 
 // maxExtents bounds the map (16 bytes each): past it, the rest of the file
@@ -27,7 +29,7 @@ var zeros = make([]byte, 1<<20)
 // not change while it is read. ReadAt is safe for concurrent use; Read and
 // WriteTo share one position and are not.
 type File struct {
-	f    *os.File
+	f    *direct.File
 	size int64
 	pos  int64 // of Read and WriteTo
 	// data holds sorted, disjoint [start, end) extents that may hold data.
@@ -38,7 +40,7 @@ type extent struct{ start, end int64 }
 
 // Open opens path and maps its data extents.
 func Open(path string) (*File, error) {
-	f, err := os.Open(path)
+	f, err := direct.Open(path)
 	if err != nil {
 		return nil, err
 	}
@@ -57,7 +59,7 @@ func Open(path string) (*File, error) {
 
 // mapData walks the file's data extents. A file system without hole
 // support reports the whole file as data.
-func mapData(f *os.File, size int64, limit int) ([]extent, error) {
+func mapData(f io.Seeker, size int64, limit int) ([]extent, error) {
 	var data []extent
 	for off := int64(0); off < size; {
 		start, err := f.Seek(off, seekData)

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/imagepipe/imagepipe/internal/direct"
 )
 
 // layout is a file size and the [start, end) ranges written with
@@ -147,7 +149,7 @@ func TestHolesAreNotCountedAsData(t *testing.T) {
 func TestExtentLimitReadsTheRestAsData(t *testing.T) {
 	l := layouts[len(layouts)-1]
 	path, want := build(t, l)
-	raw, err := os.Open(path)
+	raw, err := direct.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}

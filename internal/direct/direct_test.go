@@ -1,0 +1,117 @@
+package direct
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"testing/iotest"
+)
+
+// pattern is n bytes that differ at every offset a misplaced block could
+// land on.
+func pattern(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i*7 + i/4093)
+	}
+	return b
+}
+
+func TestWriterStoresExactlyTheBytesWritten(t *testing.T) {
+	dir := t.TempDir()
+	if !Supported(dir) {
+		t.Fatalf("O_DIRECT refused in %s; the test needs a file system that supports it (ext4, xfs, tmpfs since Linux 6.6)", dir)
+	}
+	sizes := []int{0, 1, align - 1, align, align + 1, bufSize - 1, bufSize, bufSize + align + 17, 3*bufSize + 5}
+	for _, size := range sizes {
+		want := pattern(size)
+		for name, write := range map[string]func(w *Writer) error{
+			// Odd-sized writes straddle the buffer's end.
+			"Write": func(w *Writer) error {
+				for p := want; len(p) > 0; {
+					n := min(len(p), 100_003)
+					if _, err := w.Write(p[:n]); err != nil {
+						return err
+					}
+					p = p[n:]
+				}
+				return nil
+			},
+			// Short reads leave the buffer partly filled between reads.
+			"ReadFrom": func(w *Writer) error {
+				n, err := io.Copy(w, iotest.HalfReader(bytes.NewReader(want)))
+				if err == nil && n != int64(size) {
+					t.Errorf("io.Copy reported %d bytes, want %d", n, size)
+				}
+				return err
+			},
+		} {
+			path := filepath.Join(dir, name+"-"+strconv.Itoa(size))
+			w, err := Create(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !w.Direct() {
+				t.Errorf("%s: writer fell back to buffered I/O where O_DIRECT works", path)
+			}
+			if err := write(w); err != nil {
+				t.Fatalf("%s: %v", path, err)
+			}
+			if err := w.Close(); err != nil {
+				t.Fatalf("%s: close: %v", path, err)
+			}
+			got, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("%s: file holds %d bytes that differ from the %d written", path, len(got), len(want))
+			}
+		}
+	}
+}
+
+func TestCreateRefusesAnExistingFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "input")
+	if err := os.WriteFile(path, []byte("keep me"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Create(path); !errors.Is(err, os.ErrExist) {
+		t.Fatalf("Create over an existing file: err = %v, want os.ErrExist", err)
+	}
+	if got, _ := os.ReadFile(path); string(got) != "keep me" {
+		t.Fatalf("existing file changed to %q", got)
+	}
+}
+
+func TestWriterReportsTheWriteError(t *testing.T) {
+	// /dev/full fails every write with ENOSPC, as a full scratch disk does.
+	w := &Writer{f: mustOpen(t, "/dev/full")}
+	var err error
+	if w.buf, err = alignedBuffer(bufSize); err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.Copy(w, bytes.NewReader(pattern(bufSize+1)))
+	if err == nil {
+		t.Fatal("a write to a full device succeeded")
+	}
+	if cerr := w.Close(); cerr == nil {
+		t.Fatal("Close wrote the tail to a full device without an error")
+	}
+	if _, err := w.Write([]byte{1}); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("Write after Close: err = %v, want os.ErrClosed", err)
+	}
+}
+
+func mustOpen(t *testing.T, path string) *os.File {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
