@@ -77,6 +77,22 @@ func intakeStats(t *testing.T) map[string]uint64 {
 	return counts
 }
 
+// awaitStats returns how intake's counters moved since before, once done
+// holds or after a few seconds. Seeing a notification on its subject does
+// not mean ingest has counted it: the stream and ingest's consumer may
+// still be behind.
+func awaitStats(t *testing.T, before map[string]uint64, done func(map[string]uint64) bool) map[string]uint64 {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		d := statsDelta(before, intakeStats(t))
+		if done(d) || time.Now().After(deadline) {
+			return d
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func statsDelta(before, after map[string]uint64) map[string]uint64 {
 	d := map[string]uint64{}
 	for k, v := range after {
@@ -267,7 +283,7 @@ func TestTaggingAnUploadDoesNotConvertItAgain(t *testing.T) {
 	if got := settledJobs(t) - before; got != 1 {
 		t.Errorf("an upload and its tagging made %d jobs, want 1", got)
 	}
-	if d := statsDelta(statsBefore, intakeStats(t)); d[ingest.ReasonNotAnUpload] != 1 || d[ingest.ReasonQueued] != 1 {
+	if d := awaitStats(t, statsBefore, func(d map[string]uint64) bool { return d[ingest.ReasonNotAnUpload] == 1 && d[ingest.ReasonQueued] == 1 }); d[ingest.ReasonNotAnUpload] != 1 || d[ingest.ReasonQueued] != 1 {
 		t.Errorf("counters moved by %v, want queued +1 and not-an-upload +1", d)
 	}
 	if st := statusOf(t, "uploads", key); st.State != events.StateReady || st.JobID != c.JobID {
@@ -307,7 +323,7 @@ func TestOutputsNeverFeedBackInEvenInTheInputBucket(t *testing.T) {
 	if got := settledJobs(t) - before; got != 0 {
 		t.Errorf("outputs in the input bucket made %d jobs", got)
 	}
-	if d := statsDelta(statsBefore, intakeStats(t)); d[ingest.ReasonOutput] != 2 {
+	if d := awaitStats(t, statsBefore, func(d map[string]uint64) bool { return d[ingest.ReasonOutput] == 2 }); d[ingest.ReasonOutput] != 2 {
 		t.Errorf("counters moved by %v, want imagepipe-output +2", d)
 	}
 	for _, k := range []string{copied, written} {
@@ -336,7 +352,7 @@ func TestIntakeSkipsEmptyObjectsAndFolderMarkersAndRefusesNonImages(t *testing.T
 		t.Errorf("%d jobs, want none", got)
 	}
 	want := map[string]uint64{ingest.ReasonExtension: 1, ingest.ReasonEmpty: 1, ingest.ReasonFolderMarker: 1, ingest.ReasonErrorReport: 1}
-	if d := statsDelta(statsBefore, intakeStats(t)); fmt.Sprint(d) != fmt.Sprint(want) {
+	if d := awaitStats(t, statsBefore, func(d map[string]uint64) bool { return fmt.Sprint(d) == fmt.Sprint(want) }); fmt.Sprint(d) != fmt.Sprint(want) {
 		t.Errorf("counters moved by %v, want %v", d, want)
 	}
 	// The text file was put where images go: its uploader is told why it
@@ -742,7 +758,7 @@ func TestBadNotificationsAreCountedAcknowledgedAndMakeNoJob(t *testing.T) {
 		t.Errorf("%d jobs, want none", got)
 	}
 	want := map[string]uint64{ingest.ReasonMalformed: 2, ingest.ReasonUnknownEvent: 1, ingest.ReasonOtherBucket: 1}
-	if d := statsDelta(statsBefore, intakeStats(t)); fmt.Sprint(d) != fmt.Sprint(want) {
+	if d := awaitStats(t, statsBefore, func(d map[string]uint64) bool { return fmt.Sprint(d) == fmt.Sprint(want) }); fmt.Sprint(d) != fmt.Sprint(want) {
 		t.Errorf("counters moved by %v, want %v", d, want)
 	}
 	infoAfter, err := c.Info(ctx)

@@ -101,7 +101,10 @@ type control struct {
 	handled, acked, retried, terminated, cancelled, aborted atomic.Int64
 }
 
-type fetchHandle struct{ cancel context.CancelFunc }
+type fetchHandle struct {
+	cancel context.CancelFunc
+	ended  chan struct{} // closed once the pull has returned
+}
 
 type trackedJob struct {
 	info   JobInfo
@@ -273,7 +276,7 @@ func (w *Worker) Consumer(ctx context.Context) (*jetstream.ConsumerInfo, error) 
 // a message gives up instead of taking one after the pause.
 func (w *Worker) fetchContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	fctx, cancel := context.WithCancel(ctx)
-	h := &fetchHandle{cancel: cancel}
+	h := &fetchHandle{cancel: cancel, ended: make(chan struct{})}
 	c := &w.ctl
 	c.mu.Lock()
 	if c.fetches == nil {
@@ -290,16 +293,33 @@ func (w *Worker) fetchContext(ctx context.Context) (context.Context, context.Can
 		delete(c.fetches, h)
 		c.mu.Unlock()
 		cancel()
+		close(h.ended)
 	}
 }
 
-// interruptFetches ends every pull now waiting for a message.
-func (w *Worker) interruptFetches() {
+// interruptFetches ends every pull now waiting for a message and waits,
+// up to timeout, until each has returned and its subscription is gone
+// from the server. A message arriving before that would be handed to a
+// pull nobody reads any more and wait out AckWait before anyone saw it.
+func (w *Worker) interruptFetches(timeout time.Duration) {
 	c := &w.ctl
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	var ended []chan struct{}
 	for h := range c.fetches {
 		h.cancel()
+		ended = append(ended, h.ended)
+	}
+	c.mu.Unlock()
+	deadline := time.After(timeout)
+	for _, e := range ended {
+		select {
+		case <-e:
+		case <-deadline:
+			return
+		}
+	}
+	if nc := w.js.Conn(); nc != nil {
+		_ = nc.FlushTimeout(timeout)
 	}
 }
 

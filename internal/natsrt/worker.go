@@ -113,10 +113,11 @@ func NewWorker(ctx context.Context, js jetstream.JetStream, b Binding, h Handler
 	return &Worker{js: js, binding: b, handle: h, log: log.With("consumer", b.Durable)}, nil
 }
 
-// Pause stops fetching; in-flight messages finish.
+// Pause stops fetching; in-flight messages finish. When it returns, no
+// message published afterwards goes to this worker until Resume.
 func (w *Worker) Pause() {
 	w.paused.Store(true)
-	w.interruptFetches()
+	w.interruptFetches(2 * time.Second)
 }
 
 // Resume starts fetching again.
