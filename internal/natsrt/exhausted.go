@@ -3,6 +3,7 @@ package natsrt
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -52,7 +53,86 @@ func WatchExhausted(ctx context.Context, js jetstream.JetStream, b Binding, repo
 		<-ctx.Done()
 		_ = sub.Unsubscribe()
 	}()
+	// The advisory is a plain NATS message: if no replica was connected
+	// when it fired (the only one crash-looping on this very job), nobody
+	// heard it. The message itself stays in the stream, behind the
+	// consumer's ack floor; look for such messages now and then.
+	go func() {
+		t := time.NewTicker(exhaustedSweepEvery)
+		defer t.Stop()
+		for {
+			sweepExhausted(ctx, js, b, report, log)
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
 	return nil
+}
+
+// exhaustedSweepEvery is how often WatchExhausted looks for messages given
+// up on whose advisory nobody heard.
+const exhaustedSweepEvery = 5 * time.Minute
+
+// sweepExhausted reports the messages the binding's consumer has given up
+// on that are still in its stream. The consumer's ack floor passes a
+// message once it is settled or its deliveries are spent and a later one is
+// acknowledged, and a work-queue stream keeps only what was never settled,
+// so every message at or below the floor is one given up on. Replicas may sweep at once; the reports
+// carry the same event ids, which the stream takes once.
+func sweepExhausted(ctx context.Context, js jetstream.JetStream, b Binding, report ExhaustedHandler, log *slog.Logger) {
+	if ctx.Err() != nil {
+		return
+	}
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	cons, err := js.Consumer(sctx, b.Stream, b.Durable)
+	if err != nil {
+		log.Warn("looking for messages given up on: consumer out of reach", "err", err)
+		return
+	}
+	info, err := cons.Info(sctx)
+	if err != nil {
+		log.Warn("looking for messages given up on: consumer out of reach", "err", err)
+		return
+	}
+	s, err := js.Stream(sctx, b.Stream)
+	if err != nil {
+		log.Warn("looking for messages given up on: stream out of reach", "err", err)
+		return
+	}
+	if s.CachedInfo().Config.Retention != jetstream.WorkQueuePolicy {
+		return // other streams keep settled messages too: the floor proves nothing
+	}
+	floor := info.AckFloor.Stream
+	if info.NumAckPending == 0 {
+		// Nothing is in flight or waiting for a redelivery, so everything
+		// delivered is settled or given up on; the floor itself only moves
+		// when a later message is acknowledged.
+		floor = info.Delivered.Stream
+	}
+	subject := b.FilterSubject
+	if subject == "" {
+		subject = ">"
+	}
+	for seq := s.CachedInfo().State.FirstSeq; seq > 0 && seq <= floor; {
+		// The first message at or after seq: removed ones leave gaps.
+		m, err := s.GetMsg(sctx, seq, jetstream.WithGetMsgSubject(subject))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return
+		}
+		if err != nil {
+			log.Warn("looking for messages given up on", "err", err)
+			return
+		}
+		if m.Sequence > floor {
+			return
+		}
+		handleExhausted(ctx, js, b.Stream, maxDeliveriesAdvisory{Stream: b.Stream, Consumer: b.Durable, StreamSeq: m.Sequence, Deliveries: info.Config.MaxDeliver}, report, log)
+		seq = m.Sequence + 1
+	}
 }
 
 func handleExhausted(ctx context.Context, js jetstream.JetStream, stream string, adv maxDeliveriesAdvisory, report ExhaustedHandler, log *slog.Logger) {
