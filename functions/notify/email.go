@@ -14,16 +14,21 @@ import (
 	"github.com/wneessen/go-mail"
 )
 
-// email sends a multipart/alternative message over SMTP.
+// email sends a multipart/alternative message over SMTP to one recipient.
 type email struct {
+	name string
 	host string
 	opts []mail.Option
 	from string
-	to   []string
+	to   string
 	r    *redactor
 }
 
-func newEmail(cfg Config, tlsConfig *tls.Config, r *redactor) (*email, error) {
+// newEmails returns a channel per recipient. An SMTP transaction with
+// several recipients fails whole when the relay refuses one of them, so one
+// mistyped address would cost everyone the message; on their own channels
+// each is delivered, retried and recorded apart.
+func newEmails(cfg Config, tlsConfig *tls.Config, r *redactor) ([]*email, error) {
 	host, port, implicitTLS, plain, err := smtpEndpoint(cfg.SMTPAddr, cfg.SMTPTLS)
 	if err != nil {
 		return nil, err
@@ -73,10 +78,18 @@ func newEmail(cfg Config, tlsConfig *tls.Config, r *redactor) (*email, error) {
 			mail.WithUsername(cfg.SMTPUsername),
 			mail.WithPassword(cfg.SMTPPassword))
 	}
-	return &email{host: host, opts: opts, from: cfg.SMTPFrom, to: to, r: r}, nil
+	var out []*email
+	for _, addr := range to {
+		name := "email"
+		if len(to) > 1 {
+			name = "email:" + addr
+		}
+		out = append(out, &email{name: name, host: host, opts: opts, from: cfg.SMTPFrom, to: addr, r: r})
+	}
+	return out, nil
 }
 
-func (e *email) Name() string { return "email" }
+func (e *email) Name() string { return e.name }
 
 func (e *email) Send(ctx context.Context, m Message) error {
 	msg, err := e.compose(m)
@@ -100,7 +113,7 @@ func (e *email) compose(m Message) (*mail.Msg, error) {
 	if err := msg.From(e.from); err != nil {
 		return nil, fmt.Errorf("from: %w", err)
 	}
-	if err := msg.To(e.to...); err != nil {
+	if err := msg.To(e.to); err != nil {
 		return nil, fmt.Errorf("to: %w", err)
 	}
 	msg.Subject(emailSubject(m))

@@ -16,6 +16,7 @@ import (
 	"mime/multipart"
 	"net"
 	"net/mail"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -241,7 +242,7 @@ func emailConfig(addr string) notify.Config {
 	return notify.Config{
 		SMTPAddr: addr,
 		SMTPFrom: "imagepipe <imagepipe@example.test>",
-		SMTPTo:   []string{"ops@example.test", " storage-team@example.test "},
+		SMTPTo:   []string{" ops@example.test "},
 	}
 }
 
@@ -260,7 +261,7 @@ func TestEmailThroughLocalRelayWithoutAuth(t *testing.T) {
 		t.Fatalf("server received %d messages, want 1", len(got))
 	}
 	m := got[0]
-	if m.from != "imagepipe@example.test" || strings.Join(m.rcpts, ",") != "ops@example.test,storage-team@example.test" {
+	if m.from != "imagepipe@example.test" || strings.Join(m.rcpts, ",") != "ops@example.test" {
 		t.Errorf("envelope from %q to %v", m.from, m.rcpts)
 	}
 	if m.tls || m.authUser != "" {
@@ -273,7 +274,7 @@ func TestEmailThroughLocalRelayWithoutAuth(t *testing.T) {
 	if from, _ := p.header.AddressList("From"); len(from) != 1 || from[0].Address != "imagepipe@example.test" || from[0].Name != "imagepipe" {
 		t.Errorf("From = %v", from)
 	}
-	if to, _ := p.header.AddressList("To"); len(to) != 2 || to[0].Address != "ops@example.test" || to[1].Address != "storage-team@example.test" {
+	if to, _ := p.header.AddressList("To"); len(to) != 1 || to[0].Address != "ops@example.test" {
 		t.Errorf("To = %v", to)
 	}
 	if id := p.header.Get("Message-Id"); id != "<ev-mail-1@imagepipe>" {
@@ -325,7 +326,7 @@ func TestEmailEscapesObjectKeysInHTML(t *testing.T) {
 	if strings.Contains(p.html, "<script>") || !strings.Contains(p.html, "&lt;script&gt;") {
 		t.Errorf("html body does not escape the key:\n%s", p.html)
 	}
-	if p.header.Get("Bcc") != "" || len(m.rcpts) != 2 {
+	if p.header.Get("Bcc") != "" || len(m.rcpts) != 1 || len(b.received()) != 1 {
 		t.Errorf("a key injected a header: Bcc=%q rcpts=%v", p.header.Get("Bcc"), m.rcpts)
 	}
 }
@@ -409,9 +410,10 @@ func TestEmailWrongPasswordIsRefusedForGood(t *testing.T) {
 	}
 }
 
-func TestEmailRejectedRecipientIsNotRetried(t *testing.T) {
+func TestEmailRejectedRecipientIsNotRetriedAndTheOthersGetTheMail(t *testing.T) {
 	b := &smtpBackend{rejectRcpt: "ops@example.test"}
 	cfg := emailConfig(startSMTP(t, b, nil, false))
+	cfg.SMTPTo = []string{"ops@example.test", "storage-team@example.test", "oncall@example.test"}
 	cfg.SMTPTLS = "off"
 	h, lb := newHandler(t, cfg, nil)
 	for range 2 {
@@ -420,7 +422,20 @@ func TestEmailRejectedRecipientIsNotRetried(t *testing.T) {
 		}
 	}
 	refusals := lb.lines(t, "channel refused the notification; not retrying")
-	if len(refusals) != 1 || refusals[0]["status"] != float64(550) || refusals[0]["channel"] != "email" {
+	if len(refusals) != 1 || refusals[0]["status"] != float64(550) || refusals[0]["channel"] != "email:ops@example.test" {
 		t.Errorf("refusals = %v", refusals)
+	}
+	// Each of the others once, to itself alone, though the event came twice.
+	var got []string
+	for _, m := range b.received() {
+		to, _ := parseMail(t, m.data).header.AddressList("To")
+		if len(to) != 1 || len(m.rcpts) != 1 || to[0].Address != m.rcpts[0] {
+			t.Errorf("a message to %v with To %v, want one recipient named in both", m.rcpts, to)
+		}
+		got = append(got, m.rcpts...)
+	}
+	slices.Sort(got)
+	if want := []string{"oncall@example.test", "storage-team@example.test"}; !slices.Equal(got, want) {
+		t.Errorf("delivered to %v, want %v once each", got, want)
 	}
 }

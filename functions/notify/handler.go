@@ -157,12 +157,14 @@ func NewHandler(cfg Config, ledger Ledger, log *slog.Logger, httpClient *http.Cl
 		}
 	}
 	if cfg.SMTPAddr != "" {
-		e, err := newEmail(cfg, o.smtpTLS, r)
+		emails, err := newEmails(cfg, o.smtpTLS, r)
 		if err != nil {
 			return nil, err
 		}
-		if err := add("IMAGEPIPE_EMAIL_ON", cfg.EmailOn, e); err != nil {
-			return nil, err
+		for _, e := range emails {
+			if err := add("IMAGEPIPE_EMAIL_ON", cfg.EmailOn, e); err != nil {
+				return nil, err
+			}
 		}
 	}
 
