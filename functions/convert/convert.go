@@ -21,6 +21,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
+	"github.com/imagepipe/imagepipe/internal/sparse"
 )
 
 // Source is the CloudEvents source of convert's results.
@@ -45,7 +46,7 @@ const TagSHA256 = "imagepipe-sha256"
 // Storage is the part of object storage convert uses.
 type Storage interface {
 	Open(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
-	UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (objstore.Object, error)
+	Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (objstore.Object, error)
 	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
 	ReaderAt(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
 	Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string) (objstore.Object, error)

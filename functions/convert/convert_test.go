@@ -16,20 +16,21 @@ import (
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
+	"github.com/imagepipe/imagepipe/internal/sparse"
 )
 
 // Unit tests drive the handler with small fakes; the real stack is tested
 // end to end in cmd/imagepipe.
 
 type fakeStore struct {
-	OpenFn       func(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
-	UploadFileFn func(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (objstore.Object, error)
-	StatFn       func(ctx context.Context, bucket, key string) (objstore.Object, error)
-	PutBytesFn   func(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
-	ReaderAtFn   func(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
-	CopyFn       func(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string) (objstore.Object, error)
-	SetTagsFn    func(ctx context.Context, bucket, key, versionID string, tags map[string]string) error
-	TagsFn       func(ctx context.Context, bucket, key string) (map[string]string, error)
+	OpenFn     func(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
+	UploadFn   func(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (objstore.Object, error)
+	StatFn     func(ctx context.Context, bucket, key string) (objstore.Object, error)
+	PutBytesFn func(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
+	ReaderAtFn func(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
+	CopyFn     func(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string) (objstore.Object, error)
+	SetTagsFn  func(ctx context.Context, bucket, key, versionID string, tags map[string]string) error
+	TagsFn     func(ctx context.Context, bucket, key string) (map[string]string, error)
 }
 
 var _ Storage = (*fakeStore)(nil)
@@ -37,8 +38,8 @@ var _ Storage = (*fakeStore)(nil)
 func (f *fakeStore) Open(ctx context.Context, b, k, v, e string) (io.ReadCloser, objstore.Object, error) {
 	return f.OpenFn(ctx, b, k, v, e)
 }
-func (f *fakeStore) UploadFile(ctx context.Context, b, k, p string, m map[string]string, pr io.Reader) (objstore.Object, error) {
-	return f.UploadFileFn(ctx, b, k, p, m, pr)
+func (f *fakeStore) Upload(ctx context.Context, b, k string, file *sparse.File, m map[string]string, pr io.Reader) (objstore.Object, error) {
+	return f.UploadFn(ctx, b, k, file, m, pr)
 }
 func (f *fakeStore) Stat(ctx context.Context, b, k string) (objstore.Object, error) {
 	return f.StatFn(ctx, b, k)
@@ -121,7 +122,7 @@ func memStore(key string, body []byte, meta map[string]string) (*fakeStore, *[]s
 		TagsFn: func(context.Context, string, string) (map[string]string, error) {
 			return nil, errors.New("no tags")
 		},
-		UploadFileFn: func(_ context.Context, b, k, _ string, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		UploadFn: func(_ context.Context, b, k string, _ *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
 			note("upload " + b + "/" + k)
 			return objstore.Object{}, nil
 		},

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
@@ -115,6 +114,13 @@ func (h *Handler) verify(ctx context.Context, j *job, d *disk, _ inspect.Report)
 func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
 	h.setState(ctx, j, events.StateUploading, 0)
 	j.log.Info("uploading", "stage", events.PhaseUpload, "output_bucket", h.cfg.OutputBucket, "output_key", d.outKey, "size", d.outSize)
+	// One open file serves both: its holes are mapped once, and the
+	// hash and the parts share its read windows.
+	f, err := sparse.Open(d.output)
+	if err != nil {
+		return failure.Retryable(events.PhaseUpload, fmt.Errorf("open the output: %w", err), "")
+	}
+	defer f.Close()
 	hctx, stopHash := context.WithCancel(ctx)
 	defer stopHash()
 	type hashed struct {
@@ -123,14 +129,14 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 	}
 	sumc := make(chan hashed, 1)
 	go func() {
-		sum, err := fileSHA256(hctx, d.output)
+		sum, err := sectionSHA256(hctx, f.Section(0, f.Size()))
 		sumc <- hashed{sum, err}
 	}()
 
 	// Uploading to the same key on a redelivery replaces the object whole:
 	// S3 never exposes a half-written one, so a retry cannot corrupt it.
 	meter := h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, d.outSize)
-	obj, err := h.store.UploadFile(ctx, h.cfg.OutputBucket, d.outKey, d.output, outputMeta(j, d), meter)
+	obj, err := h.store.Upload(ctx, h.cfg.OutputBucket, d.outKey, f, outputMeta(j, d), meter)
 	if err != nil {
 		stopHash()
 		<-sumc
@@ -153,15 +159,10 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 	return nil
 }
 
-func fileSHA256(ctx context.Context, path string) (string, error) {
-	f, err := sparse.Open(path)
-	if err != nil {
-		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
-	}
-	defer f.Close()
+func sectionSHA256(ctx context.Context, r *sparse.Section) (string, error) {
 	hsh := sha256.New()
-	if _, err := io.Copy(ctxWriter{ctx, hsh}, f); err != nil {
-		return "", fmt.Errorf("hash %s: %w", filepath.Base(path), err)
+	if _, err := io.Copy(ctxWriter{ctx, hsh}, r); err != nil {
+		return "", fmt.Errorf("hash the output: %w", err)
 	}
 	return hex.EncodeToString(hsh.Sum(nil)), nil
 }

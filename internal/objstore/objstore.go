@@ -230,13 +230,17 @@ func (s *Store) Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag
 // UploadFile uploads a local file with parallel multipart parts. progress,
 // if set, is fed the bytes as they are sent.
 func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (Object, error) {
-	// Parts are read with ReadAt, in parallel; a sparse raw image's holes
-	// come from memory instead of the page cache.
 	f, err := sparse.Open(path)
 	if err != nil {
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	defer f.Close()
+	return s.Upload(ctx, bucket, key, f, meta, progress)
+}
+
+// Upload uploads f with parallel multipart parts, read with ReadAt: a
+// sparse raw image's holes come from memory, not the disk.
+func (s *Store) Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (Object, error) {
 	// A writer of this key that died mid-upload left its parts behind;
 	// only one job writes a given output at a time, so they are orphans.
 	if err := s.client.RemoveIncompleteUpload(ctx, bucket, key); err != nil && !IsNotFound(err) {

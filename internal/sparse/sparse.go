@@ -26,12 +26,11 @@ const maxExtents = 1 << 20
 var zeros = make([]byte, 1<<20)
 
 // File is a read-only file whose holes read as zeros from memory. It must
-// not change while it is read. ReadAt is safe for concurrent use; Read and
-// WriteTo share one position and are not.
+// not change while it is read. ReadAt, and Sections each used by one
+// goroutine, are safe for concurrent use.
 type File struct {
 	f    *direct.File
 	size int64
-	pos  int64 // of Read and WriteTo
 	// data holds sorted, disjoint [start, end) extents that may hold data.
 	data []extent
 }
@@ -129,43 +128,60 @@ func (s *File) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
+// Section returns a reader of the n bytes from off, with a position of
+// its own.
+func (s *File) Section(off, n int64) *Section {
+	return &Section{f: s, pos: off, end: min(off+n, s.size)}
+}
+
+// Section reads part of a File sequentially.
+type Section struct {
+	f        *File
+	pos, end int64
+}
+
 // Read reads from the current position.
-func (s *File) Read(p []byte) (int, error) {
-	n, err := s.ReadAt(p, s.pos)
-	s.pos += int64(n)
+func (r *Section) Read(p []byte) (int, error) {
+	if r.pos >= r.end {
+		return 0, io.EOF
+	}
+	p = p[:min(int64(len(p)), r.end-r.pos)]
+	n, err := r.f.ReadAt(p, r.pos)
+	r.pos += int64(n)
 	if err == io.EOF && n > 0 {
 		err = nil
 	}
 	return n, err
 }
 
-// WriteTo writes the rest of the file to w, holes from a shared buffer of
-// zeros, so hashing a mostly-empty image costs little more than hashing
+// WriteTo writes the rest of the section to w, holes from a shared buffer
+// of zeros, so hashing a mostly-empty image costs little more than hashing
 // its data. io.Copy uses it.
-func (s *File) WriteTo(w io.Writer) (int64, error) {
-	start := s.pos
-	for s.pos < s.size {
-		inData, until := s.region(s.pos)
+func (r *Section) WriteTo(w io.Writer) (int64, error) {
+	start := r.pos
+	for r.pos < r.end {
+		inData, until := r.f.region(r.pos)
+		until = min(until, r.end)
 		if inData {
-			m, err := io.Copy(w, io.NewSectionReader(s.f, s.pos, until-s.pos))
-			s.pos += m
+			m, err := io.Copy(w, io.NewSectionReader(r.f.f, r.pos, until-r.pos))
+			r.pos += m
 			if err != nil {
-				return s.pos - start, err
+				return r.pos - start, err
 			}
-			if s.pos < until {
-				return s.pos - start, io.ErrUnexpectedEOF
+			if r.pos < until {
+				return r.pos - start, io.ErrUnexpectedEOF
 			}
 			continue
 		}
-		for s.pos < until {
-			m, err := w.Write(zeros[:min(int64(len(zeros)), until-s.pos)])
-			s.pos += int64(m)
+		for r.pos < until {
+			m, err := w.Write(zeros[:min(int64(len(zeros)), until-r.pos)])
+			r.pos += int64(m)
 			if err != nil {
-				return s.pos - start, err
+				return r.pos - start, err
 			}
 		}
 	}
-	return s.pos - start, nil
+	return r.pos - start, nil
 }
 
 // region says whether off is in a data extent and where that extent or

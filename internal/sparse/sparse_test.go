@@ -121,17 +121,38 @@ func TestReadAtMatchesTheFileByteForByte(t *testing.T) {
 	}
 }
 
-func TestWriteToHashesLikeTheFile(t *testing.T) {
+func TestSectionWriteToHashesLikeTheFile(t *testing.T) {
 	for _, l := range layouts {
 		t.Run(l.name, func(t *testing.T) {
 			f, want := openLayout(t, l)
-			h := sha256.New()
-			n, err := io.Copy(h, f)
-			if err != nil || n != l.size {
-				t.Fatalf("copied %d bytes, err %v; want %d", n, err, l.size)
+			// The whole file, and a part starting and ending mid-extent.
+			for _, r := range [][2]int64{{0, l.size}, {l.size / 3, l.size / 2}} {
+				h := sha256.New()
+				n, err := io.Copy(h, f.Section(r[0], r[1]))
+				if err != nil || n != r[1] {
+					t.Fatalf("copied %d bytes, err %v; want %d", n, err, r[1])
+				}
+				if got, want := h.Sum(nil), sha256.Sum256(want[r[0]:r[0]+r[1]]); !bytes.Equal(got, want[:]) {
+					t.Fatalf("section %v: sha256 %x, want %x", r, got, want)
+				}
 			}
-			if got, want := h.Sum(nil), sha256.Sum256(want); !bytes.Equal(got, want[:]) {
-				t.Fatalf("sha256 %x, want %x", got, want)
+		})
+	}
+}
+
+func TestSectionReadReadsLikeTheFile(t *testing.T) {
+	for _, l := range layouts {
+		t.Run(l.name, func(t *testing.T) {
+			f, want := openLayout(t, l)
+			off, n := l.size/5, l.size-l.size/5-7
+			if n < 0 {
+				off, n = 0, l.size
+			}
+			// iotest.OneByteReader would take too long; ReadAll reads in
+			// growing chunks, none aligned to an extent.
+			got, err := io.ReadAll(struct{ io.Reader }{f.Section(off, n)})
+			if err != nil || !bytes.Equal(got, want[off:off+n]) {
+				t.Fatalf("section [%d, +%d) read %d bytes (err %v) that differ from the file", off, n, len(got), err)
 			}
 		})
 	}
@@ -226,7 +247,7 @@ func BenchmarkHashSparse(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			io.Copy(sha256.New(), f)
+			io.Copy(sha256.New(), f.Section(0, f.Size()))
 			f.Close()
 		}
 	})
