@@ -638,3 +638,37 @@ func TestRedeliveredJobReportsItsTaggedOutputAndReconvertsAnUntaggedOne(t *testi
 		t.Fatalf("redelivered job reported %+v, want the first output again", c)
 	}
 }
+
+func TestAWriterThatDiedMidUploadLeavesNoPartsBehind(t *testing.T) {
+	res := subscribeResults(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	core := minio.Core{Client: e2e.s3}
+	// A raw input is copied server-side, anything else converted and
+	// uploaded: both write the output as a multipart upload.
+	for _, c := range []struct{ name, format string }{{"died.img", "raw"}, {"died.qcow2", "qcow2"}} {
+		path := makeImage(t, dir, c.name, c.format, "write -P 0x44 0 1M")
+		key := "e2e/died/" + c.name
+		outKey := key + ".raw"
+		// What a replica killed mid-write leaves: an upload with a part.
+		id, err := core.NewMultipartUpload(ctx, "images", outKey, minio.PutObjectOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := core.PutObjectPart(ctx, "images", outKey, id, 1, bytes.NewReader([]byte("half an output")), 14, minio.PutObjectPartOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		upload(t, key, path, false)
+		want, _ := localRaw(t, path, c.format)
+		if got := awaitConverted(t, res, key); got.SHA256 != want {
+			t.Fatalf("%s: sha256 %s, want %s", key, got.SHA256, want)
+		}
+		left, err := core.ListMultipartUploads(ctx, "images", outKey, "", "", "", 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(left.Uploads) != 0 {
+			t.Errorf("%s: %d incomplete uploads of the output left after the job", key, len(left.Uploads))
+		}
+	}
+}

@@ -220,8 +220,14 @@ func (s *Store) Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag
 		UserMetadata: meta, ReplaceMetadata: true,
 		UserTags: tagValues, ReplaceTags: true,
 	}
+	// A server-side copy is a multipart upload too, and a writer killed
+	// mid-copy leaves its parts behind just the same.
+	if err := s.removeIncomplete(ctx, dstBucket, dstKey); err != nil {
+		return Object{}, fmt.Errorf("copy %s/%s to %s/%s: %w", srcBucket, srcKey, dstBucket, dstKey, err)
+	}
 	info, err := s.client.ComposeObject(ctx, dst, src)
 	if err != nil {
+		s.abandon(ctx, dstBucket, dstKey)
 		return Object{}, fmt.Errorf("copy %s/%s to %s/%s: %w", srcBucket, srcKey, dstBucket, dstKey, err)
 	}
 	return Object{Bucket: dstBucket, Key: dstKey, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID}, nil
@@ -241,10 +247,8 @@ func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta m
 // Upload uploads f with parallel multipart parts, read with ReadAt: a
 // sparse raw image's holes come from memory, not the disk.
 func (s *Store) Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (Object, error) {
-	// A writer of this key that died mid-upload left its parts behind;
-	// only one job writes a given output at a time, so they are orphans.
-	if err := s.client.RemoveIncompleteUpload(ctx, bucket, key); err != nil && !IsNotFound(err) {
-		return Object{}, fmt.Errorf("upload %s/%s: remove an earlier incomplete upload: %w", bucket, key, err)
+	if err := s.removeIncomplete(ctx, bucket, key); err != nil {
+		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	info, err := s.client.PutObject(ctx, bucket, key, io.NewSectionReader(f, 0, f.Size()), f.Size(), minio.PutObjectOptions{
 		ContentType:          "application/octet-stream",
@@ -256,15 +260,29 @@ func (s *Store) Upload(ctx context.Context, bucket, key string, f *sparse.File, 
 		Progress:             progress,
 	})
 	if err != nil {
-		// minio-go aborts a failed multipart upload with the caller's
-		// context, which a cancelled job no longer has: clean up with one
-		// that still works, so no orphaned parts are left behind.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		_ = s.client.RemoveIncompleteUpload(cctx, bucket, key)
-		cancel()
+		s.abandon(ctx, bucket, key)
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	return Object{Bucket: bucket, Key: key, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID}, nil
+}
+
+// removeIncomplete removes the parts that a writer of key which died
+// mid-upload left behind. Only one job writes a given output at a time, so
+// any incomplete upload of it is an orphan.
+func (s *Store) removeIncomplete(ctx context.Context, bucket, key string) error {
+	if err := s.client.RemoveIncompleteUpload(ctx, bucket, key); err != nil && !IsNotFound(err) {
+		return fmt.Errorf("remove an earlier incomplete upload: %w", err)
+	}
+	return nil
+}
+
+// abandon removes the parts of a failed upload. minio-go aborts one with
+// the caller's context, which a cancelled job no longer has: this uses one
+// that still works, so no orphaned parts are left behind.
+func (s *Store) abandon(ctx context.Context, bucket, key string) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	_ = s.client.RemoveIncompleteUpload(cctx, bucket, key)
 }
 
 // SetTags replaces the tags of one version of an object ("" is the
