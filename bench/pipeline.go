@@ -191,6 +191,7 @@ type trip struct {
 	uploaded time.Time     // the upload completed
 	notify   time.Duration // upload complete → notification on NATS
 	e2e      time.Duration // upload complete → result event
+	cpu      cpuTime       // used while the pipeline worked on it
 	result   stack.Result
 }
 
@@ -202,11 +203,12 @@ func (r *Runner) through(ctx context.Context, img stack.Image, key string) (trip
 	if err != nil {
 		return trip{}, err
 	}
+	cpu0 := readCPU(r.st.MinIOPid())
 	res, err := r.await(ctx, key)
 	if err != nil {
 		return trip{}, err
 	}
-	t := trip{uploaded: at, e2e: res.At.Sub(at), result: res}
+	t := trip{uploaded: at, e2e: res.At.Sub(at), cpu: readCPU(r.st.MinIOPid()).sub(cpu0), result: res}
 	if n, ok := r.notifiedAt(key); ok {
 		t.notify = n.Sub(at)
 	}
@@ -265,6 +267,9 @@ type P1 struct {
 	Sequential    []time.Duration   // baseline: download, convert, upload one after the other
 	SeqStages     [3][]time.Duration
 	Bare          [3][]time.Duration // download, qemu-img convert, upload as convert does each
+	// CPU used by the machine and by MinIO, while the pipeline ran and
+	// while the bare upload ran.
+	PipelineCPU, BareUploadCPU []cpuTime
 }
 
 // bigVHDX makes a VHDX of the given virtual size holding data bytes of
@@ -317,6 +322,7 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 			return nil, err
 		}
 		p.Pipeline = append(p.Pipeline, t.e2e)
+		p.PipelineCPU = append(p.PipelineCPU, t.cpu)
 		p.Notify = append(p.Notify, t.notify)
 		st, err := r.stages(key, t)
 		if err != nil {
@@ -351,10 +357,11 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 		if err := r.freshCopy(ctx, img, bareKey); err != nil {
 			return nil, err
 		}
-		bare, err := r.bareStages(ctx, bareKey, dir, rep)
+		bare, upCPU, err := r.bareStages(ctx, bareKey, dir, rep)
 		if err != nil {
 			return nil, err
 		}
+		p.BareUploadCPU = append(p.BareUploadCPU, upCPU)
 		for i := range bare {
 			p.Bare[i] = append(p.Bare[i], bare[i])
 		}
@@ -426,7 +433,7 @@ func (r *Runner) sequential(ctx context.Context, mc, key, dir string, rep int) (
 // bareStages times each stage alone the way convert does it, reading key
 // in the output bucket: a streamed download, the same qemu-img command,
 // the same parallel upload.
-func (r *Runner) bareStages(ctx context.Context, key, dir string, rep int) ([3]time.Duration, error) {
+func (r *Runner) bareStages(ctx context.Context, key, dir string, rep int) ([3]time.Duration, cpuTime, error) {
 	var d [3]time.Duration
 	in, out := filepath.Join(dir, "bare-input.vhdx"), filepath.Join(dir, "bare-output.raw")
 	defer os.Remove(in)
@@ -434,7 +441,7 @@ func (r *Runner) bareStages(ctx context.Context, key, dir string, rep int) ([3]t
 	start := time.Now()
 	rc, _, err := r.store.Open(ctx, stack.OutputBucket, key, "", "")
 	if err != nil {
-		return d, err
+		return d, cpuTime{}, err
 	}
 	f, err := direct.Create(in)
 	if err == nil {
@@ -445,18 +452,20 @@ func (r *Runner) bareStages(ctx context.Context, key, dir string, rep int) ([3]t
 	}
 	rc.Close()
 	if err != nil {
-		return d, err
+		return d, cpuTime{}, err
 	}
 	d[0] = time.Since(start)
 	if d[1], err = qemuConvert(ctx, in, "vhdx", out, scratchCache(dir)...); err != nil {
-		return d, err
+		return d, cpuTime{}, err
 	}
 	start = time.Now()
+	cpu0 := readCPU(r.st.MinIOPid())
 	if _, err := r.store.UploadFile(ctx, stack.OutputBucket, fmt.Sprintf("bare/p1/%d/large.vhdx.raw", rep), out, nil, nil); err != nil {
-		return d, err
+		return d, cpuTime{}, err
 	}
 	d[2] = time.Since(start)
-	return d, nil
+	cpu := readCPU(r.st.MinIOPid()).sub(cpu0)
+	return d, cpu, nil
 }
 
 // P2 is the overhead on small images.

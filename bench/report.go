@@ -228,6 +228,7 @@ func (r *Report) Write(w io.Writer) error {
 			p("| bare: %s | %s | %s |\n", name, sec(stack.Median(x.Bare[i])), list(x.Bare[i], sec))
 		}
 		p("\n")
+		writeP1CPU(p, x, m.Cores)
 	}
 	if x := r.P2; x != nil {
 		p("## P2: small images\n\n")
@@ -297,4 +298,39 @@ func RunMicro(ctx context.Context, dir string) ([]Micro, error) {
 		Micro{Name: "ParseNotification", Result: testing.Benchmark(ParseNotification)},
 		Micro{Name: "ParseProgress", Result: testing.Benchmark(ParseProgress)})
 	return out, nil
+}
+
+// writeP1CPU says where P1's time goes: how busy the cores were and how
+// much of the work was MinIO's. No schedule of the same work can take
+// less than its CPU time divided by the cores.
+func writeP1CPU(p func(string, ...any), x *P1, cores int) {
+	if len(x.PipelineCPU) == 0 || cores < 1 {
+		return
+	}
+	field := func(cs []cpuTime, f func(cpuTime) time.Duration) time.Duration {
+		ds := make([]time.Duration, len(cs))
+		for i, c := range cs {
+			ds[i] = f(c)
+		}
+		return stack.Median(ds)
+	}
+	machine := func(c cpuTime) time.Duration { return c.machine }
+	minio := func(c cpuTime) time.Duration { return c.minio }
+	wall, seq := stack.Median(x.Pipeline), stack.Median(x.Sequential)
+	cpu, mcpu := field(x.PipelineCPU, machine), field(x.PipelineCPU, minio)
+	gib := float64(x.Virtual) / (1 << 30)
+	floor := cpu / time.Duration(cores)
+	p("### Where the time goes\n\n")
+	p("CPU time from /proc while the pipeline worked (upload complete → result) and while the bare upload ran: the whole machine's, and MinIO's own.\n\n")
+	p("| | median |\n| --- | --- |\n")
+	p("| pipeline: CPU used by the machine | %s, %.0f%% of %d cores over %s |\n", sec(cpu), 100*cpu.Seconds()/(float64(cores)*wall.Seconds()), cores, sec(wall))
+	p("| pipeline: of which MinIO | %s (%.1f s per GiB of output) |\n", sec(mcpu), mcpu.Seconds()/gib)
+	if len(x.BareUploadCPU) > 0 {
+		up := stack.Median(x.Bare[2])
+		ucpu, umcpu := field(x.BareUploadCPU, machine), field(x.BareUploadCPU, minio)
+		p("| bare upload: CPU used by the machine | %s, %.0f%% of %d cores over %s |\n", sec(ucpu), 100*ucpu.Seconds()/(float64(cores)*up.Seconds()), cores, sec(up))
+		p("| bare upload: of which MinIO | %s (%.1f s per GiB of output) |\n", sec(umcpu), umcpu.Seconds()/gib)
+	}
+	p("\nThe pipeline's work needs %s of CPU, so on %d cores no schedule of it finishes in less than %s, %.2f× the baseline", sec(cpu), cores, sec(floor), ratio(floor, seq))
+	p("; it took %s, %.2f×.\n\n", sec(wall), ratio(wall, seq))
 }

@@ -62,6 +62,9 @@ type Server struct {
 	stopOnce sync.Once
 }
 
+// Pid is the server's process id.
+func (s *Server) Pid() int { return s.cmd.Process.Pid }
+
 // FindBinary looks for minio on PATH, then in GOBIN and GOPATH/bin, where
 // `go install` puts it.
 func FindBinary() (string, error) {

@@ -225,6 +225,13 @@ func (s *Stack) AddReplica(name, id string, extra map[string]string) (*Proc, err
 	return p, nil
 }
 
+// MinIOPid is the running MinIO server's process id.
+func (s *Stack) MinIOPid() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.minio.Pid()
+}
+
 // ScratchDir is convert's scratch directory.
 func (s *Stack) ScratchDir() string { return s.cfg.ScratchDir }
 
