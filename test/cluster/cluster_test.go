@@ -227,8 +227,13 @@ func TestClusterConvertsEveryImageExactlyOnceThroughCrashes(t *testing.T) {
 	defer nodeBack.Wait()
 	killedAt, stoppedAt := -1, -1
 	deadline := time.After(runTimeout)
+	// Jobs this small take tens of milliseconds: look for one in flight
+	// between status updates too, or the kill may never find one.
+	poll := time.NewTicker(5 * time.Millisecond)
+	defer poll.Stop()
 	for countReady(last) < numImages {
 		select {
+		case <-poll.C:
 		case e := <-watch.Updates():
 			if e == nil || e.Operation() != jetstream.KeyValuePut {
 				continue
