@@ -13,6 +13,7 @@
 package direct
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -53,6 +54,7 @@ func Supported(dir string) bool {
 // buffer. It is not safe for concurrent use.
 type Writer struct {
 	f      *os.File
+	mem    []byte // the mapping buf lies in
 	buf    []byte // aligned; nil once closed
 	n      int    // bytes held in buf
 	direct bool
@@ -74,7 +76,7 @@ func Create(path string) (*Writer, error) {
 	}
 	// Set after opening rather than passed to open: a file system without
 	// O_DIRECT fails the open only after it has created the file.
-	return &Writer{f: f, buf: buf, direct: setDirect(f, true) == nil}, nil
+	return &Writer{f: f, mem: buf, buf: buf, direct: setDirect(f, true) == nil}, nil
 }
 
 // Direct reports whether the writes bypass the page cache.
@@ -133,10 +135,23 @@ func (w *Writer) ReadFrom(r io.Reader) (int64, error) {
 
 func (w *Writer) flush() error {
 	if w.err == nil {
-		_, w.err = w.f.Write(w.buf[:w.n])
+		w.err = w.write(w.buf[:w.n])
 	}
 	w.n = 0
 	return w.err
+}
+
+// write writes p, giving up O_DIRECT for the rest of the file if the file
+// system refuses our alignment: some want more than a 4 KiB block.
+func (w *Writer) write(p []byte) error {
+	n, err := w.f.Write(p)
+	if err != nil && w.direct && errors.Is(err, syscall.EINVAL) {
+		if setDirect(w.f, false) == nil {
+			w.direct = false
+			_, err = w.f.Write(p[n:])
+		}
+	}
+	return err
 }
 
 // Close writes what is buffered and closes the file. A tail shorter than
@@ -147,7 +162,7 @@ func (w *Writer) Close() error {
 	}
 	err := w.err
 	if aligned := w.n &^ (align - 1); err == nil && w.n > 0 {
-		if _, err = w.f.Write(w.buf[:aligned]); err == nil && aligned < w.n {
+		if err = w.write(w.buf[:aligned]); err == nil && aligned < w.n {
 			if w.direct {
 				err = setDirect(w.f, false)
 			}
@@ -159,7 +174,7 @@ func (w *Writer) Close() error {
 	if cerr := w.f.Close(); err == nil {
 		err = cerr
 	}
-	if uerr := syscall.Munmap(w.buf); err == nil {
+	if uerr := syscall.Munmap(w.mem); err == nil {
 		err = uerr
 	}
 	w.buf = nil

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"testing"
 	"testing/iotest"
 )
@@ -92,9 +93,10 @@ func TestWriterReportsTheWriteError(t *testing.T) {
 	// /dev/full fails every write with ENOSPC, as a full scratch disk does.
 	w := &Writer{f: mustOpen(t, "/dev/full")}
 	var err error
-	if w.buf, err = alignedBuffer(bufSize); err != nil {
+	if w.mem, err = alignedBuffer(bufSize); err != nil {
 		t.Fatal(err)
 	}
+	w.buf = w.mem
 	_, err = io.Copy(w, bytes.NewReader(pattern(bufSize+1)))
 	if err == nil {
 		t.Fatal("a write to a full device succeeded")
@@ -114,4 +116,43 @@ func mustOpen(t *testing.T, path string) *os.File {
 		t.Fatal(err)
 	}
 	return f
+}
+
+// misaligned is a buffer of n bytes, in a mapping of its own, that
+// O_DIRECT refuses, as it refuses ours on a file system that wants a
+// larger alignment.
+func misaligned(t *testing.T, n int) (mem, buf []byte) {
+	t.Helper()
+	mem, err := alignedBuffer(n + align)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mem, mem[1 : n+1 : n+1]
+}
+
+func TestWriterFallsBackToBufferedWritesWhenODirectIsRefused(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "out")
+	w, err := Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	syscall.Munmap(w.mem)
+	w.mem, w.buf = misaligned(t, bufSize)
+	want := pattern(2*bufSize + align + 100)
+	if _, err := w.Write(want); err != nil {
+		t.Fatalf("Write: %v", err)
+	}
+	if w.Direct() {
+		t.Error("still O_DIRECT after the file system refused it")
+	}
+	if err := w.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("file holds %d bytes that differ from the %d written", len(got), len(want))
+	}
 }

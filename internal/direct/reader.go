@@ -152,11 +152,19 @@ func (r *File) release(w *window) {
 // of the file cuts a direct read short, and where it falls need not be
 // aligned, so a short read that is not aligned is the end.
 func (r *File) fill(buf []byte, off int64) (int, error) {
-	n := 0
+	n, fellBack := 0, false
 	for n < len(buf) {
 		m, err := syscall.Pread(r.fd, buf[n:], off+int64(n))
 		if err == syscall.EINTR {
 			continue
+		}
+		if err == syscall.EINVAL && !fellBack {
+			// The file system may want another alignment than ours: read
+			// through the page cache from here on.
+			fellBack = true
+			if setDirect(r.File, false) == nil {
+				continue
+			}
 		}
 		if err != nil {
 			return n, &os.PathError{Op: "read", Path: r.Name(), Err: err}

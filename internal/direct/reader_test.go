@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -92,5 +93,21 @@ func TestMoreConcurrentReadersThanWindowsSeeTheirOwnBytes(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Fatalf("a reader of its own part: %v", err)
+	}
+}
+
+func TestReaderFallsBackToBufferedReadsWhenODirectIsRefused(t *testing.T) {
+	path, want := patternFile(t, 3*windowSize)
+	f := openDirect(t, path)
+	mem, buf := misaligned(t, windowSize)
+	defer syscall.Munmap(mem)
+	n, err := f.fill(buf, windowSize)
+	if err != nil || n != windowSize || !bytes.Equal(buf, want[windowSize:2*windowSize]) {
+		t.Fatalf("fill after O_DIRECT refused: %d bytes, %v, same bytes %v", n, err, bytes.Equal(buf[:n], want[windowSize:windowSize+n]))
+	}
+	// Later reads go through the page cache and still see the file.
+	p := make([]byte, 1000)
+	if _, err := f.ReadAt(p, 2*windowSize+5); err != nil || !bytes.Equal(p, want[2*windowSize+5:2*windowSize+1005]) {
+		t.Fatalf("ReadAt after the fallback: %v", err)
 	}
 }
