@@ -15,6 +15,9 @@ import (
 	"text/tabwriter"
 
 	"github.com/dustin/go-humanize"
+
+	"github.com/imagepipe/imagepipe/functions/convert"
+	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
 )
@@ -152,33 +155,23 @@ func judge(ctx context.Context, path string, lim inspect.Limits, rep *inspection
 		return nil
 	}
 
-	info, err := qemuimg.New(slog.New(slog.DiscardHandler)).Info(ctx, path, string(ir.Format))
-	var ee *qemuimg.ExitError
-	switch {
-	case errors.As(err, &ee) && ee.LimitExceeded():
-		rep.Verdict, rep.Rule = "refused", "resource-limit"
-		rep.Reason = "qemu-img exceeded its memory or CPU limit on this image: " + oneLine(ee.Error())
-		rep.Suggestion = "the image header asks for more memory or CPU than a sane image needs; re-export the disk"
-		return nil
-	case errors.As(err, &ee):
-		rep.Verdict, rep.Rule = "refused", "qemu-img"
-		rep.Reason = fmt.Sprintf("qemu-img cannot read this %s image: %s", ir.Format, oneLine(ee.Error()))
-		rep.Suggestion = "check the file is a complete disk image; export it again and upload the new file"
-		return nil
-	case err != nil:
-		return err
-	}
-	vsize, err := inspect.CheckQemuInfo(ir, info.JSON, path, lim)
+	vsize, err := convert.Judge(ctx, qemuimg.New(slog.New(slog.DiscardHandler)), ir, path, rep.Key, lim)
 	if refused(rep, err) {
+		return nil
+	}
+	if fe, ok := failure.As(err); ok && fe.Permanent {
+		// qemu-img itself could not read the file, or gave up on it.
+		rep.Verdict, rep.Rule = "refused", fe.Rule
+		if rep.Rule == "" {
+			rep.Rule = "qemu-img"
+		}
+		rep.Reason, rep.Suggestion = oneLine(fe.Err.Error()), fe.Suggestion
 		return nil
 	}
 	if err != nil {
 		return err
 	}
 	rep.VirtualSize = vsize
-	if info.ActualSize > 0 {
-		rep.ActualSize = info.ActualSize
-	}
 	rep.Checks = append(rep.Checks, fmt.Sprintf("qemu-img info: reads it as %s, with no backing file, external data file or outside extent", ir.Format))
 	if lim.MaxVirtualSize > 0 {
 		rep.Checks = append(rep.Checks, fmt.Sprintf("virtual size: %s, within the limit of %s", humanize.IBytes(uint64(vsize)), humanize.IBytes(uint64(lim.MaxVirtualSize))))

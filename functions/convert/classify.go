@@ -66,3 +66,24 @@ func suggestion(format inspect.Format) string {
 	}
 	return "check the file is a complete disk image and upload it again"
 }
+
+// Judge makes the checks convert makes of an inspected disk before it
+// converts it, in the same order: the name's extension against the
+// header, then qemu-img's own reading of the file. It returns the virtual
+// size qemu-img reports, or a failure.Error that says whether the disk is
+// refused, and by which rule. `imagepipe inspect` calls it too, so that
+// its verdict is convert's.
+func Judge(ctx context.Context, qemu QemuImg, rep inspect.Report, path, key string, lim inspect.Limits) (int64, error) {
+	if err := inspect.CheckExtension(rep, key); err != nil {
+		return 0, classifyInspect(err)
+	}
+	info, err := qemu.Info(ctx, path, string(rep.Format))
+	if err != nil {
+		return 0, classifyQemu(events.PhaseInspect, err, rep.Format)
+	}
+	vsize, err := inspect.CheckQemuInfo(rep, info.JSON, path, lim)
+	if err != nil {
+		return 0, classifyInspect(err)
+	}
+	return vsize, nil
+}

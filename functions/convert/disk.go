@@ -31,16 +31,9 @@ func (h *Handler) convertDisk(ctx context.Context, j *job, d *disk, rep inspect.
 // check holds the header's verdict against the name and against what
 // qemu-img itself reports, and makes sure the output will fit.
 func (h *Handler) check(ctx context.Context, j *job, d *disk, rep inspect.Report) error {
-	if err := inspect.CheckExtension(rep, d.extKey); err != nil {
-		return classifyInspect(err)
-	}
-	info, err := h.qemu.Info(ctx, d.input, string(rep.Format))
+	vsize, err := Judge(ctx, h.qemu, rep, d.input, d.extKey, h.limits())
 	if err != nil {
-		return classifyQemu(events.PhaseInspect, err, rep.Format)
-	}
-	vsize, err := inspect.CheckQemuInfo(rep, info.JSON, d.input, h.limits())
-	if err != nil {
-		return classifyInspect(err)
+		return err
 	}
 	d.virtualSize = vsize
 	free, err := freeSpace(j.dir)
