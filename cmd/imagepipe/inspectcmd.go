@@ -165,7 +165,7 @@ func judge(ctx context.Context, path string, lim inspect.Limits, rep *inspection
 		if rep.Rule == "" {
 			rep.Rule = "qemu-img"
 		}
-		rep.Reason, rep.Suggestion = oneLine(fe.Err.Error()), fe.Suggestion
+		rep.Reason, rep.Suggestion = strings.Join(strings.Fields(fe.Err.Error()), " "), fe.Suggestion
 		return nil
 	}
 	if err != nil {
