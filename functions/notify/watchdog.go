@@ -213,9 +213,9 @@ type queueState struct {
 }
 
 // look reads the consumer and its stream. Progress is the latest of a
-// delivery, an acknowledgement, and the arrival of the oldest job still
-// queued: without the last, a job arriving in a queue idle for days would
-// look stalled at once. Times are the server's, so replicas with skewed
+// delivery, an acknowledgement, a job's status update, and the arrival of
+// the oldest job still queued: without the last, a job arriving in a queue
+// idle for days would look stalled at once. Times are the server's, so replicas with skewed
 // clocks agree on when a stall began.
 func (w *Watchdog) look(ctx context.Context) (queueState, error) {
 	s, err := w.js.Stream(ctx, w.stream)
@@ -239,10 +239,39 @@ func (w *Watchdog) look(ctx context.Context) (queueState, error) {
 	if si.State.Msgs > 0 && si.State.FirstTime.After(st.lastActivity) {
 		st.lastActivity = si.State.FirstTime
 	}
+	if t, ok := w.lastJobProgress(ctx); ok && t.After(st.lastActivity) {
+		st.lastActivity = t
+	}
 	if st.lastActivity.IsZero() {
 		st.lastActivity = ci.Created
 	}
 	return st, nil
+}
+
+// lastJobProgress is when a running job last recorded progress in the
+// status bucket: a long conversion acknowledges nothing until it ends, but
+// its status moves as it goes. Only the newest record is read, and only a
+// running job's state counts: records of uploads queued behind a stuck
+// replica must not hide the stall. Without the bucket, or the right to read
+// it, deliveries and acks alone decide.
+func (w *Watchdog) lastJobProgress(ctx context.Context) (time.Time, bool) {
+	s, err := w.js.Stream(ctx, "KV_"+events.StatusBucket)
+	if err != nil {
+		return time.Time{}, false
+	}
+	m, err := s.GetLastMsgForSubject(ctx, "$KV."+events.StatusBucket+".>")
+	if err != nil {
+		return time.Time{}, false
+	}
+	var st events.Status
+	if json.Unmarshal(m.Data, &st) != nil {
+		return time.Time{}, false
+	}
+	switch st.State {
+	case events.StateDownloading, events.StateInspecting, events.StateConverting, events.StateUploading:
+		return m.Time, true
+	}
+	return time.Time{}, false
 }
 
 // lastAlert returns the newest alert about this queue, or nil.

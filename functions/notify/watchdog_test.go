@@ -3,6 +3,7 @@ package notify_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -236,5 +237,51 @@ func TestStalledAlertReachesStalledChannels(t *testing.T) {
 	msg := decodeSlack(t, slack.requests()[0].body)
 	if att := msg["attachments"].([]any)[0].(map[string]any); att["color"] != "warning" {
 		t.Errorf("stall colour = %v", att["color"])
+	}
+}
+
+func TestWatchdogCountsProgressOfALongJobAsActivity(t *testing.T) {
+	q := newQueueFixture(t)
+	ctx := context.Background()
+	kv, err := q.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: events.StatusBucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"job-long", "job-waiting"} {
+		job := mustEvent(t, id, events.TypeConvertJob, id, events.ConvertJob{JobID: id, Bucket: "uploads", Key: id})
+		if _, err := q.js.Publish(ctx, events.SubjectConvertJob, mustJSON(t, job)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A replica takes the first job and works on it for a long time,
+	// acknowledging nothing; the second waits behind it.
+	if _, err := q.consumer.Fetch(1, jetstream.FetchMaxWait(2*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	const stallAfter = 1500 * time.Millisecond
+	runWatchdog(t, q.js, stallAfter)
+
+	// While its status keeps moving, the queue is not stalled.
+	until := time.Now().Add(3 * stallAfter)
+	for pct := 1; time.Now().Before(until); pct++ {
+		if _, err := kv.Put(ctx, "uploads.job-long", fmt.Appendf(nil, `{"state":"CONVERTING","percent":%d}`, pct)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if got := q.alerts(t); len(got) != 0 {
+		t.Fatalf("alerts while the running job recorded progress: %v", got)
+	}
+	// Once it stops moving, it is, even while uploads queued behind it
+	// keep writing their own records.
+	until = time.Now().Add(3 * stallAfter)
+	for i := 0; time.Now().Before(until) && len(q.alerts(t)) == 0; i++ {
+		if _, err := kv.Put(ctx, fmt.Sprintf("uploads.new-%d", i), []byte(`{"state":"QUEUED"}`)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if got := q.alerts(t); len(got) != 1 || got[0].Type != events.TypeStalled {
+		t.Fatalf("alerts after the job stopped moving = %v, want one stall alert", got)
 	}
 }
