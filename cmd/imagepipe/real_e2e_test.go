@@ -2,10 +2,7 @@ package main
 
 import (
 	"archive/tar"
-	"bufio"
-	"compress/gzip"
 	"context"
-	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -16,79 +13,16 @@ import (
 	"github.com/minio/minio-go/v7"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/test/realimages"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
-
-// realImagesDir holds disk images written by other tools, with the verdict
-// each must get in EXPECTED.tsv. It sits beside the repository in CI, not
-// in a user's clone.
-func realImagesDir() string {
-	if d := os.Getenv("IMAGEPIPE_REAL_TESTDATA"); d != "" {
-		return d
-	}
-	return filepath.Join("..", "..", "..", "shared", "testdata", "real")
-}
-
-type realImage struct {
-	file, verdict, format, why string
-}
-
-func readExpected(t *testing.T, dir string) []realImage {
-	t.Helper()
-	f, err := os.Open(filepath.Join(dir, "EXPECTED.tsv"))
-	if errors.Is(err, os.ErrNotExist) {
-		t.Skipf("no real images at %s: that folder sits beside the repository in CI only (set IMAGEPIPE_REAL_TESTDATA to use another)", dir)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var out []realImage
-	sc := bufio.NewScanner(f)
-	sc.Scan() // header
-	for sc.Scan() {
-		cols := strings.Split(sc.Text(), "\t")
-		if len(cols) < 3 {
-			continue
-		}
-		ri := realImage{file: cols[0], verdict: cols[1], format: cols[2]}
-		if len(cols) > 3 {
-			ri.why = cols[3]
-		}
-		out = append(out, ri)
-	}
-	return out
-}
-
-func gunzipTo(t *testing.T, src, dst string) {
-	t.Helper()
-	in, err := os.Open(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
-	zr, err := gzip.NewReader(in)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := os.Create(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(out, zr); err != nil {
-		t.Fatal(err)
-	}
-	if err := out.Close(); err != nil {
-		t.Fatal(err)
-	}
-}
 
 // expectedOutputs is what a careful converter makes of one real image:
 // output key → sha256 of `qemu-img convert -f FORMAT -O raw`, disk by disk
 // for an OVA.
-func expectedOutputs(ri realImage, path, key, scratch string) (map[string]string, error) {
-	if ri.format != "ova" {
-		sum, _, err := stack.LocalRaw(context.Background(), path, ri.format, scratch)
+func expectedOutputs(ri realimages.Image, path, key, scratch string) (map[string]string, error) {
+	if ri.Format != "ova" {
+		sum, _, err := stack.LocalRaw(context.Background(), path, ri.Format, scratch)
 		return map[string]string{key + ".raw": sum}, err
 	}
 	f, err := os.Open(path)
@@ -130,17 +64,17 @@ func expectedOutputs(ri realImage, path, key, scratch string) (map[string]string
 }
 
 func TestRealImagesFromOtherToolsGetTheirVerdict(t *testing.T) {
-	dir := realImagesDir()
-	images := readExpected(t, dir)
+	dir := realimages.Dir(filepath.Join("..", ".."))
+	images := realimages.Expected(t, dir)
 	work := t.TempDir()
 	res := subscribeResults(t)
 
 	keys := map[string]string{}
 	for _, ri := range images {
-		local := filepath.Join(work, strings.ReplaceAll(ri.file, "/", "_"))
-		gunzipTo(t, filepath.Join(dir, ri.file+".gz"), local)
-		key := "e2e/real/" + ri.file
-		keys[ri.file] = key
+		local := filepath.Join(work, strings.ReplaceAll(ri.File, "/", "_"))
+		realimages.Gunzip(t, dir, ri.File, local)
+		key := "e2e/real/" + ri.File
+		keys[ri.File] = key
 		upload(t, key, local, false)
 	}
 	// The local conversions that give the expected bytes run while the
@@ -151,27 +85,27 @@ func TestRealImagesFromOtherToolsGetTheirVerdict(t *testing.T) {
 	}
 	expected := make(map[string]chan outputs)
 	for _, ri := range images {
-		expected[ri.file] = make(chan outputs, 1)
+		expected[ri.File] = make(chan outputs, 1)
 	}
 	scratch := t.TempDir()
 	go func() {
 		for _, ri := range images {
-			if ri.verdict == "convert" {
-				local := filepath.Join(work, strings.ReplaceAll(ri.file, "/", "_"))
-				sums, err := expectedOutputs(ri, local, keys[ri.file], scratch)
-				expected[ri.file] <- outputs{sums, err}
+			if ri.Verdict == "convert" {
+				local := filepath.Join(work, strings.ReplaceAll(ri.File, "/", "_"))
+				sums, err := expectedOutputs(ri, local, keys[ri.File], scratch)
+				expected[ri.File] <- outputs{sums, err}
 			}
 		}
 	}()
 	for _, ri := range images {
-		t.Run(ri.file, func(t *testing.T) {
-			key := keys[ri.file]
+		t.Run(ri.File, func(t *testing.T) {
+			key := keys[ri.File]
 			ev := res.await(t, key, 3*time.Minute)
-			switch ri.verdict {
+			switch ri.Verdict {
 			case "convert":
 				var want map[string]string
 				select {
-				case o := <-expected[ri.file]:
+				case o := <-expected[ri.File]:
 					if o.err != nil {
 						t.Fatal(o.err)
 					}
@@ -191,12 +125,12 @@ func TestRealImagesFromOtherToolsGetTheirVerdict(t *testing.T) {
 				}
 				for k, sum := range want {
 					if got[k] != sum {
-						t.Errorf("%s: sha256 %q, qemu-img convert -f %s gives %q (%s)", k, got[k], ri.format, sum, ri.why)
+						t.Errorf("%s: sha256 %q, qemu-img convert -f %s gives %q (%s)", k, got[k], ri.Format, sum, ri.Why)
 					}
 				}
 			case "refuse":
 				if ev.Type != events.TypeFailed {
-					t.Fatalf("converted, but it must be refused (%s): %s", ri.why, ev.Data)
+					t.Fatalf("converted, but it must be refused (%s): %s", ri.Why, ev.Data)
 				}
 				var f events.Failed
 				if err := ev.DecodeData(events.TypeFailed, &f); err != nil {
@@ -208,7 +142,7 @@ func TestRealImagesFromOtherToolsGetTheirVerdict(t *testing.T) {
 				if outs := outputsUnder(t, key); len(outs) != 0 {
 					t.Errorf("refused image left outputs %v", outs)
 				}
-				t.Logf("refused (%s): %s", ri.why, f.Message)
+				t.Logf("refused (%s): %s", ri.Why, f.Message)
 			case "either":
 				t.Logf("%s: %s", ev.Type, ev.Data)
 			}

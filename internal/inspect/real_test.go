@@ -2,8 +2,6 @@ package inspect
 
 import (
 	"archive/tar"
-	"bufio"
-	"compress/gzip"
 	"errors"
 	"io"
 	"os"
@@ -12,17 +10,9 @@ import (
 	"strings"
 	"testing"
 	"time"
-)
 
-// realImagesDir holds disk images written by other tools (Windows, VirtualBox,
-// VMware exporters, qemu-img) with the verdict a careful converter must reach
-// for each, in EXPECTED.tsv.
-func realImagesDir() string {
-	if d := os.Getenv("IMAGEPIPE_REAL_TESTDATA"); d != "" {
-		return d
-	}
-	return filepath.Join("..", "..", "..", "shared", "testdata", "real")
-}
+	"github.com/imagepipe/imagepipe/test/realimages"
+)
 
 // mustRefuseHere are the hostile real images whose danger is in the
 // header, so Inspect itself must refuse them rather than leave them to
@@ -52,30 +42,17 @@ var mustRefuseHere = map[string]bool{
 // mangled grain table (forklift 2nd_disk). Both VMDKs are refused by
 // Inspect once extracted, which this test checks too.
 func TestInspectRealImages(t *testing.T) {
-	dir := realImagesDir()
-	expected, err := os.Open(filepath.Join(dir, "EXPECTED.tsv"))
-	if errors.Is(err, os.ErrNotExist) {
-		t.Skipf("no real test images at %s (set IMAGEPIPE_REAL_TESTDATA to their folder)", dir)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer expected.Close()
+	dir := realimages.Dir(filepath.Join("..", ".."))
+	images := realimages.Expected(t, dir)
 	_, qemuErr := exec.LookPath("qemu-img")
 
 	lim := Limits{MaxVirtualSize: 1 << 40}
 	var leftForQemu []string
-	sc := bufio.NewScanner(expected)
-	sc.Scan() // header
-	for sc.Scan() {
-		fields := strings.Split(sc.Text(), "\t")
-		if len(fields) < 3 {
-			continue
-		}
-		file, verdict, format := fields[0], fields[1], fields[2]
+	for _, img := range images {
+		file, verdict, format := img.File, img.Verdict, img.Format
 		t.Run(file, func(t *testing.T) {
 			work := t.TempDir()
-			path := gunzip(t, filepath.Join(dir, file+".gz"), filepath.Join(work, filepath.Base(file)))
+			path := realimages.Gunzip(t, dir, file, filepath.Join(work, filepath.Base(file)))
 			rep, err := inspectWithin(t, path, lim)
 			var ref *Refusal
 			refused := errors.As(err, &ref)
@@ -127,9 +104,6 @@ func TestInspectRealImages(t *testing.T) {
 			}
 		})
 	}
-	if err := sc.Err(); err != nil {
-		t.Fatal(err)
-	}
 	t.Logf("refuse cases left for qemu-img or the OVA reader: %d", len(leftForQemu))
 	for _, f := range leftForQemu {
 		t.Log("  " + f)
@@ -156,30 +130,6 @@ func inspectWithin(t *testing.T, path string, lim Limits) (Report, error) {
 		t.Fatal("Inspect did not finish within 10s")
 		return Report{}, nil
 	}
-}
-
-func gunzip(t *testing.T, src, dst string) string {
-	t.Helper()
-	in, err := os.Open(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
-	zr, err := gzip.NewReader(in)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := os.Create(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(out, zr); err != nil {
-		t.Fatal(err)
-	}
-	if err := out.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return dst
 }
 
 type memberResult struct {
