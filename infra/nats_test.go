@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/setup"
 )
 
@@ -158,15 +159,15 @@ type conn struct {
 	errs chan error
 }
 
-func connect(t *testing.T, url string) *conn {
+func connect(t *testing.T, url string, opts ...nats.Option) *conn {
 	t.Helper()
 	errs := make(chan error, 64)
-	nc, err := nats.Connect(url, nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+	nc, err := nats.Connect(url, append(opts, nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 		select {
 		case errs <- err:
 		default:
 		}
-	}))
+	}))...)
 	if err != nil {
 		t.Fatalf("connect: %v", err)
 	}
@@ -215,13 +216,18 @@ func singleNode(t *testing.T) (opts *server.Options, port int, log *ServerLog) {
 	return opts, opts.Port, log
 }
 
+// userConn connects as user with the inbox prefix natsrt.Connect gives
+// that role; MinIO's client keeps the default one.
 func userConn(t *testing.T, opts *server.Options, user string) *conn {
 	t.Helper()
 	url, err := ClientURL(opts, user, opts.Port)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return connect(t, url)
+	if user == "minio" {
+		return connect(t, url)
+	}
+	return connect(t, url, nats.CustomInboxPrefix(natsrt.InboxPrefix(user)))
 }
 
 func TestNATSUsersAreRefusedOutsideTheirRights(t *testing.T) {
@@ -237,7 +243,7 @@ func TestNATSUsersAreRefusedOutsideTheirRights(t *testing.T) {
 				events.SubjectConvertJob, events.SubjectConverted, "$KV.imagepipe_status.x",
 				"$JS.API.STREAM.INFO.S3_EVENTS", "$JS.API.CONSUMER.MSG.NEXT.S3_EVENTS.ingest",
 			},
-			subscribe: []string{events.SubjectS3Events, "imagepipe.>", ">"},
+			subscribe: []string{events.SubjectS3Events, "imagepipe.>", ">", "_INBOX_convert.>", "_INBOX_ingest.x"},
 		},
 		{
 			user: "ingest",
@@ -248,7 +254,8 @@ func TestNATSUsersAreRefusedOutsideTheirRights(t *testing.T) {
 				"$JS.ACK.JOBS.convert.1.1.1.1.1.0", "$KV.imagepipe_dedup.x", "imagepipe.ctl.convert.pause",
 				"$JS.API.CONSUMER.MSG.NEXT.RESULTS.notify", "$JS.API.CONSUMER.DELETE.RESULTS.notify",
 			},
-			subscribe: []string{events.SubjectConvertJob, events.SubjectResults, "imagepipe.ctl.convert.pause", "$SRV.PING.imagepipe-convert"},
+			subscribe: []string{events.SubjectConvertJob, events.SubjectResults, "imagepipe.ctl.convert.pause", "$SRV.PING.imagepipe-convert",
+				"_INBOX.>", "_INBOX_convert.>", "_INBOX_cli.x"},
 		},
 		{
 			user: "convert",
@@ -258,7 +265,8 @@ func TestNATSUsersAreRefusedOutsideTheirRights(t *testing.T) {
 				"$JS.API.CONSUMER.MSG.NEXT.S3_EVENTS.ingest", "$JS.API.CONSUMER.CREATE.JOBS.other.imagepipe.jobs.convert",
 				"$JS.API.CONSUMER.DELETE.JOBS.convert", "$KV.imagepipe_notify_ledger.x", "imagepipe.ctl.ingest.status",
 			},
-			subscribe: []string{events.SubjectS3Events, events.SubjectConvertJob, "imagepipe.ctl.ingest.status", "imagepipe.ctl.reconvert"},
+			subscribe: []string{events.SubjectS3Events, events.SubjectConvertJob, "imagepipe.ctl.ingest.status", "imagepipe.ctl.reconvert",
+				"_INBOX.>", "_INBOX_ingest.>", "_INBOX_notify.x"},
 		},
 		{
 			user: "notify",
@@ -267,7 +275,8 @@ func TestNATSUsersAreRefusedOutsideTheirRights(t *testing.T) {
 				"$KV.imagepipe_status.x", "$JS.API.CONSUMER.MSG.NEXT.JOBS.convert", "$JS.API.STREAM.DELETE.RESULTS",
 				"$JS.API.STREAM.UPDATE.RESULTS", "$JS.API.STREAM.CREATE.KV_imagepipe_status",
 			},
-			subscribe: []string{events.SubjectConvertJob, events.SubjectResults, "imagepipe.ctl.convert.stop"},
+			subscribe: []string{events.SubjectConvertJob, events.SubjectResults, "imagepipe.ctl.convert.stop",
+				"_INBOX.>", "_INBOX_convert.x", "_INBOX_cli.>"},
 		},
 		{
 			user: "cli",
@@ -278,7 +287,8 @@ func TestNATSUsersAreRefusedOutsideTheirRights(t *testing.T) {
 				"$JS.API.CONSUMER.CREATE.JOBS.convert.imagepipe.jobs.convert",
 				"$JS.API.CONSUMER.CREATE.RESULTS.notify", "$JS.API.CONSUMER.MSG.NEXT.RESULTS.notify",
 			},
-			subscribe: []string{events.SubjectConvertJob, events.SubjectS3Events, "imagepipe.ctl.>", "$KV.imagepipe_status.>"},
+			subscribe: []string{events.SubjectConvertJob, events.SubjectS3Events, "imagepipe.ctl.>", "$KV.imagepipe_status.>",
+				"_INBOX_ingest.>", "_INBOX_convert.x"},
 		},
 	}
 	for _, tt := range tests {

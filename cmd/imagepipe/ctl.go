@@ -87,12 +87,12 @@ func parseArgs(fs *flag.FlagSet, usage string, args []string, stdout io.Writer) 
 }
 
 // connectCLI connects a command-line tool to NATS.
-func connectCLI(ctx context.Context, name string) (*nats.Conn, settings, error) {
+func connectCLI(ctx context.Context) (*nats.Conn, settings, error) {
 	s, err := loadSettings()
 	if err != nil {
 		return nil, s, err
 	}
-	nc, err := natsrt.Connect(ctx, s.NATS, "imagepipe-"+name, slog.New(slog.DiscardHandler))
+	nc, err := natsrt.Connect(ctx, s.NATS, "cli", slog.New(slog.DiscardHandler))
 	if err != nil {
 		return nil, s, err
 	}
@@ -143,7 +143,7 @@ func runCtl(ctx context.Context, args []string, stdout io.Writer) error {
 		return usageError{fmt.Sprintf("ctl %s takes no arguments", verb)}
 	}
 
-	nc, _, err := connectCLI(ctx, "ctl")
+	nc, _, err := connectCLI(ctx)
 	if err != nil {
 		return err
 	}

@@ -36,7 +36,7 @@ func runDedup(ctx context.Context, args []string, stdout io.Writer) error {
 	if fs.NArg() != 0 {
 		return usageError{"dedup prune takes no arguments"}
 	}
-	nc, err := natsrt.Connect(ctx, s.NATS, "imagepipe-cli", slog.New(slog.DiscardHandler))
+	nc, err := natsrt.Connect(ctx, s.NATS, "cli", slog.New(slog.DiscardHandler))
 	if err != nil {
 		return err
 	}

@@ -73,7 +73,7 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 		return nil, err
 	}
 	d.s.NATS.URL = d.nats.URL()
-	nc, err := natsrt.Connect(ctx, d.s.NATS, "imagepipe-dev", log)
+	nc, err := natsrt.Connect(ctx, d.s.NATS, "dev", log)
 	if err != nil {
 		return nil, err
 	}
@@ -116,7 +116,7 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 
 	m := metrics.New(version, nc)
 	for _, name := range []string{"ingest", "convert", "notify"} {
-		fnc, err := natsrt.Connect(ctx, d.s.NATS, "imagepipe-"+name, log)
+		fnc, err := natsrt.Connect(ctx, d.s.NATS, name, log)
 		if err != nil {
 			return nil, err
 		}

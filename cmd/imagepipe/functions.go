@@ -58,7 +58,7 @@ func runFunction(ctx, jobCtx context.Context, name string, log *slog.Logger) err
 		return err
 	}
 	log = log.With("function", name)
-	nc, err := natsrt.Connect(ctx, s.NATS, "imagepipe-"+name, log)
+	nc, err := natsrt.Connect(ctx, s.NATS, name, log)
 	if err != nil {
 		return err
 	}

@@ -47,7 +47,7 @@ func runReconvert(ctx context.Context, args []string, stdout io.Writer) error {
 // ctlRequest sends a JSON request to ingest's control endpoints and decodes
 // the reply, turning {"error": ...} into an error of one plain line.
 func ctlRequest(ctx context.Context, subject string, req, reply any, timeout time.Duration) error {
-	nc, _, err := connectCLI(ctx, "cli")
+	nc, _, err := connectCLI(ctx)
 	if err != nil {
 		return err
 	}

@@ -44,7 +44,7 @@ func runSetup(ctx context.Context, args []string, stdout io.Writer, log *slog.Lo
 	if err != nil {
 		return err
 	}
-	nc, err := natsrt.Connect(ctx, s.NATS, "imagepipe-setup", log)
+	nc, err := natsrt.Connect(ctx, s.NATS, "setup", log)
 	if err != nil {
 		return err
 	}

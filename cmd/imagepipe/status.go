@@ -25,7 +25,7 @@ func splitObject(arg string) (bucket, key string, err error) {
 }
 
 func openStatusKV(ctx context.Context) (jetstream.KeyValue, func(), error) {
-	nc, _, err := connectCLI(ctx, "cli")
+	nc, _, err := connectCLI(ctx)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -15,11 +15,19 @@ type Config struct {
 	Creds string `env:"IMAGEPIPE_NATS_CREDS"`
 }
 
-// Connect dials NATS and keeps reconnecting for as long as the process
-// lives: a NATS outage pauses work, it never ends the process.
-func Connect(ctx context.Context, cfg Config, name string, log *slog.Logger) (*nats.Conn, error) {
+// InboxPrefix is where the replies to a connection of the given role
+// (ingest, convert, notify, cli, ...) arrive. Each NATS user in
+// infra/nats/accounts.conf may read only its own role's inboxes, not the
+// shared _INBOX.>, so no user can read replies meant for another.
+func InboxPrefix(role string) string { return "_INBOX_" + role }
+
+// Connect dials NATS as imagepipe-ROLE, with replies to InboxPrefix(role),
+// and keeps reconnecting for as long as the process lives: a NATS outage
+// pauses work, it never ends the process.
+func Connect(ctx context.Context, cfg Config, role string, log *slog.Logger) (*nats.Conn, error) {
 	opts := []nats.Option{
-		nats.Name(name),
+		nats.Name("imagepipe-" + role),
+		nats.CustomInboxPrefix(InboxPrefix(role)),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(time.Second),
 		nats.RetryOnFailedConnect(false),
