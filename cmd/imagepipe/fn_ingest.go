@@ -45,9 +45,20 @@ func startIngest(ctx context.Context, js jetstream.JetStream, st *status.Store, 
 	if err != nil {
 		return nil, err
 	}
-	if err := serveIngestControl(ctx, js.Conn(), h, log); err != nil {
+	// An accepted import outlives the control service, which a first
+	// signal or a drain stops: the worker's Run waits for it, and its job
+	// context (a stop, a second signal) aborts it.
+	importCtx, abortImports := context.WithCancel(context.WithoutCancel(ctx))
+	if err := serveIngestControl(ctx, importCtx, js.Conn(), h, log); err != nil {
+		abortImports()
 		return nil, err
 	}
+	w.Also(func(jobCtx context.Context) {
+		defer abortImports()
+		stop := context.AfterFunc(jobCtx, abortImports)
+		defer stop()
+		h.WaitImports()
+	})
 	if every := s.Ingest.ReconcileEvery; every > 0 {
 		lease, err := openReconcileLease(ctx, js, every, s.Streams.Replicas)
 		if err != nil {
@@ -67,7 +78,7 @@ const ingestControlService = "imagepipe-intake"
 // it is one anyway (queue group "imagepipe-ingest", so exactly one replica
 // answers each request), and it adds discovery, PING and STATS, where the
 // intake counters are published, with no code of ours.
-func serveIngestControl(ctx context.Context, nc *nats.Conn, h *ingest.Handler, log *slog.Logger) error {
+func serveIngestControl(ctx, importCtx context.Context, nc *nats.Conn, h *ingest.Handler, log *slog.Logger) error {
 	host, _ := os.Hostname()
 	svc, err := micro.AddService(nc, micro.Config{
 		Name:        ingestControlService,
@@ -99,12 +110,12 @@ func serveIngestControl(ctx context.Context, nc *nats.Conn, h *ingest.Handler, l
 			id, err := h.Reconvert(rctx, req)
 			return events.ReconvertReply{JobID: id}, err
 		}},
-		{"import", events.SubjectImport, func(ctx context.Context, data []byte) (any, error) {
+		{"import", events.SubjectImport, func(_ context.Context, data []byte) (any, error) {
 			var req events.ImportRequest
 			if err := decodeRequest(data, &req); err != nil {
 				return nil, err
 			}
-			return h.Import(ctx, req)
+			return h.Import(importCtx, req)
 		}},
 		{"reconcile", events.SubjectReconcile, func(ctx context.Context, data []byte) (any, error) {
 			var req events.ReconcileRequest
@@ -116,9 +127,9 @@ func serveIngestControl(ctx context.Context, nc *nats.Conn, h *ingest.Handler, l
 	}
 	for _, ep := range endpoints {
 		handler := micro.HandlerFunc(func(req micro.Request) {
-			// ctx, not a per-request one: an import goes on after its
-			// reply, and a reconcile is worth finishing though its asker
-			// gave up waiting.
+			// ctx, not a per-request one: a reconcile is worth finishing
+			// though its asker gave up waiting (and an import goes on
+			// after its reply, under importCtx).
 			reply, err := ep.handle(ctx, req.Data())
 			respond(req, reply, err, log.With("endpoint", ep.name))
 		})

@@ -229,3 +229,55 @@ func TestDrainFinishesInFlightJobsThenRunReturns(t *testing.T) {
 		t.Errorf("counts = %+v, want the in-flight job acked", got)
 	}
 }
+
+func TestRunWaitsForWorkAddedWithAlsoAndStopCutsItShort(t *testing.T) {
+	for _, how := range []string{"drain", "stop"} {
+		t.Run(how, func(t *testing.T) {
+			js := startJetStream(t)
+			w, err := natsrt.NewWorker(context.Background(), js, natsrt.Binding{Stream: "WORK", Durable: "w", FilterSubject: "work.>"},
+				func(context.Context, []byte, natsrt.Delivery) ([]events.Message, error) { return nil, nil }, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			release := make(chan struct{})
+			var cut atomic.Bool
+			w.Also(func(jobCtx context.Context) {
+				select {
+				case <-release:
+				case <-jobCtx.Done():
+					cut.Store(true)
+				}
+			})
+			ctx, drain := context.WithCancel(context.Background())
+			defer drain()
+			jobCtx, stop := context.WithCancel(context.Background())
+			defer stop()
+			done := make(chan error, 1)
+			go func() { done <- w.Run(ctx, jobCtx) }()
+			eventually(t, "worker running", func() bool { return w.State() == natsrt.StateRunning })
+
+			drain()
+			select {
+			case <-done:
+				t.Fatal("Run returned while the work added with Also was still going")
+			case <-time.After(500 * time.Millisecond):
+			}
+			if how == "stop" {
+				stop()
+			} else {
+				close(release)
+			}
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("Run did not return once the work added with Also ended")
+			}
+			if cut.Load() != (how == "stop") {
+				t.Errorf("work cut short = %v after a %s", cut.Load(), how)
+			}
+		})
+	}
+}

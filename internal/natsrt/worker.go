@@ -93,7 +93,14 @@ type Worker struct {
 	paused   atomic.Bool
 	inFlight atomic.Int64
 	ctl      control
+	also     []func(jobCtx context.Context)
 }
+
+// Also has Run, once its own messages are done, wait for f as well: for
+// work the function started outside its consumer, such as ingest's
+// imports. f gets Run's job context, which a stop or a second signal
+// cancels, and must return soon after it is. Call it before Run.
+func (w *Worker) Also(f func(jobCtx context.Context)) { w.also = append(w.also, f) }
 
 // NewWorker creates or updates the durable consumer and returns a worker
 // bound to it. Creating is idempotent: every replica calls it at start.
@@ -144,6 +151,9 @@ func (w *Worker) Run(ctx, jobCtx context.Context) error {
 		wg.Go(func() { w.loop(ctx, jobCtx, cons) })
 	}
 	wg.Wait()
+	for _, f := range w.also {
+		f(jobCtx)
+	}
 	return nil
 }
 
