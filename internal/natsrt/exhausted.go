@@ -93,11 +93,7 @@ func sweepExhausted(ctx context.Context, js jetstream.JetStream, b Binding, repo
 		log.Warn("looking for messages given up on: consumer out of reach", "err", err)
 		return
 	}
-	info, err := cons.Info(sctx)
-	if err != nil {
-		log.Warn("looking for messages given up on: consumer out of reach", "err", err)
-		return
-	}
+	info := cons.CachedInfo()
 	s, err := js.Stream(sctx, b.Stream)
 	if err != nil {
 		log.Warn("looking for messages given up on: stream out of reach", "err", err)
@@ -130,7 +126,7 @@ func sweepExhausted(ctx context.Context, js jetstream.JetStream, b Binding, repo
 		if m.Sequence > floor {
 			return
 		}
-		handleExhausted(ctx, js, b.Stream, maxDeliveriesAdvisory{Stream: b.Stream, Consumer: b.Durable, StreamSeq: m.Sequence, Deliveries: info.Config.MaxDeliver}, report, log)
+		reportExhausted(ctx, js, s, m, info.Config.MaxDeliver, report, log)
 		seq = m.Sequence + 1
 	}
 }
@@ -138,19 +134,28 @@ func sweepExhausted(ctx context.Context, js jetstream.JetStream, b Binding, repo
 func handleExhausted(ctx context.Context, js jetstream.JetStream, stream string, adv maxDeliveriesAdvisory, report ExhaustedHandler, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	log = log.With("stream_seq", adv.StreamSeq, "deliveries", adv.Deliveries)
 	s, err := js.Stream(ctx, stream)
 	if err != nil {
-		log.Warn("message given up on, but its stream is out of reach", "err", err)
+		log.Warn("message given up on, but its stream is out of reach", "stream_seq", adv.StreamSeq, "err", err)
 		return
 	}
 	raw, err := s.GetMsg(ctx, adv.StreamSeq)
 	if err != nil {
 		// Settled after all, or removed by an operator: nothing to report.
-		log.Info("message given up on is gone already", "err", err)
+		log.Info("message given up on is gone already", "stream_seq", adv.StreamSeq, "err", err)
 		return
 	}
-	out := report(ctx, raw.Data, adv.Deliveries)
+	reportExhausted(ctx, js, s, raw, adv.Deliveries, report, log)
+}
+
+// reportExhausted publishes what report makes of msg, given up on after
+// deliveries, and takes it out of a work-queue stream, where nothing else
+// would ever remove it.
+func reportExhausted(ctx context.Context, js jetstream.JetStream, s jetstream.Stream, msg *jetstream.RawStreamMsg, deliveries int, report ExhaustedHandler, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	log = log.With("stream_seq", msg.Sequence, "deliveries", deliveries)
+	out := report(ctx, msg.Data, deliveries)
 	if err := Publish(ctx, js, out...); err != nil {
 		log.Error("message given up on could not be reported", "err", err)
 		return
@@ -159,7 +164,7 @@ func handleExhausted(ctx context.Context, js jetstream.JetStream, stream string,
 	if s.CachedInfo().Config.Retention != jetstream.WorkQueuePolicy {
 		return
 	}
-	if err := s.DeleteMsg(ctx, adv.StreamSeq); err != nil {
+	if err := s.DeleteMsg(ctx, msg.Sequence); err != nil {
 		log.Warn("reported message not removed from its work queue", "err", err)
 	}
 }
