@@ -20,6 +20,7 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/direct"
 	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/qemuimg"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
 
@@ -249,14 +250,6 @@ func qemuConvert(ctx context.Context, src, format, dst string, flags ...string) 
 	return took, nil
 }
 
-// scratchCache is the cache mode convert gives qemu-img for files in dir.
-func scratchCache(dir string) []string {
-	if direct.Supported(dir) {
-		return []string{"-T", "none", "-t", "none"}
-	}
-	return []string{"-t", "unsafe"}
-}
-
 // P1 is the large-image comparison.
 type P1 struct {
 	Virtual, Data int64
@@ -455,7 +448,7 @@ func (r *Runner) bareStages(ctx context.Context, key, dir string, rep int) ([3]t
 		return d, cpuTime{}, err
 	}
 	d[0] = time.Since(start)
-	if d[1], err = qemuConvert(ctx, in, "vhdx", out, scratchCache(dir)...); err != nil {
+	if d[1], err = qemuConvert(ctx, in, "vhdx", out, qemuimg.CacheArgs(direct.Supported(dir))...); err != nil {
 		return d, cpuTime{}, err
 	}
 	start = time.Now()
@@ -508,7 +501,7 @@ func (r *Runner) RunP2(ctx context.Context) (*P2, error) {
 				return nil, err
 			}
 			e2e, notify = append(e2e, t.e2e), append(notify, t.notify)
-			q, err := qemuConvert(ctx, img.Path, img.Format, tmp, "-t", "unsafe")
+			q, err := qemuConvert(ctx, img.Path, img.Format, tmp, qemuimg.CacheArgs(false)...)
 			if err != nil {
 				return nil, err
 			}
@@ -603,7 +596,7 @@ func qemuBurst(ctx context.Context, imgs []stack.Image, concurrency int, dir str
 		wg.Go(func() {
 			for i := range work {
 				out := filepath.Join(dir, fmt.Sprintf("burst-%d.raw", i))
-				if _, err := qemuConvert(ctx, imgs[i].Path, imgs[i].Format, out, "-t", "unsafe"); err != nil {
+				if _, err := qemuConvert(ctx, imgs[i].Path, imgs[i].Format, out, qemuimg.CacheArgs(false)...); err != nil {
 					errs <- err
 				}
 				_ = os.Remove(out)

@@ -65,6 +65,19 @@ func (r *Runner) Info(ctx context.Context, path, format string) (InfoResult, err
 	return res, nil
 }
 
+// CacheArgs are convert's cache modes for its scratch source and output.
+// Both files are read once and deleted. With O_DIRECT (directIO) they stay
+// out of the page cache. Without it, -t unsafe at least skips the closing
+// fsync of the output, which cost seconds per GiB of data on a rotational
+// disk and bought nothing: after a crash the job starts over and the sweep
+// removes the file.
+func CacheArgs(directIO bool) []string {
+	if directIO {
+		return []string{"-T", "none", "-t", "none"}
+	}
+	return []string{"-t", "unsafe"}
+}
+
 // Convert runs `qemu-img convert` from src (read as srcFormat) to dst
 // (written as dstFormat). onProgress, if not nil, gets increasing
 // percentages at most about four times a second and, on success only,
@@ -77,16 +90,7 @@ func (r *Runner) Convert(ctx context.Context, src, srcFormat, dst, dstFormat str
 	if err := checkArgs(dst, dstFormat); err != nil {
 		return fmt.Errorf("qemu-img convert %s to %s: %w", src, dst, err)
 	}
-	// Both files are scratch, read once and deleted. With O_DIRECT they
-	// stay out of the page cache. Without it, -t unsafe at least skips the
-	// closing fsync of the output, which cost seconds per GiB of data on a
-	// rotational disk and bought nothing: after a crash the job starts over
-	// and the sweep removes the file.
-	cache := []string{"-t", "unsafe"}
-	if r.DirectIO {
-		cache = []string{"-T", "none", "-t", "none"}
-	}
-	args := append([]string{"convert", "-p"}, cache...)
+	args := append([]string{"convert", "-p"}, CacheArgs(r.DirectIO)...)
 	args = append(args, "-f", srcFormat, "-O", dstFormat)
 	if dstFormat == "raw" {
 		// Explicit rather than relying on the default: runs of zeroes must
