@@ -186,3 +186,65 @@ func (w *Writer) Close() error {
 func alignedBuffer(n int) ([]byte, error) {
 	return syscall.Mmap(-1, 0, n, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_ANON|syscall.MAP_PRIVATE)
 }
+
+// WriterAt writes a file at any offsets: with O_DIRECT where the offset,
+// the length and the buffer's address are aligned, through the page cache
+// where they are not. The kernel keeps the two coherent: a direct read
+// writes back any cached pages of its range first.
+type WriterAt struct {
+	direct, buffered *os.File // direct is nil where the file system refuses O_DIRECT
+}
+
+// CreateWriterAt creates path, which must not exist, size bytes long and
+// all holes.
+func CreateWriterAt(path string, size int64) (*WriterAt, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		os.Remove(path)
+		return nil, err
+	}
+	w := &WriterAt{buffered: f}
+	if d, err := os.OpenFile(path, os.O_RDWR, 0); err == nil {
+		if setDirect(d, true) == nil {
+			w.direct = d
+		} else {
+			d.Close()
+		}
+	}
+	return w, nil
+}
+
+// WriteAt writes like os.File.WriteAt.
+func (w *WriterAt) WriteAt(p []byte, off int64) (int, error) {
+	if w.direct != nil && off%align == 0 && len(p)%align == 0 && len(p) > 0 {
+		n, err := w.direct.WriteAt(p, off)
+		if !errors.Is(err, syscall.EINVAL) {
+			return n, err
+		}
+		// A buffer that is not aligned, or a file system that wants a
+		// larger alignment: this write goes through the page cache.
+		p, off = p[n:], off+int64(n)
+		m, err := w.buffered.WriteAt(p, off)
+		return n + m, err
+	}
+	return w.buffered.WriteAt(p, off)
+}
+
+// ReadAt reads through the page cache, which holds the latest bytes
+// whichever way they were written.
+func (w *WriterAt) ReadAt(p []byte, off int64) (int, error) { return w.buffered.ReadAt(p, off) }
+
+// Close closes the file.
+func (w *WriterAt) Close() error {
+	err := w.buffered.Close()
+	if w.direct != nil {
+		if derr := w.direct.Close(); err == nil {
+			err = derr
+		}
+	}
+	return err
+}

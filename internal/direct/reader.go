@@ -18,6 +18,11 @@ const (
 	windows    = 8
 )
 
+// WindowSize is the span a File reads and caches at once, aligned to it.
+// A reader of a file still being written must only ask for bytes whose
+// whole window is written.
+const WindowSize = windowSize
+
 // File is a file opened for reading with O_DIRECT where its file system
 // allows it. ReadAt takes any offset and length and is safe for concurrent
 // use. The file must not change while it is read.

@@ -110,7 +110,7 @@ func (s *File) ReadAt(p []byte, off int64) (int, error) {
 		if off >= s.size {
 			return n, io.EOF
 		}
-		inData, until := s.region(off)
+		inData, until := regionOf(s.data, s.size, off)
 		chunk := min(int64(len(p)), until-off)
 		if inData {
 			m, err := s.f.ReadAt(p[:chunk], off)
@@ -131,12 +131,20 @@ func (s *File) ReadAt(p []byte, off int64) (int, error) {
 // Section returns a reader of the n bytes from off, with a position of
 // its own.
 func (s *File) Section(off, n int64) *Section {
-	return &Section{f: s, pos: off, end: min(off+n, s.size)}
+	return &Section{src: s, pos: off, end: min(off+n, s.size)}
 }
 
-// Section reads part of a File sequentially.
+// source is what a Section reads: a File, or a Stream behind its writer.
+type source interface {
+	io.ReaderAt
+	// region says whether off is in a data extent and where that extent
+	// or the hole around off ends.
+	region(off int64) (inData bool, until int64, err error)
+}
+
+// Section reads part of a File or a Stream sequentially.
 type Section struct {
-	f        *File
+	src      source
 	pos, end int64
 }
 
@@ -146,7 +154,7 @@ func (r *Section) Read(p []byte) (int, error) {
 		return 0, io.EOF
 	}
 	p = p[:min(int64(len(p)), r.end-r.pos)]
-	n, err := r.f.ReadAt(p, r.pos)
+	n, err := r.src.ReadAt(p, r.pos)
 	r.pos += int64(n)
 	if err == io.EOF && n > 0 {
 		err = nil
@@ -160,10 +168,13 @@ func (r *Section) Read(p []byte) (int, error) {
 func (r *Section) WriteTo(w io.Writer) (int64, error) {
 	start := r.pos
 	for r.pos < r.end {
-		inData, until := r.f.region(r.pos)
+		inData, until, err := r.src.region(r.pos)
+		if err != nil {
+			return r.pos - start, err
+		}
 		until = min(until, r.end)
 		if inData {
-			m, err := io.Copy(w, io.NewSectionReader(r.f.f, r.pos, until-r.pos))
+			m, err := io.Copy(w, io.NewSectionReader(r.src, r.pos, until-r.pos))
 			r.pos += m
 			if err != nil {
 				return r.pos - start, err
@@ -184,15 +195,20 @@ func (r *Section) WriteTo(w io.Writer) (int64, error) {
 	return r.pos - start, nil
 }
 
-// region says whether off is in a data extent and where that extent or
-// the hole around off ends.
-func (s *File) region(off int64) (inData bool, until int64) {
-	i := sort.Search(len(s.data), func(i int) bool { return s.data[i].end > off })
-	if i == len(s.data) {
-		return false, s.size
+func (s *File) region(off int64) (bool, int64, error) {
+	inData, until := regionOf(s.data, s.size, off)
+	return inData, until, nil
+}
+
+// regionOf says whether off is in one of the sorted, disjoint data
+// extents and where that extent or the hole around off ends.
+func regionOf(data []extent, size, off int64) (inData bool, until int64) {
+	i := sort.Search(len(data), func(i int) bool { return data[i].end > off })
+	if i == len(data) {
+		return false, size
 	}
-	if e := s.data[i]; e.start <= off {
+	if e := data[i]; e.start <= off {
 		return true, e.end
 	}
-	return false, s.data[i].start
+	return false, data[i].start
 }
