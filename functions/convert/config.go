@@ -26,6 +26,10 @@ type Config struct {
 	MaxAttempts  int           `env:"IMAGEPIPE_MAX_ATTEMPTS" envDefault:"4"`
 	RetryBackoff time.Duration `env:"IMAGEPIPE_RETRY_BACKOFF" envDefault:"5m"`
 	AckWait      time.Duration `env:"IMAGEPIPE_ACK_WAIT" envDefault:"60s"`
+	// StreamOutput uploads a raw output while qemu-img still writes it,
+	// through an NBD export on a socket in the job's scratch dir. Off, the
+	// output is uploaded once it is complete.
+	StreamOutput bool `env:"IMAGEPIPE_STREAM_OUTPUT" envDefault:"true"`
 	// Dedup is content de-duplication (IMAGEPIPE_DEDUP, _DEDUP_HASH, ...).
 	Dedup dedup.Config
 }

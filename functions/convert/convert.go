@@ -47,6 +47,7 @@ const TagSHA256 = "imagepipe-sha256"
 type Storage interface {
 	Open(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
 	Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (objstore.Object, error)
+	UploadGrowing(ctx context.Context, bucket, key string, src objstore.Growing, size int64, meta map[string]string, progress io.Reader) (objstore.Object, error)
 	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
 	ReaderAt(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
 	Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string) (objstore.Object, error)
@@ -59,6 +60,7 @@ type Storage interface {
 type QemuImg interface {
 	Info(ctx context.Context, path, format string) (qemuimg.InfoResult, error)
 	Convert(ctx context.Context, src, srcFormat, dst, dstFormat string, onProgress func(percent float64)) error
+	ConvertToNBD(ctx context.Context, src, srcFormat, socket string, onProgress func(percent float64)) error
 	Version(ctx context.Context) (string, error)
 }
 

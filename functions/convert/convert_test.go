@@ -25,6 +25,7 @@ import (
 type fakeStore struct {
 	OpenFn     func(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
 	UploadFn   func(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (objstore.Object, error)
+	GrowingFn  func(ctx context.Context, bucket, key string, src objstore.Growing, size int64, meta map[string]string, progress io.Reader) (objstore.Object, error)
 	StatFn     func(ctx context.Context, bucket, key string) (objstore.Object, error)
 	PutBytesFn func(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
 	ReaderAtFn func(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
@@ -40,6 +41,9 @@ func (f *fakeStore) Open(ctx context.Context, b, k, v, e string) (io.ReadCloser,
 }
 func (f *fakeStore) Upload(ctx context.Context, b, k string, file *sparse.File, m map[string]string, pr io.Reader) (objstore.Object, error) {
 	return f.UploadFn(ctx, b, k, file, m, pr)
+}
+func (f *fakeStore) UploadGrowing(ctx context.Context, b, k string, src objstore.Growing, size int64, m map[string]string, pr io.Reader) (objstore.Object, error) {
+	return f.GrowingFn(ctx, b, k, src, size, m, pr)
 }
 func (f *fakeStore) Stat(ctx context.Context, b, k string) (objstore.Object, error) {
 	return f.StatFn(ctx, b, k)

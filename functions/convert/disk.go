@@ -12,14 +12,22 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/sparse"
 )
 
 // convertDisk takes one inspected disk through the remaining stages:
-// cross-check with qemu-img, convert, verify, upload.
+// cross-check with qemu-img, convert, verify, upload. A raw output is
+// uploaded while qemu-img still writes it, where it can be (see stream.go).
 func (h *Handler) convertDisk(ctx context.Context, j *job, d *disk, rep inspect.Report) error {
+	if err := h.check(ctx, j, d, rep); err != nil {
+		return err
+	}
+	if h.streams(j, d) {
+		return h.convertStreaming(ctx, j, d, rep)
+	}
 	for _, stage := range []func(context.Context, *job, *disk, inspect.Report) error{
-		h.check, h.convert, h.verify, h.upload,
+		h.convert, h.verify, h.upload,
 	} {
 		if err := stage(ctx, j, d, rep); err != nil {
 			return err
@@ -46,13 +54,21 @@ func (h *Handler) check(ctx context.Context, j *job, d *disk, rep inspect.Report
 }
 
 func (h *Handler) convert(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
+	return h.runQemu(ctx, j, d, false, func(ctx context.Context, progress func(float64)) error {
+		return h.qemu.Convert(ctx, d.input, string(d.format), d.output, j.outFormat, progress)
+	})
+}
+
+// runQemu runs one conversion of d under the stage's deadline, reporting
+// its progress, and classifies its failure.
+func (h *Handler) runQemu(ctx context.Context, j *job, d *disk, streaming bool, run func(context.Context, func(float64)) error) error {
 	h.setState(ctx, j, events.StateConverting, 0)
-	j.log.Info("converting", "stage", events.PhaseConvert, "format", d.format, "virtual_size", d.virtualSize, "to", j.outFormat, "member", d.member)
+	j.log.Info("converting", "stage", events.PhaseConvert, "format", d.format, "virtual_size", d.virtualSize, "to", j.outFormat, "member", d.member, "streaming", streaming)
 	limit := h.cfg.convertTimeout(d.virtualSize)
 	cctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	meter := h.newMeter(cctx, j, events.PhaseConvert, events.StateConverting, d.virtualSize)
-	err := h.qemu.Convert(cctx, d.input, string(d.format), d.output, j.outFormat, meter.percent)
+	err := run(cctx, meter.percent)
 	if err != nil {
 		if ctx.Err() == nil && errors.Is(cctx.Err(), context.DeadlineExceeded) {
 			return failure.Permanent(events.PhaseConvert, fmt.Errorf("qemu-img convert took longer than %s", limit),
@@ -101,9 +117,7 @@ func (h *Handler) verify(ctx context.Context, j *job, d *disk, _ inspect.Report)
 }
 
 // upload sends the output and hashes it at the same time: on a large image
-// both take seconds, and neither needs the other until the end. The hash
-// is tagged on the object last, so an output without it is one whose
-// upload may not have finished.
+// both take seconds, and neither needs the other until the end.
 func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
 	h.setState(ctx, j, events.StateUploading, 0)
 	j.log.Info("uploading", "stage", events.PhaseUpload, "output_bucket", h.cfg.OutputBucket, "output_key", d.outKey, "size", d.outSize)
@@ -139,12 +153,18 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 	if hs.err != nil {
 		return failure.Retryable(events.PhaseUpload, hs.err, "")
 	}
-	d.sha256 = hs.sum
+	return h.uploaded(ctx, j, d, obj, hs.sum)
+}
+
+// uploaded finishes an upload: the hash is tagged on the object last, so
+// an output without it is one whose upload may not have finished; the
+// scratch copies are no longer needed, and an OVA's next disk may need
+// the room.
+func (h *Handler) uploaded(ctx context.Context, j *job, d *disk, obj objstore.Object, sum string) error {
+	d.sha256 = sum
 	if err := h.store.SetTags(ctx, h.cfg.OutputBucket, d.outKey, obj.VersionID, outputTags(d)); err != nil {
 		return classifyWrite(err)
 	}
-	// The scratch copy is no longer needed; an OVA's next disk may need
-	// the room.
 	_ = os.Remove(d.output)
 	if d.input != j.input {
 		_ = os.Remove(d.input)

@@ -37,6 +37,9 @@ func (noQemu) Info(context.Context, string, string) (qemuimg.InfoResult, error) 
 func (noQemu) Convert(context.Context, string, string, string, string, func(float64)) error {
 	return errNoQemu
 }
+func (noQemu) ConvertToNBD(context.Context, string, string, string, func(float64)) error {
+	return errNoQemu
+}
 func (noQemu) Version(context.Context) (string, error) { return "", errNoQemu }
 
 type ovaMember struct {

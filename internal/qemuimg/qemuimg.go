@@ -98,7 +98,37 @@ func (r *Runner) Convert(ctx context.Context, src, srcFormat, dst, dstFormat str
 		args = append(args, "-S", "4k")
 	}
 	args = append(args, "--", src, dst)
+	return r.convert(ctx, src, args, onProgress)
+}
 
+// ConvertToNBD runs `qemu-img convert` from src (read as srcFormat) to a
+// raw image served over NBD on the Unix socket at socket, whose export
+// must read as zeros and be the image's virtual size. qemu-img then
+// writes in order, one request at a time, and never writes a run of zeros
+// (-n --target-is-zero), which is what lets the server pass each write on
+// as it comes. onProgress is as for Convert.
+func (r *Runner) ConvertToNBD(ctx context.Context, src, srcFormat, socket string, onProgress func(percent float64)) error {
+	if err := checkArgs(src, srcFormat); err != nil {
+		return fmt.Errorf("qemu-img convert %s: %w", src, err)
+	}
+	if !strings.HasPrefix(socket, "/") || strings.ContainsRune(socket, 0) {
+		return fmt.Errorf("qemu-img convert %s: %w: socket %q", src, ErrUnsafePath, socket)
+	}
+	args := []string{"convert", "-p"}
+	if r.DirectIO {
+		args = append(args, "-T", "none")
+	}
+	// The target's cache mode only decides whether qemu-img sends a
+	// flush, which the server has no use for.
+	args = append(args, "-t", "unsafe", "-n", "--target-is-zero", "-S", "4k", "-f", srcFormat,
+		// Options rather than an nbd+unix:// URI, which would need the
+		// path escaped: here only a comma needs doubling.
+		"--target-image-opts", "--", src,
+		"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path="+strings.ReplaceAll(socket, ",", ",,"))
+	return r.convert(ctx, src, args, onProgress)
+}
+
+func (r *Runner) convert(ctx context.Context, src string, args []string, onProgress func(percent float64)) error {
 	last, lastAt := -1.0, time.Time{}
 	stdout := &progressWriter{emit: func(v float64) {
 		// 100 is held back: qemu-img prints it before it has flushed and

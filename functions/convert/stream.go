@@ -1,0 +1,170 @@
+package convert
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/inspect"
+	"github.com/imagepipe/imagepipe/internal/nbd"
+	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/sparse"
+)
+
+// A raw output is uploaded while qemu-img still writes it. qemu-img
+// writes into an NBD export that convert serves on a socket in the job's
+// scratch dir; the export stores each write in the scratch file, and the
+// hash and the upload read behind qemu-img, each part sent as soon as its
+// bytes are final. On a large image the upload, the longest stage, then
+// starts seconds earlier, and the hash is done by the time qemu-img is.
+//
+// The output still goes to the scratch file whole: if qemu-img ever wrote
+// out of order, what was read behind it is dropped and the file is
+// uploaded the ordinary way once qemu-img is done.
+
+// maxSocketPath is what fits in a Unix socket address, with its NUL.
+const maxSocketPath = 107
+
+// streams reports whether d's output can be uploaded while it converts.
+func (h *Handler) streams(j *job, d *disk) bool {
+	// A qcow2 output is written out of order (tables after data), and an
+	// export's size is whole sectors.
+	return h.cfg.StreamOutput && j.outFormat == "raw" && d.virtualSize > 0 && d.virtualSize%512 == 0
+}
+
+// listen opens the socket qemu-img writes to: in the job's scratch dir,
+// or where the scratch path is too long for a socket address, in a
+// private directory of the OS temp dir. Either is the job's own, so no
+// other user can reach the export. done closes it and removes what it
+// made.
+func listen(j *job) (socket string, l net.Listener, done func(), err error) {
+	dir, cleanup := j.dir, func() {}
+	if len(filepath.Join(dir, socketName)) > maxSocketPath {
+		if dir, err = os.MkdirTemp("", "imagepipe-nbd-"); err != nil {
+			return "", nil, nil, err
+		}
+		cleanup = func() { os.RemoveAll(dir) }
+	}
+	socket = filepath.Join(dir, socketName)
+	if l, err = net.Listen("unix", socket); err != nil {
+		cleanup()
+		return "", nil, nil, err
+	}
+	return socket, l, func() { l.Close(); cleanup() }, nil
+}
+
+const socketName = "output.sock"
+
+// convertStreaming converts d into an NBD export and uploads it at the
+// same time.
+func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep inspect.Report) error {
+	st, err := sparse.CreateStream(d.output, d.virtualSize)
+	if err != nil {
+		if isNoSpace(err) {
+			return failure.Retryable(events.PhaseConvert, fmt.Errorf("create the output: %w", err), "free space in IMAGEPIPE_SCRATCH_DIR")
+		}
+		return failure.Retryable(events.PhaseConvert, fmt.Errorf("create the output: %w", err), "")
+	}
+	socket, l, unlisten, err := listen(j)
+	if err != nil {
+		st.Close()
+		return failure.Retryable(events.PhaseConvert, fmt.Errorf("listen for qemu-img's output: %w", err), "")
+	}
+	sctx, stop := context.WithCancel(ctx)
+	// wg is the upload and the hash; the server runs until stop.
+	var wg sync.WaitGroup
+	served := make(chan struct{})
+	defer func() {
+		// Nothing reads or writes the stream once these are back.
+		stop()
+		wg.Wait()
+		<-served
+		unlisten()
+		st.Close()
+	}()
+	srv := &nbd.Server{Size: d.virtualSize, Device: st.Writer(), Log: j.log}
+	go func() {
+		defer close(served)
+		if err := srv.Serve(sctx, l); err != nil {
+			j.log.Warn("serving qemu-img's output stopped", "stage", events.PhaseConvert, "err", err)
+		}
+	}()
+	progress := &laterMeter{}
+	var obj objstore.Object
+	var upErr error
+	wg.Go(func() {
+		obj, upErr = h.store.UploadGrowing(sctx, h.cfg.OutputBucket, d.outKey, st, d.virtualSize, outputMeta(j, d), progress)
+	})
+	var sum string
+	var hashErr error
+	wg.Go(func() { sum, hashErr = sectionSHA256(sctx, st.Section(0, d.virtualSize)) })
+
+	err = h.runQemu(ctx, j, d, true, func(ctx context.Context, onProgress func(float64)) error {
+		return h.qemu.ConvertToNBD(ctx, d.input, string(d.format), socket, onProgress)
+	})
+	if err != nil {
+		// qemu-img fails on a write the export refused; that refusal (a
+		// full scratch disk) is the cause to report, not the image.
+		if werr := st.Err(); werr != nil && !errors.Is(werr, sparse.ErrOutOfOrder) {
+			err = failure.Retryable(events.PhaseConvert, werr, "free space in IMAGEPIPE_SCRATCH_DIR")
+		}
+		st.Fail(err)
+		return err
+	}
+	if err := h.verify(ctx, j, d, rep); err != nil {
+		st.Fail(err)
+		return err
+	}
+	if err := st.Finish(); err != nil {
+		// What was uploaded and hashed so far may not be what the file now
+		// holds: drop it, and upload the complete file.
+		j.log.Warn("qemu-img wrote its output out of order; uploading it after conversion instead", "stage", events.PhaseUpload, "err", err)
+		stop()
+		wg.Wait()
+		return h.upload(ctx, j, d, rep)
+	}
+	h.setState(ctx, j, events.StateUploading, 0)
+	j.log.Info("uploading", "stage", events.PhaseUpload, "output_bucket", h.cfg.OutputBucket, "output_key", d.outKey, "size", d.outSize)
+	progress.start(h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, d.outSize))
+	wg.Wait()
+	if upErr != nil {
+		return classifyWrite(upErr)
+	}
+	if hashErr != nil {
+		return failure.Retryable(events.PhaseUpload, hashErr, "")
+	}
+	return h.uploaded(ctx, j, d, obj, sum)
+}
+
+// laterMeter counts the bytes an upload sends from its start but reports
+// them only from the UPLOADING state on: while qemu-img converts, the
+// job's progress is qemu-img's.
+type laterMeter struct {
+	mu   sync.Mutex
+	sent int64
+	m    *meter
+}
+
+func (l *laterMeter) Read(p []byte) (int, error) {
+	l.mu.Lock()
+	l.sent += int64(len(p))
+	m := l.m
+	l.mu.Unlock()
+	if m != nil {
+		m.add(int64(len(p)))
+	}
+	return len(p), nil
+}
+
+func (l *laterMeter) start(m *meter) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	m.done = l.sent
+	l.m = m
+}

@@ -1,0 +1,203 @@
+package convert
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/sparse"
+)
+
+func run(t *testing.T, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// vhdxWithScatteredData is a 64 MiB VHDX with data at its start, middle
+// and end, and the sha256 of its raw conversion by qemu-img alone.
+func vhdxWithScatteredData(t *testing.T) (body []byte, rawSHA256 string) {
+	t.Helper()
+	dir := t.TempDir()
+	img, ref := filepath.Join(dir, "in.vhdx"), filepath.Join(dir, "ref.raw")
+	run(t, "qemu-img", "create", "-q", "-f", "vhdx", img, "64M")
+	run(t, "qemu-io", "-f", "vhdx", "-c", "write -P 0xab 0 3M", "-c", "write -P 0xcd 20M 1M",
+		"-c", "write -P 0xef 33M 512", "-c", "write -P 0x17 63M 1M", img)
+	run(t, "qemu-img", "convert", "-f", "vhdx", "-O", "raw", img, ref)
+	return readFile(t, img), fileSHA256(t, ref)
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func fileSHA256(t *testing.T, path string) string {
+	t.Helper()
+	sum := sha256.Sum256(readFile(t, path))
+	return hex.EncodeToString(sum[:])
+}
+
+func newStreamingHandler(t *testing.T, store Storage, rep *fakeReporter) *Handler {
+	t.Helper()
+	h := newTestHandler(t, store, rep)
+	h.cfg.StreamOutput = true
+	return h
+}
+
+// readGrowing reads a growing upload the way the store does: each part
+// once it is final.
+func readGrowing(ctx context.Context, src objstore.Growing, size int64) (string, error) {
+	const part = 5 << 20
+	hsh := sha256.New()
+	for off := int64(0); off < size; off += part {
+		n := min(part, size-off)
+		if err := src.Wait(ctx, off+n); err != nil {
+			return "", err
+		}
+		if _, err := io.Copy(hsh, io.NewSectionReader(src, off, n)); err != nil {
+			return "", err
+		}
+	}
+	return hex.EncodeToString(hsh.Sum(nil)), nil
+}
+
+func TestRawOutputIsUploadedWhileQemuImgWritesItAndMatchesQemuImgAlone(t *testing.T) {
+	body, want := vhdxWithScatteredData(t)
+	store, calls := memStore("disks/web.vhdx", body, nil)
+	store.UploadFn = func(context.Context, string, string, *sparse.File, map[string]string, io.Reader) (objstore.Object, error) {
+		t.Error("the output was uploaded after conversion, not while it converted")
+		return objstore.Object{}, errors.New("not this way")
+	}
+	var uploaded string
+	store.GrowingFn = func(ctx context.Context, bucket, key string, src objstore.Growing, size int64, _ map[string]string, progress io.Reader) (objstore.Object, error) {
+		if bucket != "images" || key != "disks/web.vhdx.raw" || size != 64<<20 {
+			t.Errorf("upload of %s/%s, %d bytes", bucket, key, size)
+		}
+		sum, err := readGrowing(ctx, src, size)
+		uploaded = sum
+		return objstore.Object{Bucket: bucket, Key: key, Size: size, VersionID: "v1"}, err
+	}
+	h := newStreamingHandler(t, store, &fakeReporter{})
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j1", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uploaded != want {
+		t.Fatalf("uploaded bytes hash to %s, qemu-img alone gives %s", uploaded, want)
+	}
+	var conv events.Converted
+	if len(out) != 1 || out[0].Subject != events.SubjectConverted || out[0].Event.DecodeData(events.TypeConverted, &conv) != nil {
+		t.Fatalf("result %+v", out)
+	}
+	if conv.SHA256 != want || conv.OutputSize != 64<<20 || conv.VirtualSize != 64<<20 {
+		t.Fatalf("converted event %+v, want sha256 %s and 64 MiB", conv, want)
+	}
+	if !contains(*calls, "tag images/disks/web.vhdx.raw") {
+		t.Fatalf("hash never tagged: %v", *calls)
+	}
+	if entries, _ := os.ReadDir(h.cfg.ScratchDir); len(entries) != 0 {
+		t.Fatalf("scratch holds %v after the job", entries)
+	}
+}
+
+// qcow2FailingMidConvert passes inspection and qemu-img info but has its
+// compressed clusters past 384 KiB overwritten, so convert fails after it
+// has written the first ones.
+func qcow2FailingMidConvert(t *testing.T) []byte {
+	t.Helper()
+	dir := t.TempDir()
+	raw, img := filepath.Join(dir, "in.raw"), filepath.Join(dir, "in.qcow2")
+	r := rand.New(rand.NewPCG(1, 2))
+	b := make([]byte, 4<<20)
+	for i := range b {
+		if i%3 == 0 {
+			b[i] = byte(r.IntN(256))
+		} else {
+			b[i] = byte(i / 1000 % 251)
+		}
+	}
+	if err := os.WriteFile(raw, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, img)
+	body := readFile(t, img)
+	for i := 0x60000; i < len(body); i++ {
+		body[i] = 0xff
+	}
+	return body
+}
+
+func TestQemuImgFailingMidStreamLeavesNoOutputAndNamesTheImage(t *testing.T) {
+	store, _ := memStore("disks/db.qcow2", qcow2FailingMidConvert(t), nil)
+	var waitErr error
+	store.GrowingFn = func(ctx context.Context, bucket, key string, src objstore.Growing, size int64, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		_, waitErr = readGrowing(ctx, src, size)
+		return objstore.Object{}, waitErr
+	}
+	h := newStreamingHandler(t, store, &fakeReporter{})
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j2", Bucket: "uploads", Key: "disks/db.qcow2"}, 1, 4)
+	if err == nil {
+		t.Fatal("a qcow2 whose clusters are damaged converted")
+	}
+	if waitErr == nil {
+		t.Fatal("the upload finished although qemu-img failed")
+	}
+	var failed events.Failed
+	if len(out) != 1 || out[0].Event.DecodeData(events.TypeFailed, &failed) != nil {
+		t.Fatalf("result %+v", out)
+	}
+	if failed.Phase != events.PhaseConvert || failed.WillRetry || !strings.Contains(failed.Message, "qemu-img cannot read this qcow2 image") {
+		t.Fatalf("failure %+v, want a permanent convert failure naming the image", failed)
+	}
+	if entries, _ := os.ReadDir(h.cfg.ScratchDir); len(entries) != 0 {
+		t.Fatalf("scratch holds %v after the job", entries)
+	}
+}
+
+func TestStreamedUploadFailureIsRetriedAndLeavesNoScratch(t *testing.T) {
+	body, _ := vhdxWithScatteredData(t)
+	store, _ := memStore("disks/web.vhdx", body, nil)
+	store.GrowingFn = func(ctx context.Context, _, _ string, src objstore.Growing, _ int64, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		if err := src.Wait(ctx, 5<<20); err != nil {
+			return objstore.Object{}, err
+		}
+		return objstore.Object{}, errors.New("connection reset by peer")
+	}
+	h := newStreamingHandler(t, store, &fakeReporter{})
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j3", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4)
+	var failed events.Failed
+	if err == nil || len(out) != 1 || out[0].Event.DecodeData(events.TypeFailed, &failed) != nil {
+		t.Fatalf("Handle = %v, %+v", err, out)
+	}
+	if failed.Phase != events.PhaseUpload || !failed.WillRetry {
+		t.Fatalf("failure %+v, want a retried upload failure", failed)
+	}
+	if entries, _ := os.ReadDir(h.cfg.ScratchDir); len(entries) != 0 {
+		t.Fatalf("scratch holds %v after the job", entries)
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
