@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -254,12 +255,15 @@ func qemuConvert(ctx context.Context, src, format, dst string, flags ...string) 
 type P1 struct {
 	Virtual, Data int64
 	Baseline      string
-	Pipeline      []time.Duration   // upload complete → result event
-	Notify        []time.Duration   // of which, until MinIO's notification reached NATS
-	Stages        [][]time.Duration // per stage (see Stages), per run
-	Sequential    []time.Duration   // baseline: download, convert, upload one after the other
-	SeqStages     [3][]time.Duration
-	Bare          [3][]time.Duration // download, qemu-img convert, upload as convert does each
+	Pipeline      []time.Duration // upload complete → result event
+	// The same with IMAGEPIPE_STREAM_OUTPUT=false: the output uploaded
+	// once qemu-img is done, not while it writes.
+	AfterConversion []time.Duration
+	Notify          []time.Duration   // of which, until MinIO's notification reached NATS
+	Stages          [][]time.Duration // per stage (see Stages), per run
+	Sequential      []time.Duration   // baseline: download, convert, upload one after the other
+	SeqStages       [3][]time.Duration
+	Bare            [3][]time.Duration // download, qemu-img convert, upload as convert does each
 	// CPU used by the machine and by MinIO, while the pipeline ran and
 	// while the bare upload ran.
 	PipelineCPU, BareUploadCPU []cpuTime
@@ -329,6 +333,17 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 		}
 		r.logf("P1 rep %d: pipeline %s (notification %s)", rep, t.e2e.Round(time.Millisecond), t.notify.Round(time.Millisecond))
 
+		var after trip
+		err = r.withConvertEnv(ctx, "IMAGEPIPE_STREAM_OUTPUT", "false", "true", func() (err error) {
+			after, err = r.through(ctx, img, fmt.Sprintf("bench/p1/%d/after-conversion.vhdx", rep))
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		p.AfterConversion = append(p.AfterConversion, after.e2e)
+		r.logf("P1 rep %d: pipeline uploading after conversion %s", rep, after.e2e.Round(time.Millisecond))
+
 		// The baseline and the bare stages each read a copy uploaded just
 		// before, as the pipeline does: reading the pipeline's input again
 		// would find it in the page cache and flatter them.
@@ -361,6 +376,25 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 		r.logf("P1 rep %d: bare stages %s + %s + %s", rep, bare[0].Round(time.Millisecond), bare[1].Round(time.Millisecond), bare[2].Round(time.Millisecond))
 	}
 	return p, nil
+}
+
+// withConvertEnv runs f with the convert replica restarted with key=value,
+// and restarts it with key=restore afterwards.
+func (r *Runner) withConvertEnv(ctx context.Context, key, value, restore string, f func() error) error {
+	conv := r.st.Procs["convert"]
+	restart := func(v string) error {
+		conv.Stop(30 * time.Second)
+		conv.SetEnv(key, v)
+		if err := conv.Start(); err != nil {
+			return err
+		}
+		return r.waitReplica(ctx)
+	}
+	if err := restart(value); err != nil {
+		return err
+	}
+	ferr := f()
+	return errors.Join(ferr, restart(restore))
 }
 
 // freshCopy uploads img to key in the output bucket, where no

@@ -33,6 +33,7 @@ import (
 var e2e struct {
 	stack   *devStack
 	scratch string
+	log     string // the stack's log file
 	slack   *slackRecorder
 	nc      *nats.Conn
 	js      jetstream.JetStream
@@ -63,6 +64,7 @@ func runE2E(m *testing.M) int {
 		return 1
 	}
 	e2e.scratch = s.Convert.ScratchDir
+	e2e.log = filepath.Join(dir, "imagepipe.log")
 
 	// A Slack incoming webhook on loopback, so notifications go through
 	// the real notify function end to end.
@@ -71,7 +73,7 @@ func runE2E(m *testing.M) int {
 	s.Notify.SlackWebhookURL = e2e.slack.srv.URL + "/services/T000/B000/XXXX"
 	s.Notify.NotifyOn = []string{"success", "failure", "stalled"}
 
-	logFile, err := os.Create(filepath.Join(dir, "imagepipe.log"))
+	logFile, err := os.Create(e2e.log)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -320,8 +322,31 @@ func TestUploadsOfEveryFormatBecomeByteIdenticalRawImages(t *testing.T) {
 			if st.State != events.StateReady || st.OutputKey != c.OutputKey || st.JobID != c.JobID {
 				t.Errorf("status = %+v, want READY with output %s", st, c.OutputKey)
 			}
+			// The bytes above went up while qemu-img wrote them.
+			if line := logLine(t, c.JobID, "msg=converting"); !strings.Contains(line, "streaming=true") {
+				t.Errorf("not converted while uploading: %s", line)
+			}
+			if line := logLine(t, c.JobID, "out of order"); line != "" {
+				t.Errorf("streaming fell back: %s", line)
+			}
 		})
 	}
+}
+
+// logLine is the first line of the stack's log about job that contains
+// what, or "".
+func logLine(t *testing.T, job, what string) string {
+	t.Helper()
+	b, err := os.ReadFile(e2e.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if strings.Contains(line, "job="+job) && strings.Contains(line, what) {
+			return line
+		}
+	}
+	return ""
 }
 
 func statusOf(t *testing.T, bucket, key string) events.Status {

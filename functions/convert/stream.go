@@ -28,6 +28,9 @@ import (
 // out of order, what was read behind it is dropped and the file is
 // uploaded the ordinary way once qemu-img is done.
 
+// errJobOver ends whatever still reads the output when its job returns.
+var errJobOver = errors.New("the job is over")
+
 // maxSocketPath is what fits in a Unix socket address, with its NUL.
 const maxSocketPath = 107
 
@@ -81,7 +84,10 @@ func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep ins
 	var wg sync.WaitGroup
 	served := make(chan struct{})
 	defer func() {
-		// Nothing reads or writes the stream once these are back.
+		// Nothing reads or writes the stream once these are back. Every
+		// way here has finished or failed the stream already; failing it
+		// again only makes sure no reader waits on.
+		st.Fail(errJobOver)
 		stop()
 		wg.Wait()
 		<-served
