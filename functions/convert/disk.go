@@ -24,7 +24,11 @@ func (h *Handler) convertDisk(ctx context.Context, j *job, d *disk, rep inspect.
 		return err
 	}
 	if h.streams(j, d) {
-		return h.convertStreaming(ctx, j, d, rep)
+		err := h.convertStreaming(ctx, j, d, rep)
+		if !errors.Is(err, errNoSocket) {
+			return err
+		}
+		j.log.Info("scratch and temp dir paths too long for a socket; uploading after conversion", "stage", events.PhaseConvert)
 	}
 	for _, stage := range []func(context.Context, *job, *disk, inspect.Report) error{
 		h.convert, h.verify, h.upload,

@@ -44,12 +44,16 @@ func (h *Handler) streams(j *job, d *disk) bool {
 // listen opens the socket qemu-img writes to: in the job's scratch dir,
 // or where the scratch path is too long for a socket address, in a
 // private directory of the OS temp dir. Either is the job's own, so no
-// other user can reach the export. done closes it and removes what it
-// made.
+// other user can reach the export. It returns errNoSocket where neither
+// fits. done closes the socket and removes what it made.
 func listen(j *job) (socket string, l net.Listener, done func(), err error) {
 	dir, cleanup := j.dir, func() {}
 	if len(filepath.Join(dir, socketName)) > maxSocketPath {
-		if dir, err = os.MkdirTemp("", "imagepipe-nbd-"); err != nil {
+		// MkdirTemp appends at most 10 digits.
+		if len(filepath.Join(os.TempDir(), tempSocketDir+"0123456789", socketName)) > maxSocketPath {
+			return "", nil, nil, errNoSocket
+		}
+		if dir, err = os.MkdirTemp("", tempSocketDir); err != nil {
 			return "", nil, nil, err
 		}
 		cleanup = func() { os.RemoveAll(dir) }
@@ -62,22 +66,30 @@ func listen(j *job) (socket string, l net.Listener, done func(), err error) {
 	return socket, l, func() { l.Close(); cleanup() }, nil
 }
 
+var errNoSocket = errors.New("no directory with a path short enough for a socket")
+
+const tempSocketDir = "imagepipe-nbd-"
+
 const socketName = "output.sock"
 
 // convertStreaming converts d into an NBD export and uploads it at the
-// same time.
+// same time. It returns errNoSocket, having done nothing, where no socket
+// fits.
 func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep inspect.Report) error {
+	socket, l, unlisten, err := listen(j)
+	if errors.Is(err, errNoSocket) {
+		return err
+	}
+	if err != nil {
+		return failure.Retryable(events.PhaseConvert, fmt.Errorf("listen for qemu-img's output: %w", err), "")
+	}
 	st, err := sparse.CreateStream(d.output, d.virtualSize)
 	if err != nil {
+		unlisten()
 		if isNoSpace(err) {
 			return failure.Retryable(events.PhaseConvert, fmt.Errorf("create the output: %w", err), "free space in IMAGEPIPE_SCRATCH_DIR")
 		}
 		return failure.Retryable(events.PhaseConvert, fmt.Errorf("create the output: %w", err), "")
-	}
-	socket, l, unlisten, err := listen(j)
-	if err != nil {
-		st.Close()
-		return failure.Retryable(events.PhaseConvert, fmt.Errorf("listen for qemu-img's output: %w", err), "")
 	}
 	sctx, stop := context.WithCancel(ctx)
 	// wg is the upload and the hash; the server runs until stop.

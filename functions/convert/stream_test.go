@@ -193,6 +193,39 @@ func TestStreamedUploadFailureIsRetriedAndLeavesNoScratch(t *testing.T) {
 	}
 }
 
+func TestRawOutputIsUploadedAfterConversionWhereNoSocketPathFits(t *testing.T) {
+	body, want := vhdxWithScatteredData(t)
+	store, calls := memStore("disks/web.vhdx", body, nil)
+	store.GrowingFn = func(context.Context, string, string, objstore.Growing, int64, map[string]string, io.Reader) (objstore.Object, error) {
+		t.Error("streamed without a socket")
+		return objstore.Object{}, errors.New("not this way")
+	}
+	var uploaded string
+	store.UploadFn = func(ctx context.Context, bucket, key string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		sum, err := readGrowing(ctx, finalFile{f}, f.Size())
+		uploaded = sum
+		return objstore.Object{Bucket: bucket, Key: key, Size: f.Size()}, err
+	}
+	long := filepath.Join(t.TempDir(), strings.Repeat("d", 100))
+	if err := os.MkdirAll(long, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TMPDIR", long)
+	h := newStreamingHandler(t, store, &fakeReporter{})
+	h.cfg.ScratchDir = long
+	if _, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j4", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4); err != nil {
+		t.Fatal(err)
+	}
+	if uploaded != want || !contains(*calls, "tag images/disks/web.vhdx.raw") {
+		t.Fatalf("uploaded %s (calls %v), want %s", uploaded, *calls, want)
+	}
+}
+
+// finalFile is a complete file seen as a growing one.
+type finalFile struct{ *sparse.File }
+
+func (finalFile) Wait(context.Context, int64) error { return nil }
+
 func contains(list []string, s string) bool {
 	for _, v := range list {
 		if v == s {
