@@ -175,8 +175,16 @@ func TestClusterConvertsEveryImageExactlyOnceThroughCrashes(t *testing.T) {
 	if err := os.MkdirAll(logs, 0o700); err != nil {
 		t.Fatal(err)
 	}
+	// Scratch on a short path: each job's socket for qemu-img's output
+	// lives there only where its path fits a socket address, and the
+	// test name alone makes t.TempDir too long for that.
+	scratchRoot, err := os.MkdirTemp("", "cluster-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(scratchRoot) })
 	convertEnv := func(n int) []string {
-		scratch := filepath.Join(dir, "scratch-"+strconv.Itoa(n))
+		scratch := filepath.Join(scratchRoot, "scratch-"+strconv.Itoa(n))
 		if err := os.MkdirAll(scratch, 0o700); err != nil {
 			t.Fatal(err)
 		}
@@ -263,7 +271,7 @@ func TestClusterConvertsEveryImageExactlyOnceThroughCrashes(t *testing.T) {
 			// A replica with a job directory in its scratch space is in the
 			// middle of a job it has not acknowledged: killing it loses
 			// work that must go to another replica.
-			if n := busyConvert(dir); n > 0 {
+			if n := busyConvert(scratchRoot); n > 0 {
 				killedAt = ready
 				i := n + 1 // procs[2] is convert-1, procs[3] convert-2
 				procs[i].kill()
