@@ -8,13 +8,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/minio/minio-go/v7"
 
 	"github.com/imagepipe/imagepipe/internal/minioserver"
+	"github.com/imagepipe/imagepipe/internal/sparse"
 )
 
 var testStore *Store
@@ -58,55 +58,23 @@ func testBucket(t *testing.T) (context.Context, string) {
 	return ctx, bucket
 }
 
-// growingBytes is a file in memory whose final mark the test moves.
-type growingBytes struct {
-	data []byte
-
-	mu      sync.Mutex
-	final   int64
-	err     error
-	changed chan struct{}
-}
-
-func newGrowingBytes(data []byte) *growingBytes {
-	return &growingBytes{data: data, changed: make(chan struct{})}
-}
-
-func (g *growingBytes) ReadAt(p []byte, off int64) (int, error) {
-	g.mu.Lock()
-	final := g.final
-	g.mu.Unlock()
-	if off+int64(len(p)) > final {
-		return 0, fmt.Errorf("read of [%d, %d) before it was final (%d)", off, off+int64(len(p)), final)
+// newStream is a scratch file the test writes in order, as qemu-img does
+// through convert's NBD export.
+func newStream(t *testing.T, size int) *sparse.Stream {
+	t.Helper()
+	st, err := sparse.CreateStream(filepath.Join(t.TempDir(), "out.raw"), int64(size))
+	if err != nil {
+		t.Fatal(err)
 	}
-	return bytes.NewReader(g.data).ReadAt(p, off)
+	t.Cleanup(func() { st.Close() })
+	return st
 }
 
-func (g *growingBytes) Wait(ctx context.Context, end int64) error {
-	for {
-		g.mu.Lock()
-		final, err, changed := g.final, g.err, g.changed
-		g.mu.Unlock()
-		if err != nil {
-			return err
-		}
-		if final >= end {
-			return nil
-		}
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+func write(t *testing.T, st *sparse.Stream, data []byte, from, to int) {
+	t.Helper()
+	if _, err := st.Writer().WriteAt(data[from:to], int64(from)); err != nil {
+		t.Fatal(err)
 	}
-}
-
-func (g *growingBytes) set(final int64, err error) {
-	g.mu.Lock()
-	g.final, g.err = final, err
-	close(g.changed)
-	g.changed = make(chan struct{})
-	g.mu.Unlock()
 }
 
 func pattern(n int) []byte {
@@ -146,7 +114,7 @@ func TestUploadGrowingSendsPartsAsTheyBecomeFinalAndTheObjectOnlyAtTheEnd(t *tes
 	ctx, bucket := testBucket(t)
 	const key = "disk.vhdx.raw"
 	data := pattern(12<<20 + 4096) // three parts, the last short
-	src := newGrowingBytes(data)
+	src := newStream(t, len(data))
 	type result struct {
 		obj Object
 		err error
@@ -157,14 +125,25 @@ func TestUploadGrowingSendsPartsAsTheyBecomeFinalAndTheObjectOnlyAtTheEnd(t *tes
 		done <- result{obj, err}
 	}()
 
-	src.set(5<<20, nil)
+	write(t, src, data, 0, 5<<20-4096)
+	time.Sleep(200 * time.Millisecond)
+	if n := uploadedParts(t, ctx, bucket, key); n != 0 {
+		t.Fatalf("%d parts sent before the first was written whole", n)
+	}
+	write(t, src, data, 5<<20-4096, 5<<20)
 	eventually(t, "the first part is uploaded", func() bool { return uploadedParts(t, ctx, bucket, key) == 1 })
-	src.set(10<<20, nil)
+	write(t, src, data, 5<<20, 12<<20)
 	eventually(t, "the second part is uploaded", func() bool { return uploadedParts(t, ctx, bucket, key) == 2 })
+	// Every byte is written, but the writer has not said it is done, and
+	// may still fail.
+	write(t, src, data, 12<<20, len(data))
+	time.Sleep(200 * time.Millisecond)
 	if _, err := testStore.Stat(ctx, bucket, key); !IsNotFound(err) {
 		t.Fatalf("object visible before its writer finished (stat err %v)", err)
 	}
-	src.set(int64(len(data)), nil)
+	if err := src.Finish(); err != nil {
+		t.Fatal(err)
+	}
 	res := <-done
 	if res.err != nil {
 		t.Fatal(res.err)
@@ -196,16 +175,16 @@ func TestUploadGrowingOfAFailedWriterLeavesNoObjectAndNoParts(t *testing.T) {
 	ctx, bucket := testBucket(t)
 	const key = "broken.vhdx.raw"
 	data := pattern(12 << 20)
-	src := newGrowingBytes(data)
+	src := newStream(t, len(data))
 	done := make(chan error, 1)
 	go func() {
 		_, err := testStore.UploadGrowing(ctx, bucket, key, src, int64(len(data)), nil, nil)
 		done <- err
 	}()
-	src.set(5<<20, nil)
+	write(t, src, data, 0, 6<<20)
 	eventually(t, "the first part is uploaded", func() bool { return uploadedParts(t, ctx, bucket, key) == 1 })
 	cause := errors.New("qemu-img exited with status 1")
-	src.set(5<<20, cause)
+	src.Fail(cause)
 	if err := <-done; !errors.Is(err, cause) {
 		t.Fatalf("UploadGrowing = %v, want the writer's error", err)
 	}

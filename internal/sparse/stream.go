@@ -37,6 +37,7 @@ type Stream struct {
 	changed chan struct{} // closed and replaced when final or err changes
 	data    []extent      // sorted, disjoint; only below final
 	final   int64         // bytes below it never change again
+	done    bool          // Finish was called
 	err     error         // why readers stop; set once
 	broken  bool          // the writer broke the order
 }
@@ -70,7 +71,7 @@ func (s *Stream) Finish() error {
 	if s.err != nil {
 		return s.err
 	}
-	s.final = s.size
+	s.final, s.done = s.size, true
 	s.signal()
 	return nil
 }
@@ -103,17 +104,20 @@ func (s *Stream) Broken() bool {
 }
 
 // Wait returns once the bytes below end are final, or with the reason the
-// stream failed.
+// stream failed. The end of the stream is final only once the writer has
+// finished, even if it wrote up to it: a reader of the last bytes, such as
+// an upload's last part, must not take a writer that may still fail for
+// one that is done.
 func (s *Stream) Wait(ctx context.Context, end int64) error {
 	end = min(end, s.size)
 	for {
 		s.mu.Lock()
-		final, err, changed := s.final, s.err, s.changed
+		final, done, err, changed := s.final, s.done, s.err, s.changed
 		s.mu.Unlock()
 		if err != nil {
 			return err
 		}
-		if final >= end {
+		if final >= end && (end < s.size || done) {
 			return nil
 		}
 		select {

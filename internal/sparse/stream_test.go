@@ -203,3 +203,24 @@ func TestStreamRefusesWritesPastItsEnd(t *testing.T) {
 		t.Fatal("zeroing past the end accepted")
 	}
 }
+
+func TestStreamEndIsFinalOnlyOnceTheWriterFinishes(t *testing.T) {
+	s := newStream(t, 8192)
+	if _, err := s.Writer().WriteAt(patterned(8192, 5), 0); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := s.Wait(ctx, 4096); err != nil {
+		t.Fatalf("bytes below the last write not final: %v", err)
+	}
+	if err := s.Wait(ctx, 8192); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Wait(end) before Finish = %v, want it to wait", err)
+	}
+	if err := s.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Wait(context.Background(), 8192); err != nil {
+		t.Fatal(err)
+	}
+}
