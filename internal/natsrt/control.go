@@ -302,6 +302,11 @@ func (w *Worker) fetchContext(ctx context.Context) (context.Context, context.Can
 // from the server. A message arriving before that would be handed to a
 // pull nobody reads any more and wait out AckWait before anyone saw it.
 func (w *Worker) interruptFetches(timeout time.Duration) {
+	nc := w.js.Conn()
+	subs := 0
+	if nc != nil {
+		subs = nc.NumSubscriptions()
+	}
 	c := &w.ctl
 	c.mu.Lock()
 	var ended []chan struct{}
@@ -310,17 +315,25 @@ func (w *Worker) interruptFetches(timeout time.Duration) {
 		ended = append(ended, h.ended)
 	}
 	c.mu.Unlock()
-	deadline := time.After(timeout)
+	deadline := time.Now().Add(timeout)
 	for _, e := range ended {
 		select {
 		case <-e:
-		case <-deadline:
+		case <-time.After(time.Until(deadline)):
 			return
 		}
 	}
-	if nc := w.js.Conn(); nc != nil {
-		_ = nc.FlushTimeout(timeout)
+	if nc == nil {
+		return
 	}
+	// A fetch returns before it unsubscribes (nats.go closes its messages
+	// channel, then unsubscribes, on the same goroutine): wait for the
+	// subscriptions to go, then flush, so that the server has dropped
+	// them before Pause returns.
+	for nc.NumSubscriptions() > subs-len(ended) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	_ = nc.FlushTimeout(max(time.Until(deadline), 100*time.Millisecond))
 }
 
 // track gives a message its own cancellable context and makes it visible
