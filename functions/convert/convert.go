@@ -81,6 +81,9 @@ type Handler struct {
 	report Reporter
 	log    *slog.Logger
 	now    func() time.Time
+	// streamAbove is the smallest raw output uploaded while it converts
+	// (see stream.go); tests lower it.
+	streamAbove int64
 }
 
 // New returns a handler. dd may be nil: content de-duplication is then off.
@@ -91,7 +94,8 @@ func New(cfg Config, store Storage, qemu QemuImg, report Reporter, dd Deduper, l
 	if removed := sweepScratch(cfg.ScratchDir, time.Now()); len(removed) > 0 && log != nil {
 		log.Info("removed scratch of jobs whose process died", "dirs", removed)
 	}
-	return &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now}
+	return &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now,
+		streamAbove: objstore.PartSize}
 }
 
 // job is one conversion in flight: the queued job plus what the stages

@@ -36,9 +36,11 @@ const maxSocketPath = 107
 
 // streams reports whether d's output can be uploaded while it converts.
 func (h *Handler) streams(j *job, d *disk) bool {
-	// A qcow2 output is written out of order (tables after data), and an
-	// export's size is whole sectors.
-	return h.cfg.StreamOutput && j.outFormat == "raw" && d.virtualSize > 0 && d.virtualSize%512 == 0
+	// A qcow2 output is written out of order (tables after data); an
+	// export's size is whole sectors; and an output of one part gains
+	// nothing, its only part being also the last, which waits for qemu-img
+	// to finish.
+	return h.cfg.StreamOutput && j.outFormat == "raw" && d.virtualSize > h.streamAbove && d.virtualSize%512 == 0
 }
 
 // listen opens the socket qemu-img writes to: in the job's scratch dir,

@@ -57,13 +57,14 @@ func newStreamingHandler(t *testing.T, store Storage, rep *fakeReporter) *Handle
 	t.Helper()
 	h := newTestHandler(t, store, rep)
 	h.cfg.StreamOutput = true
+	h.streamAbove = 0 // these test images are smaller than one part
 	return h
 }
 
 // readGrowing reads a growing upload the way the store does: each part
 // once it is final.
 func readGrowing(ctx context.Context, src objstore.Growing, size int64) (string, error) {
-	const part = 5 << 20
+	const part = 5 << 20 // several parts of the test images
 	hsh := sha256.New()
 	for off := int64(0); off < size; off += part {
 		n := min(part, size-off)
@@ -193,31 +194,43 @@ func TestStreamedUploadFailureIsRetriedAndLeavesNoScratch(t *testing.T) {
 	}
 }
 
-func TestRawOutputIsUploadedAfterConversionWhereNoSocketPathFits(t *testing.T) {
+func TestRawOutputIsUploadedAfterConversionWhereStreamingCannotHelp(t *testing.T) {
 	body, want := vhdxWithScatteredData(t)
-	store, calls := memStore("disks/web.vhdx", body, nil)
-	store.GrowingFn = func(context.Context, string, string, objstore.Growing, int64, map[string]string, io.Reader) (objstore.Object, error) {
-		t.Error("streamed without a socket")
-		return objstore.Object{}, errors.New("not this way")
-	}
-	var uploaded string
-	store.UploadFn = func(ctx context.Context, bucket, key string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
-		sum, err := readGrowing(ctx, finalFile{f}, f.Size())
-		uploaded = sum
-		return objstore.Object{Bucket: bucket, Key: key, Size: f.Size()}, err
-	}
-	long := filepath.Join(t.TempDir(), strings.Repeat("d", 100))
-	if err := os.MkdirAll(long, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("TMPDIR", long)
-	h := newStreamingHandler(t, store, &fakeReporter{})
-	h.cfg.ScratchDir = long
-	if _, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j4", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4); err != nil {
-		t.Fatal(err)
-	}
-	if uploaded != want || !contains(*calls, "tag images/disks/web.vhdx.raw") {
-		t.Fatalf("uploaded %s (calls %v), want %s", uploaded, *calls, want)
+	for _, tc := range []struct {
+		name  string
+		setup func(t *testing.T, h *Handler)
+	}{
+		{"one part only", func(t *testing.T, h *Handler) { h.streamAbove = 64 << 20 }},
+		{"no socket path fits", func(t *testing.T, h *Handler) {
+			long := filepath.Join(t.TempDir(), strings.Repeat("d", 100))
+			if err := os.MkdirAll(long, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			t.Setenv("TMPDIR", long)
+			h.cfg.ScratchDir = long
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store, calls := memStore("disks/web.vhdx", body, nil)
+			store.GrowingFn = func(context.Context, string, string, objstore.Growing, int64, map[string]string, io.Reader) (objstore.Object, error) {
+				t.Error("streamed")
+				return objstore.Object{}, errors.New("not this way")
+			}
+			var uploaded string
+			store.UploadFn = func(ctx context.Context, bucket, key string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+				sum, err := readGrowing(ctx, finalFile{f}, f.Size())
+				uploaded = sum
+				return objstore.Object{Bucket: bucket, Key: key, Size: f.Size()}, err
+			}
+			h := newStreamingHandler(t, store, &fakeReporter{})
+			tc.setup(t, h)
+			if _, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j4", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4); err != nil {
+				t.Fatal(err)
+			}
+			if uploaded != want || !contains(*calls, "tag images/disks/web.vhdx.raw") {
+				t.Fatalf("uploaded %s (calls %v), want %s", uploaded, *calls, want)
+			}
+		})
 	}
 }
 

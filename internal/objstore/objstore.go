@@ -34,6 +34,9 @@ const (
 	partThreads = 4
 )
 
+// PartSize is the size of every part of a large upload but the last.
+const PartSize = partSize
+
 // Store is an S3 client.
 type Store struct {
 	client *minio.Client
