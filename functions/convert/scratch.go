@@ -59,6 +59,7 @@ func sweepScratch(scratch string, now time.Time) (removed []string) {
 		}
 		dir := filepath.Join(scratch, e.Name())
 		if abandoned(dir, now) {
+			removeSocketDir(dir)
 			if os.RemoveAll(dir) == nil {
 				removed = append(removed, e.Name())
 			}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"github.com/imagepipe/imagepipe/events"
@@ -59,6 +60,12 @@ func listen(j *job) (socket string, l net.Listener, done func(), err error) {
 			return "", nil, nil, err
 		}
 		cleanup = func() { os.RemoveAll(dir) }
+		// Noted in the job's dir, so that the sweep of a job whose process
+		// died removes this one too.
+		if err := os.WriteFile(filepath.Join(j.dir, socketDirNote), []byte(dir), 0o600); err != nil {
+			cleanup()
+			return "", nil, nil, err
+		}
 	}
 	socket = filepath.Join(dir, socketName)
 	if l, err = net.Listen("unix", socket); err != nil {
@@ -70,7 +77,23 @@ func listen(j *job) (socket string, l net.Listener, done func(), err error) {
 
 var errNoSocket = errors.New("no directory with a path short enough for a socket")
 
-const tempSocketDir = "imagepipe-nbd-"
+const (
+	tempSocketDir = "imagepipe-nbd-"
+	socketDirNote = "socket-dir"
+)
+
+// removeSocketDir removes the socket directory a job noted in jobDir, if
+// it is one listen made.
+func removeSocketDir(jobDir string) {
+	b, err := os.ReadFile(filepath.Join(jobDir, socketDirNote))
+	if err != nil {
+		return
+	}
+	dir := filepath.Clean(string(b))
+	if filepath.Dir(dir) == filepath.Clean(os.TempDir()) && strings.HasPrefix(filepath.Base(dir), tempSocketDir) {
+		os.RemoveAll(dir)
+	}
+}
 
 const socketName = "output.sock"
 

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/objstore"
@@ -246,4 +247,38 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+func TestSweepRemovesTheSocketDirOfADeadJobAndNothingElse(t *testing.T) {
+	tmp, scratch := t.TempDir(), t.TempDir()
+	t.Setenv("TMPDIR", tmp)
+	sockets, err := os.MkdirTemp("", tempSocketDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(tmp, "precious")
+	if err := os.Mkdir(other, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for note, dir := range map[string]string{"socket": sockets, "other": other} {
+		dead, err := os.MkdirTemp(scratch, jobDirPrefix)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dead, lockName), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dead, socketDirNote), []byte(dir), 0o600); err != nil {
+			t.Fatalf("%s: %v", note, err)
+		}
+	}
+	if removed := sweepScratch(scratch, time.Now()); len(removed) != 2 {
+		t.Fatalf("removed %v, want both dead job dirs", removed)
+	}
+	if _, err := os.Stat(sockets); !os.IsNotExist(err) {
+		t.Errorf("socket dir of a dead job still there (%v)", err)
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Errorf("a noted dir that is no socket dir was removed: %v", err)
+	}
 }
