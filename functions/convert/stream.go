@@ -138,17 +138,23 @@ func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep ins
 			j.log.Warn("serving qemu-img's output stopped", "stage", events.PhaseConvert, "err", err)
 		}
 	}()
+	// An output that cannot be stored is not worth converting further.
+	qctx, stopQemu := context.WithCancel(ctx)
+	defer stopQemu()
 	progress := &laterMeter{}
 	var obj objstore.Object
 	var upErr error
 	wg.Go(func() {
 		obj, upErr = h.store.UploadGrowing(sctx, h.cfg.OutputBucket, d.outKey, st, d.virtualSize, outputMeta(j, d), progress)
+		if upErr != nil {
+			stopQemu()
+		}
 	})
 	var sum string
 	var hashErr error
 	wg.Go(func() { sum, hashErr = sectionSHA256(sctx, st.Section(0, d.virtualSize)) })
 
-	err = h.runQemu(ctx, j, d, true, func(ctx context.Context, onProgress func(float64)) error {
+	err = h.runQemu(qctx, j, d, true, func(ctx context.Context, onProgress func(float64)) error {
 		return h.qemu.ConvertToNBD(ctx, d.input, string(d.format), socket, onProgress)
 	})
 	if err != nil {
@@ -158,6 +164,12 @@ func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep ins
 			err = failure.Retryable(events.PhaseConvert, werr, "free space in IMAGEPIPE_SCRATCH_DIR")
 		}
 		st.Fail(err)
+		wg.Wait()
+		// The upload fails with the stream's own failure when qemu-img
+		// failed first; any other upload failure is why qemu-img stopped.
+		if upErr != nil && ctx.Err() == nil && !errors.Is(upErr, st.Err()) {
+			return classifyWrite(upErr)
+		}
 		return err
 	}
 	if err := h.verify(ctx, j, d, rep); err != nil {

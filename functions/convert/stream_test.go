@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/minio/minio-go/v7"
+
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/sparse"
@@ -172,27 +174,55 @@ func TestQemuImgFailingMidStreamLeavesNoOutputAndNamesTheImage(t *testing.T) {
 	}
 }
 
-func TestStreamedUploadFailureIsRetriedAndLeavesNoScratch(t *testing.T) {
+func TestStreamedUploadFailureStopsTheConversionAndIsClassifiedAsAnUploadFailure(t *testing.T) {
 	body, _ := vhdxWithScatteredData(t)
-	store, _ := memStore("disks/web.vhdx", body, nil)
-	store.GrowingFn = func(ctx context.Context, _, _ string, src objstore.Growing, _ int64, _ map[string]string, _ io.Reader) (objstore.Object, error) {
-		if err := src.Wait(ctx, 5<<20); err != nil {
-			return objstore.Object{}, err
-		}
-		return objstore.Object{}, errors.New("connection reset by peer")
+	for _, tc := range []struct {
+		name      string
+		err       error
+		willRetry bool
+	}{
+		{"connection reset", errors.New("connection reset by peer"), true},
+		{"access denied", minio.ErrorResponse{Code: "AccessDenied", StatusCode: 403, Message: "Access Denied."}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store, _ := memStore("disks/web.vhdx", body, nil)
+			store.GrowingFn = func(context.Context, string, string, objstore.Growing, int64, map[string]string, io.Reader) (objstore.Object, error) {
+				return objstore.Object{}, tc.err
+			}
+			h := newStreamingHandler(t, store, &fakeReporter{})
+			// A conversion that runs until stopped, or until its limit.
+			qemu := &endlessConvert{QemuImg: h.qemu}
+			h.qemu = qemu
+			h.cfg.ConvertTimeoutBase, h.cfg.ConvertTimeoutPerGiB = 5*time.Second, 0
+			out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j3", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4)
+			var failed events.Failed
+			if err == nil || len(out) != 1 || out[0].Event.DecodeData(events.TypeFailed, &failed) != nil {
+				t.Fatalf("Handle = %v, %+v", err, out)
+			}
+			if failed.Phase != events.PhaseUpload || failed.WillRetry != tc.willRetry || !strings.Contains(failed.Message, tc.err.Error()) {
+				t.Fatalf("failure %+v, want an upload failure saying %q, will retry %v", failed, tc.err, tc.willRetry)
+			}
+			if qemu.ended != context.Canceled {
+				t.Fatalf("the conversion ended with %v, want it stopped once the upload failed", qemu.ended)
+			}
+			if entries, _ := os.ReadDir(h.cfg.ScratchDir); len(entries) != 0 {
+				t.Fatalf("scratch holds %v after the job", entries)
+			}
+		})
 	}
-	h := newStreamingHandler(t, store, &fakeReporter{})
-	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j3", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4)
-	var failed events.Failed
-	if err == nil || len(out) != 1 || out[0].Event.DecodeData(events.TypeFailed, &failed) != nil {
-		t.Fatalf("Handle = %v, %+v", err, out)
-	}
-	if failed.Phase != events.PhaseUpload || !failed.WillRetry {
-		t.Fatalf("failure %+v, want a retried upload failure", failed)
-	}
-	if entries, _ := os.ReadDir(h.cfg.ScratchDir); len(entries) != 0 {
-		t.Fatalf("scratch holds %v after the job", entries)
-	}
+}
+
+// endlessConvert is qemu-img whose conversion to NBD runs until its
+// context ends, and says how it ended.
+type endlessConvert struct {
+	QemuImg
+	ended error
+}
+
+func (e *endlessConvert) ConvertToNBD(ctx context.Context, _, _, _ string, _ func(float64)) error {
+	<-ctx.Done()
+	e.ended = ctx.Err()
+	return ctx.Err()
 }
 
 func TestRawOutputIsUploadedAfterConversionWhereStreamingCannotHelp(t *testing.T) {
