@@ -146,7 +146,9 @@ func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep ins
 	var upErr error
 	wg.Go(func() {
 		obj, upErr = h.store.UploadGrowing(sctx, h.cfg.OutputBucket, d.outKey, st, d.virtualSize, outputMeta(j, d), progress)
-		if upErr != nil {
+		// Only a failure of the upload's own: one that comes from the
+		// stream leaves qemu-img to finish, or to fail, by itself.
+		if upErr != nil && st.Err() == nil {
 			stopQemu()
 		}
 	})

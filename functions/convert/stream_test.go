@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -310,5 +311,63 @@ func TestSweepRemovesTheSocketDirOfADeadJobAndNothingElse(t *testing.T) {
 	}
 	if _, err := os.Stat(other); err != nil {
 		t.Errorf("a noted dir that is no socket dir was removed: %v", err)
+	}
+}
+
+// outOfOrderConvert stands in for a qemu-img that breaks the write order:
+// real qemu-io writes its output into the export, the second write below
+// the first.
+type outOfOrderConvert struct{ QemuImg }
+
+func (outOfOrderConvert) ConvertToNBD(ctx context.Context, _, _, socket string, _ func(float64)) error {
+	out, err := exec.CommandContext(ctx, "qemu-io", "--image-opts",
+		"-c", "write -P 0x5a 2M 1M", "-c", "write -P 0xa5 0 64k",
+		"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path="+socket).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("qemu-io: %v: %s", err, out)
+	}
+	return nil
+}
+
+func TestOutputWrittenOutOfOrderIsUploadedWholeOnceConverted(t *testing.T) {
+	body, _ := vhdxWithScatteredData(t)
+	want := make([]byte, 64<<20)
+	for i := range 1 << 20 {
+		want[2<<20+i] = 0x5a
+	}
+	for i := range 64 << 10 {
+		want[i] = 0xa5
+	}
+	wantSum := sha256.Sum256(want)
+	store, calls := memStore("disks/web.vhdx", body, nil)
+	var streamErr error
+	store.GrowingFn = func(ctx context.Context, _, _ string, src objstore.Growing, size int64, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		_, streamErr = readGrowing(ctx, src, size)
+		return objstore.Object{}, streamErr
+	}
+	var uploaded string
+	store.UploadFn = func(ctx context.Context, bucket, key string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		sum, err := readGrowing(ctx, finalFile{f}, f.Size())
+		uploaded = sum
+		return objstore.Object{Bucket: bucket, Key: key, Size: f.Size()}, err
+	}
+	h := newStreamingHandler(t, store, &fakeReporter{})
+	h.qemu = outOfOrderConvert{h.qemu}
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j5", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(streamErr, sparse.ErrOutOfOrder) {
+		t.Fatalf("the streamed upload ended with %v, want ErrOutOfOrder", streamErr)
+	}
+	if uploaded != hex.EncodeToString(wantSum[:]) {
+		t.Fatalf("uploaded %s, want the writes in the order made, %x", uploaded, wantSum)
+	}
+	var conv events.Converted
+	if len(out) != 1 || out[0].Event.DecodeData(events.TypeConverted, &conv) != nil || conv.SHA256 != uploaded {
+		t.Fatalf("result %+v, want converted with sha256 %s", out, uploaded)
+	}
+	if !contains(*calls, "tag images/disks/web.vhdx.raw") {
+		t.Fatalf("hash never tagged: %v", *calls)
 	}
 }
