@@ -105,24 +105,34 @@ func (s *File) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, errors.New("sparse: negative offset")
 	}
+	if off >= s.size {
+		return 0, io.EOF
+	}
+	want := min(int64(len(p)), s.size-off)
+	n, err := readMapped(p[:want], off, s.f, func(off int64) (bool, int64) { return regionOf(s.data, s.size, off) })
+	if err == nil && n < len(p) {
+		err = io.EOF
+	}
+	return n, err
+}
+
+// readMapped fills p from off: data extents from data, holes with zeros.
+// region maps an offset as regionOf does, and must map all of p.
+func readMapped(p []byte, off int64, data io.ReaderAt, region func(off int64) (inData bool, until int64)) (int, error) {
 	n := 0
-	for len(p) > 0 {
-		if off >= s.size {
-			return n, io.EOF
-		}
-		inData, until := regionOf(s.data, s.size, off)
-		chunk := min(int64(len(p)), until-off)
+	for n < len(p) {
+		inData, until := region(off)
+		chunk := min(int64(len(p)-n), until-off)
 		if inData {
-			m, err := s.f.ReadAt(p[:chunk], off)
+			m, err := data.ReadAt(p[n:n+int(chunk)], off)
 			n += m
 			if err != nil {
 				return n, err
 			}
 		} else {
-			clear(p[:chunk])
+			clear(p[n : n+int(chunk)])
 			n += int(chunk)
 		}
-		p = p[chunk:]
 		off += chunk
 	}
 	return n, nil

@@ -142,26 +142,16 @@ func (s *Stream) ReadAt(p []byte, off int64) (int, error) {
 	if err := s.Wait(context.Background(), roundUp(off+want, direct.WindowSize)); err != nil {
 		return 0, err
 	}
-	n := 0
-	for int64(n) < want {
-		inData, until, _ := s.region(off)
-		chunk := min(want-int64(n), until-off)
-		if inData {
-			m, err := s.r.ReadAt(p[n:n+int(chunk)], off)
-			n += m
-			if err != nil {
-				return n, err
-			}
-		} else {
-			clear(p[n : n+int(chunk)])
-			n += int(chunk)
-		}
-		off += chunk
+	// Final bytes keep their map even if the stream fails from here on.
+	n, err := readMapped(p[:want], off, s.r, func(off int64) (bool, int64) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return regionOf(s.data, s.size, off)
+	})
+	if err == nil && n < len(p) {
+		err = io.EOF
 	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return n, err
 }
 
 // region waits until off is final and maps it like File's.
