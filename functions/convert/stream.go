@@ -111,10 +111,11 @@ func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep ins
 	st, err := sparse.CreateStream(d.output, d.virtualSize)
 	if err != nil {
 		unlisten()
+		hint := ""
 		if isNoSpace(err) {
-			return failure.Retryable(events.PhaseConvert, fmt.Errorf("create the output: %w", err), "free space in IMAGEPIPE_SCRATCH_DIR")
+			hint = "free space in IMAGEPIPE_SCRATCH_DIR"
 		}
-		return failure.Retryable(events.PhaseConvert, fmt.Errorf("create the output: %w", err), "")
+		return failure.Retryable(events.PhaseConvert, fmt.Errorf("create the output: %w", err), hint)
 	}
 	sctx, stop := context.WithCancel(ctx)
 	// wg is the upload and the hash; the server runs until stop.

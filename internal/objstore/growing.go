@@ -7,7 +7,6 @@ import (
 	"hash"
 	"io"
 	"net/http"
-	"sort"
 	"sync"
 
 	"github.com/minio/minio-go/v7"
@@ -61,9 +60,7 @@ func (s *Store) UploadGrowing(ctx context.Context, bucket, key string, src Growi
 	errc := make(chan error, partThreads)
 	var wg sync.WaitGroup
 	for range min(partThreads, count) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for n := range next {
 				off := int64(n) * ps
 				part, err := s.uploadFinalPart(ctx, core, bucket, key, uploadID, n+1, src, off, min(ps, size-off), progress)
@@ -74,7 +71,7 @@ func (s *Store) UploadGrowing(ctx context.Context, bucket, key string, src Growi
 				}
 				parts[n] = part
 			}
-		}()
+		})
 	}
 feed:
 	for n := range count {
@@ -95,11 +92,11 @@ feed:
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 
+	// parts[n] is part n+1: already in the order S3 wants.
 	complete := make([]minio.CompletePart, count)
 	for i, p := range parts {
 		complete[i] = minio.CompletePart{PartNumber: p.PartNumber, ETag: p.ETag, ChecksumCRC32C: p.ChecksumCRC32C}
 	}
-	sort.Slice(complete, func(i, j int) bool { return complete[i].PartNumber < complete[j].PartNumber })
 	var done minio.PutObjectOptions
 	if crc, err := minio.ChecksumCRC32C.CompositeChecksum(parts); err == nil {
 		done.UserMetadata = map[string]string{minio.ChecksumCRC32C.Key(): crc.Encoded(), "X-Amz-Checksum-Type": "COMPOSITE"}
