@@ -248,22 +248,29 @@ func TestRawOutputIsUploadedAfterConversionWhereStreamingCannotHelp(t *testing.T
 				t.Error("streamed")
 				return objstore.Object{}, errors.New("not this way")
 			}
-			var uploaded string
-			store.UploadFn = func(ctx context.Context, bucket, key string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
-				sum, err := readGrowing(ctx, finalFile{f}, f.Size())
-				uploaded = sum
-				return objstore.Object{Bucket: bucket, Key: key, Size: f.Size()}, err
-			}
+			uploaded := hashUploads(store)
 			h := newStreamingHandler(t, store, &fakeReporter{})
 			tc.setup(t, h)
 			if _, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j4", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4); err != nil {
 				t.Fatal(err)
 			}
-			if uploaded != want || !contains(*calls, "tag images/disks/web.vhdx.raw") {
-				t.Fatalf("uploaded %s (calls %v), want %s", uploaded, *calls, want)
+			if *uploaded != want || !contains(*calls, "tag images/disks/web.vhdx.raw") {
+				t.Fatalf("uploaded %s (calls %v), want %s", *uploaded, *calls, want)
 			}
 		})
 	}
+}
+
+// hashUploads makes store hash what it is given to upload after
+// conversion; the hash is read through the returned pointer.
+func hashUploads(store *fakeStore) *string {
+	var uploaded string
+	store.UploadFn = func(ctx context.Context, bucket, key string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		sum, err := readGrowing(ctx, finalFile{f}, f.Size())
+		uploaded = sum
+		return objstore.Object{Bucket: bucket, Key: key, Size: f.Size()}, err
+	}
+	return &uploaded
 }
 
 // finalFile is a complete file seen as a growing one.
@@ -345,12 +352,7 @@ func TestOutputWrittenOutOfOrderIsUploadedWholeOnceConverted(t *testing.T) {
 		_, streamErr = readGrowing(ctx, src, size)
 		return objstore.Object{}, streamErr
 	}
-	var uploaded string
-	store.UploadFn = func(ctx context.Context, bucket, key string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
-		sum, err := readGrowing(ctx, finalFile{f}, f.Size())
-		uploaded = sum
-		return objstore.Object{Bucket: bucket, Key: key, Size: f.Size()}, err
-	}
+	uploaded := hashUploads(store)
 	h := newStreamingHandler(t, store, &fakeReporter{})
 	h.qemu = outOfOrderConvert{h.qemu}
 	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j5", Bucket: "uploads", Key: "disks/web.vhdx"}, 1, 4)
@@ -360,12 +362,12 @@ func TestOutputWrittenOutOfOrderIsUploadedWholeOnceConverted(t *testing.T) {
 	if !errors.Is(streamErr, sparse.ErrOutOfOrder) {
 		t.Fatalf("the streamed upload ended with %v, want ErrOutOfOrder", streamErr)
 	}
-	if uploaded != hex.EncodeToString(wantSum[:]) {
-		t.Fatalf("uploaded %s, want the writes in the order made, %x", uploaded, wantSum)
+	if *uploaded != hex.EncodeToString(wantSum[:]) {
+		t.Fatalf("uploaded %s, want the writes in the order made, %x", *uploaded, wantSum)
 	}
 	var conv events.Converted
-	if len(out) != 1 || out[0].Event.DecodeData(events.TypeConverted, &conv) != nil || conv.SHA256 != uploaded {
-		t.Fatalf("result %+v, want converted with sha256 %s", out, uploaded)
+	if len(out) != 1 || out[0].Event.DecodeData(events.TypeConverted, &conv) != nil || conv.SHA256 != *uploaded {
+		t.Fatalf("result %+v, want converted with sha256 %s", out, *uploaded)
 	}
 	if !contains(*calls, "tag images/disks/web.vhdx.raw") {
 		t.Fatalf("hash never tagged: %v", *calls)
