@@ -10,6 +10,10 @@ import (
 // Config is the convert function's settings.
 type Config struct {
 	OutputBucket string `env:"IMAGEPIPE_OUTPUT_BUCKET" envDefault:"images"`
+	// OutputPrefix is put before every output key. It must be set, and
+	// ingest then never reads under it, when the output bucket is the
+	// input bucket.
+	OutputPrefix string `env:"IMAGEPIPE_OUTPUT_PREFIX"`
 	OutputFormat string `env:"IMAGEPIPE_OUTPUT_FORMAT" envDefault:"raw"`
 	// ScratchDir is where jobs download and convert; empty means the OS
 	// temp dir. Each job gets its own directory, removed when it ends.

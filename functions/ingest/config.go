@@ -9,6 +9,10 @@ import (
 type Config struct {
 	InputBucket  string `env:"IMAGEPIPE_INPUT_BUCKET" envDefault:"uploads"`
 	OutputBucket string `env:"IMAGEPIPE_OUTPUT_BUCKET" envDefault:"images"`
+	// OutputPrefix is put before every output key. It must be set, and
+	// ingest then never reads under it, when the output bucket is the
+	// input bucket.
+	OutputPrefix string `env:"IMAGEPIPE_OUTPUT_PREFIX"`
 	// Prefixes, when set, admit only keys under one of them.
 	Prefixes []string `env:"IMAGEPIPE_INGEST_PREFIXES" envSeparator:","`
 	// ExcludePrefixes refuse keys under any of them; ErrorPrefix always is.
