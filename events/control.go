@@ -33,6 +33,9 @@ type ImportRequest struct {
 	// SHA256 is the expected hex digest of the body; on a mismatch no
 	// object is created.
 	SHA256 string `json:"sha256,omitempty"`
+	// Replace allows the import to overwrite an existing object at
+	// Bucket/Key; without it such an import is refused.
+	Replace bool `json:"replace,omitempty"`
 }
 
 // ImportReply answers an ImportRequest once the source has answered and

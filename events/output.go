@@ -35,6 +35,10 @@ const ErrorPrefix = "errors/"
 // MaxKeyLen is S3's limit on an object key, in bytes.
 const MaxKeyLen = 1024
 
+// MaxSegmentLen is MinIO's limit on one "/"-separated segment of a key, in
+// bytes: on a file system each segment is a file or directory name.
+const MaxSegmentLen = 255
+
 // OutputKey is where the output of a plain upload is written in the output
 // bucket. prefix is the configured output prefix ("" by default).
 func OutputKey(prefix, inputKey, format string) string {
@@ -64,22 +68,27 @@ const errorReportSuffix = ".error.json"
 
 // ErrorReportKey is where the report of a failed input is written, in the
 // input bucket, so an operator finds it with any S3 browser. A key too long
-// to fit S3's limit with the prefix and suffix around it is cut at a
-// character boundary and ends in a hash of the whole key, so two long keys
-// never share a report; shortened says so, and the report itself holds the
-// whole key.
+// to fit S3's limit with the prefix and suffix around it, or whose last
+// segment would grow past MinIO's segment limit, is cut at a character
+// boundary and ends in a hash of the whole key, so two long keys never
+// share a report; shortened says so, and the report itself holds the whole
+// key.
 func ErrorReportKey(inputKey string) (key string, shortened bool) {
 	key = ErrorPrefix + inputKey + errorReportSuffix
-	if len(key) <= MaxKeyLen {
+	if len(key) <= MaxKeyLen && len(lastSegment(key)) <= MaxSegmentLen {
 		return key, false
 	}
 	sum := sha256.Sum256([]byte(inputKey))
 	tag := "~" + hex.EncodeToString(sum[:8])
-	keep := MaxKeyLen - len(ErrorPrefix) - len(tag) - len(errorReportSuffix)
+	keep := min(len(inputKey), MaxKeyLen-len(ErrorPrefix)-len(tag)-len(errorReportSuffix))
+	if over := len(lastSegment(inputKey[:keep])) + len(tag) + len(errorReportSuffix) - MaxSegmentLen; over > 0 {
+		keep -= over
+	}
 	// Back up to the start of the character the cut would split.
-	for keep > 0 && !utf8.RuneStart(inputKey[keep]) {
+	for keep > 0 && keep < len(inputKey) && !utf8.RuneStart(inputKey[keep]) {
 		keep--
 	}
-	cut := inputKey[:keep]
-	return ErrorPrefix + cut + tag + errorReportSuffix, true
+	return ErrorPrefix + inputKey[:keep] + tag + errorReportSuffix, true
 }
+
+func lastSegment(key string) string { return key[strings.LastIndexByte(key, '/')+1:] }

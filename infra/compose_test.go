@@ -2,6 +2,8 @@ package infra
 
 import (
 	"context"
+	"maps"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,23 +14,166 @@ import (
 
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
+
+	"github.com/imagepipe/imagepipe/internal/secrets"
 )
 
+// composeSecrets are the variables compose.yaml refuses to start without,
+// with the values a test gives them, as `infra/compose/secrets.sh > .env`
+// does for an operator.
+var composeSecrets = map[string]string{
+	"NATS_SYS_PASSWORD": "sys5e1", "NATS_ADMIN_PASSWORD": "admin7c2", "NATS_MINIO_PASSWORD": "minio9d3",
+	"NATS_INGEST_PASSWORD": "ingest4a4", "NATS_CONVERT_PASSWORD": "convert8b5", "NATS_NOTIFY_PASSWORD": "notify2f6",
+	"NATS_CLI_PASSWORD": "cli6e7", "NATS_OPERATOR_PASSWORD": "operator1a8", "NATS_ROUTE_PASSWORD": "route3c9",
+	"MINIO_ROOT_PASSWORD": "root0d0",
+	"S3_SETUP_SECRET_KEY": "setup-s3-b1", "S3_INGEST_SECRET_KEY": "ingest-s3-c2", "S3_CONVERT_SECRET_KEY": "convert-s3-d3",
+}
+
+func envList(m map[string]string) []string {
+	var l []string
+	for k, v := range m {
+		l = append(l, k+"="+v)
+	}
+	return l
+}
+
 // loadCompose loads compose.yaml as `docker compose` does, env files
-// included; there is no Docker engine here to ask.
+// included; there is no Docker engine here to ask. The secrets are set in
+// this process's environment too, where the NATS configs read them.
 func loadCompose(t *testing.T) *types.Project {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	opts, err := cli.NewProjectOptions([]string{"../compose.yaml"}, cli.WithWorkingDirectory(".."))
-	if err != nil {
-		t.Fatal(err)
+	for k, v := range composeSecrets {
+		t.Setenv(k, v)
 	}
-	p, err := opts.LoadProject(ctx)
+	p, err := loadComposeWith(composeSecrets)
 	if err != nil {
 		t.Fatalf("compose.yaml: %v", err)
 	}
 	return p
+}
+
+// loadComposeWith loads compose.yaml with env as its only variables.
+func loadComposeWith(env map[string]string) (*types.Project, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	opts, err := cli.NewProjectOptions([]string{"../compose.yaml"}, cli.WithWorkingDirectory(".."), cli.WithEnv(envList(env)))
+	if err != nil {
+		return nil, err
+	}
+	return opts.LoadProject(ctx)
+}
+
+func TestComposePublishesPortsOnLoopbackUnlessAsked(t *testing.T) {
+	p := loadCompose(t)
+	published := 0
+	for name, s := range p.Services {
+		for _, port := range s.Ports {
+			published++
+			if port.HostIP != "127.0.0.1" {
+				t.Errorf("%s publishes %s on %q, want 127.0.0.1", name, port.Published, port.HostIP)
+			}
+		}
+	}
+	if published < 4 {
+		t.Fatalf("%d published ports: NATS, S3, the console and the mail catcher want one each", published)
+	}
+	// IMAGEPIPE_BIND asks for another address, for every port at once.
+	asked := maps.Clone(composeSecrets)
+	asked["IMAGEPIPE_BIND"] = "0.0.0.0"
+	p, err := loadComposeWith(asked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, s := range p.Services {
+		for _, port := range s.Ports {
+			if port.HostIP != "0.0.0.0" {
+				t.Errorf("with IMAGEPIPE_BIND=0.0.0.0, %s publishes %s on %q", name, port.Published, port.HostIP)
+			}
+		}
+	}
+}
+
+func TestComposeRefusesToStartWithoutEverySecret(t *testing.T) {
+	for name := range composeSecrets {
+		env := maps.Clone(composeSecrets)
+		delete(env, name)
+		_, err := loadComposeWith(env)
+		if err == nil || !strings.Contains(err.Error(), name) || !strings.Contains(err.Error(), "secrets.sh") {
+			t.Errorf("compose.yaml without %s: %v, want a refusal naming it and how to make one", name, err)
+		}
+	}
+}
+
+// TestComposeShipsNoSecretOnlyVariables: no file compose reads holds a
+// secret, and every secret a service gets is one of the variables.
+func TestComposeShipsNoSecretOnlyVariables(t *testing.T) {
+	files, _ := filepath.Glob("compose/*.env")
+	files = append(files, "minio/notify.env", "../compose.yaml")
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(b), "change-me") || strings.Contains(string(b), secrets.MinIODefault) {
+			t.Errorf("%s ships a placeholder secret", f)
+		}
+	}
+	p := loadCompose(t)
+	given := map[string]bool{}
+	for _, v := range composeSecrets {
+		given[v] = true
+	}
+	for name, s := range p.Services {
+		for k, v := range s.Environment {
+			if v == nil {
+				continue
+			}
+			switch {
+			case strings.HasSuffix(k, "_NATS_URL") || slices.Contains(NATSRouteVars[1:], k):
+				for _, raw := range strings.Split(*v, ",") {
+					u, err := url.Parse(raw)
+					if err != nil {
+						t.Fatalf("%s: %s: %v", name, k, err)
+					}
+					pw, _ := u.User.Password()
+					if !given[pw] {
+						t.Errorf("%s: %s holds a password that is none of the variables", name, k)
+					}
+				}
+			case strings.Contains(k, "PASSWORD") || strings.Contains(k, "SECRET"):
+				if !given[*v] {
+					t.Errorf("%s: %s is none of the variables", name, k)
+				}
+			}
+		}
+	}
+	if m := p.Services["minio"].Environment["MINIO_NOTIFY_NATS_PASSWORD_PRIMARY"]; m == nil || *m != composeSecrets["NATS_MINIO_PASSWORD"] {
+		t.Error("MinIO's notification target does not sign in with NATS_MINIO_PASSWORD")
+	}
+}
+
+// TestComposeSecretsScriptMakesEveryVariable runs secrets.sh: it prints
+// each variable compose asks for, once, with a fresh value compose takes.
+func TestComposeSecretsScriptMakesEveryVariable(t *testing.T) {
+	out, err := exec.Command("sh", "compose/secrets.sh").Output()
+	if err != nil {
+		t.Fatalf("secrets.sh: %v", err)
+	}
+	got := map[string]string{}
+	seen := map[string]bool{}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		k, v, ok := strings.Cut(line, "=")
+		if !ok || len(v) < 33 || seen[v] || secrets.IsPlaceholder(v) {
+			t.Errorf("line %q: want NAME=<a fresh random value>", line)
+		}
+		got[k], seen[v] = v, true
+	}
+	if !slices.Equal(slices.Sorted(maps.Keys(got)), slices.Sorted(maps.Keys(composeSecrets))) {
+		t.Errorf("secrets.sh sets %v, compose asks for %v", slices.Sorted(maps.Keys(got)), slices.Sorted(maps.Keys(composeSecrets)))
+	}
+	if _, err := loadComposeWith(got); err != nil {
+		t.Errorf("compose.yaml with secrets.sh's output: %v", err)
+	}
 }
 
 var (
@@ -75,7 +220,7 @@ func TestComposePinsEveryImageAndChecksEveryServicesHealth(t *testing.T) {
 }
 
 func TestComposeWiresEveryFunctionToTheWholeCluster(t *testing.T) {
-	p := loadCompose(t)
+	p := loadCompose(t) // sets the NATS servers' password variables too
 	opts, err := LoadNATS(NATSNode{Config: "nats/single.conf", StoreDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +257,11 @@ func TestComposeWiresEveryFunctionToTheWholeCluster(t *testing.T) {
 			if url == nil {
 				t.Fatal("IMAGEPIPE_NATS_URL not set")
 			}
-			checkNATSURL(t, *url, opts, user, nodes)
+			pw, err := Password(opts, user)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkNATSURL(t, *url, user, nodes, func(got string) bool { return got == pw })
 			if r := s.Environment["IMAGEPIPE_STREAM_REPLICAS"]; r == nil || *r != "3" {
 				t.Errorf("IMAGEPIPE_STREAM_REPLICAS %v, want 3", r)
 			}
@@ -206,8 +355,8 @@ func TestComposeWiresMinIOAndMail(t *testing.T) {
 	if !onVolume {
 		t.Errorf("notification queue %q is not on a volume of its own: queued events would die with the container", queue)
 	}
-	if env("MINIO_ROOT_PASSWORD") == "" {
-		t.Error("no root password from infra/compose/minio.env")
+	if env("MINIO_ROOT_PASSWORD") != composeSecrets["MINIO_ROOT_PASSWORD"] {
+		t.Error("the root password is not MINIO_ROOT_PASSWORD")
 	}
 
 	n := p.Services["notify"]
@@ -227,6 +376,7 @@ func TestComposeMinIOUsersMatchTheFunctionsKeys(t *testing.T) {
 	if err != nil {
 		t.Skip("no sh")
 	}
+	p := loadCompose(t) // and the secrets' variables, which the script reads
 	bin := t.TempDir()
 	calls := filepath.Join(bin, "calls")
 	fake := "#!/bin/sh\necho \"$*\" >> " + calls + "\n"
@@ -242,7 +392,6 @@ func TestComposeMinIOUsersMatchTheFunctionsKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := loadCompose(t)
 	for _, fn := range []string{"setup", "ingest", "convert"} {
 		env := p.Services[fn].Environment
 		access, secret := *env["IMAGEPIPE_S3_ACCESS_KEY"], *env["IMAGEPIPE_S3_SECRET_KEY"]

@@ -528,8 +528,11 @@ func TestMinIONotifyEnvMatchesTheNATSSide(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := env["MINIO_NOTIFY_NATS_PASSWORD_"+minioserver.TargetID]; got != pw {
-		t.Errorf("MinIO's NATS password %q is not the minio user's in accounts.conf", got)
+	if os.Getenv(NATSPasswordVar("minio")) != pw {
+		t.Errorf("accounts.conf does not take the minio user's password from %s", NATSPasswordVar("minio"))
+	}
+	if _, shipped := env["MINIO_NOTIFY_NATS_PASSWORD_"+minioserver.TargetID]; shipped {
+		t.Error("notify.env holds the minio user's password: it goes beside the file, not in it")
 	}
 	if q := env["MINIO_NOTIFY_NATS_QUEUE_DIR_"+minioserver.TargetID]; !filepath.IsAbs(q) {
 		t.Errorf("queue dir %q: MinIO wants an absolute path", q)
@@ -582,9 +585,12 @@ func TestMinIODeliversUploadsMadeWhileNATSWasDown(t *testing.T) {
 	// minioserver wires the target itself; the credentials come from the
 	// deployment's file, through the environment MinIO inherits.
 	env := readEnvFile(t, "minio/notify.env")
-	for _, k := range []string{"MINIO_NOTIFY_NATS_USERNAME_PRIMARY", "MINIO_NOTIFY_NATS_PASSWORD_PRIMARY"} {
-		t.Setenv(k, env[k])
+	t.Setenv("MINIO_NOTIFY_NATS_USERNAME_PRIMARY", env["MINIO_NOTIFY_NATS_USERNAME_PRIMARY"])
+	minioPW, err := Password(opts, env["MINIO_NOTIFY_NATS_USERNAME_PRIMARY"])
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Setenv("MINIO_NOTIFY_NATS_PASSWORD_PRIMARY", minioPW)
 	ms, err := minioserver.Start(ctx, minioserver.Options{
 		DataDir: filepath.Join(t.TempDir(), "minio"), AccessKey: rootUser, SecretKey: rootSecret,
 		NATSAddr: fmt.Sprintf("127.0.0.1:%d", port), NATSSubject: events.SubjectS3Events,

@@ -1,10 +1,13 @@
 package infra
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,10 +30,62 @@ type NATSNode struct {
 	Routes      []string
 }
 
+// NATSUsers are the users of nats/accounts.conf; each one's password is
+// the server's environment variable NATSPasswordVar(user).
+var NATSUsers = []string{"sys", "admin", "minio", "ingest", "convert", "notify", "cli", "operator"}
+
+// NATSPasswordVar is the variable the server configs take user's password
+// from.
+func NATSPasswordVar(user string) string { return "NATS_" + strings.ToUpper(user) + "_PASSWORD" }
+
+// NATSRouteVars are the route password and the three route URLs of the
+// cluster configs.
+var NATSRouteVars = []string{"NATS_ROUTE_PASSWORD", "NATS_ROUTE_1", "NATS_ROUTE_2", "NATS_ROUTE_3"}
+
+// SetNATSSecrets gives every secret variable of the server configs that
+// the environment leaves unset a fresh random value, as an operator does
+// once per deployment, so that a test runs the configs as shipped. The
+// route URLs name hosts nats-1..3; LoadNATS replaces them with loopback.
+func SetNATSSecrets() error {
+	set := func(name, value string) error {
+		if _, ok := os.LookupEnv(name); ok {
+			return nil
+		}
+		return os.Setenv(name, value)
+	}
+	for _, u := range NATSUsers {
+		if err := set(NATSPasswordVar(u), randomSecret()); err != nil {
+			return err
+		}
+	}
+	if err := set("NATS_ROUTE_PASSWORD", randomSecret()); err != nil {
+		return err
+	}
+	for i := 1; i <= 3; i++ {
+		u := url.URL{Scheme: "nats", User: url.UserPassword("route", os.Getenv("NATS_ROUTE_PASSWORD")), Host: fmt.Sprintf("nats-%d:6222", i)}
+		if err := set(fmt.Sprintf("NATS_ROUTE_%d", i), u.String()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// randomSecret is what `openssl rand -hex 32` makes, with a letter in
+// front: the server's config parser reads an all-digit value as a number.
+func randomSecret() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b) // never fails (crypto/rand documents it)
+	return "s" + hex.EncodeToString(b)
+}
+
 // LoadNATS reads a server config as `nats-server -t -c` does, where a
 // warning fails the check too, then points it at the node's ports and
-// store directory. Routes keep the config's route credentials.
+// store directory. Routes keep the config's route credentials. Secrets
+// the environment does not set get random values (SetNATSSecrets).
 func LoadNATS(n NATSNode) (*server.Options, error) {
+	if err := SetNATSSecrets(); err != nil {
+		return nil, err
+	}
 	opts, err := server.ProcessConfigFile(n.Config)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", n.Config, err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -25,7 +26,13 @@ func TestNATSConfigsPassTheServersOwnCheck(t *testing.T) {
 	if err != nil || len(files) < 5 {
 		t.Fatalf("configs in nats/: %v, %v", files, err)
 	}
+	if err := SetNATSSecrets(); err != nil {
+		t.Fatal(err)
+	}
 	for _, f := range files {
+		if f == tlsExample {
+			continue // its certificates are made by TestNATSTLSExample...
+		}
 		t.Run(filepath.Base(f), func(t *testing.T) {
 			// What `nats-server -t -c FILE` does: any error or warning fails.
 			opts, err := server.ProcessConfigFile(f)
@@ -34,6 +41,16 @@ func TestNATSConfigsPassTheServersOwnCheck(t *testing.T) {
 			}
 			if f == "nats/accounts.conf" {
 				return // included by the others, not run alone
+			}
+			// Monitoring shows every connection, subject and stream: it
+			// stays on loopback unless an operator writes another address.
+			if opts.HTTPPort == 0 || !loopbackHost(opts.HTTPHost) {
+				t.Errorf("monitoring on %s:%d, want 127.0.0.1", opts.HTTPHost, opts.HTTPPort)
+			}
+			// One machine needs nothing beyond it; a cluster node is asked
+			// for from other machines and says why in its comments.
+			if opts.Cluster.Port == 0 && !loopbackHost(opts.Host) {
+				t.Errorf("a single server listens for clients on %s, want 127.0.0.1", opts.Host)
 			}
 			if !opts.JetStream || opts.StoreDir == "" || opts.ServerName == "" {
 				t.Errorf("jetstream %v, store dir %q, server name %q: want JetStream on, a store dir and a name", opts.JetStream, opts.StoreDir, opts.ServerName)
@@ -53,7 +70,44 @@ func TestNATSConfigsPassTheServersOwnCheck(t *testing.T) {
 	}
 }
 
+func loopbackHost(h string) bool { return h == "127.0.0.1" || h == "::1" || h == "localhost" }
+
+// TestNATSConfigsRefuseToStartWithoutTheirSecrets: no config holds a
+// password; each takes it from the environment, and the server's own
+// check fails, naming the variable, while one is unset.
+func TestNATSConfigsRefuseToStartWithoutTheirSecrets(t *testing.T) {
+	if err := SetNATSSecrets(); err != nil {
+		t.Fatal(err)
+	}
+	files, _ := filepath.Glob("nats/*.conf")
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(b), "change-me") {
+			t.Errorf("%s ships a change-me password", f)
+		}
+	}
+	vars := append([]string{NATSPasswordVar("cli"), NATSPasswordVar("operator"), NATSPasswordVar("admin")}, NATSRouteVars...)
+	for _, v := range vars {
+		t.Run(v, func(t *testing.T) {
+			t.Setenv(v, "") // restores the value after the test
+			if err := os.Unsetenv(v); err != nil {
+				t.Fatal(err)
+			}
+			_, err := server.ProcessConfigFile("nats/cluster-1.conf")
+			if err == nil || !strings.Contains(err.Error(), v) {
+				t.Errorf("cluster-1.conf with %s unset: %v, want a refusal naming it", v, err)
+			}
+		})
+	}
+}
+
 func TestNATSClusterConfigsNameEachOtherAndDifferOnlyInName(t *testing.T) {
+	if err := SetNATSSecrets(); err != nil {
+		t.Fatal(err)
+	}
 	var names []string
 	for n := 1; n <= 3; n++ {
 		o, err := server.ProcessConfigFile(fmt.Sprintf("nats/cluster-%d.conf", n))
@@ -227,6 +281,10 @@ func userConn(t *testing.T, opts *server.Options, user string) *conn {
 	if user == "minio" {
 		return connect(t, url)
 	}
+	if user == "operator" {
+		// The command-line tools use the cli prefix whoever signs in.
+		user = "cli"
+	}
 	return connect(t, url, nats.CustomInboxPrefix(natsrt.InboxPrefix(user)))
 }
 
@@ -286,6 +344,21 @@ func TestNATSUsersAreRefusedOutsideTheirRights(t *testing.T) {
 				"$JS.API.CONSUMER.MSG.NEXT.JOBS.convert", "$JS.API.CONSUMER.DELETE.JOBS.convert",
 				"$JS.API.CONSUMER.CREATE.JOBS.convert.imagepipe.jobs.convert",
 				"$JS.API.CONSUMER.CREATE.RESULTS.notify", "$JS.API.CONSUMER.MSG.NEXT.RESULTS.notify",
+				// the operator's: a URL for ingest to fetch, and steering replicas
+				events.SubjectImport, events.SubjectReconcile,
+				"imagepipe.ctl.convert.pause", "imagepipe.ctl.convert.resume", "imagepipe.ctl.ingest.drain",
+				"imagepipe.ctl.convert.stop", "imagepipe.ctl.notify.stop", "imagepipe.ctl.convert.cancel",
+			},
+			subscribe: []string{events.SubjectConvertJob, events.SubjectS3Events, "imagepipe.ctl.>", "$KV.imagepipe_status.>",
+				"_INBOX_ingest.>", "_INBOX_convert.x"},
+		},
+		{
+			user: "operator",
+			publish: []string{
+				events.SubjectConvertJob, events.SubjectS3Events, events.SubjectConverted, events.SubjectStalled,
+				"$KV.imagepipe_status.x", "$JS.API.STREAM.DELETE.JOBS", "$JS.API.STREAM.PURGE.JOBS",
+				"$JS.API.CONSUMER.MSG.NEXT.JOBS.convert", "$JS.API.CONSUMER.DELETE.JOBS.convert",
+				"$JS.API.CONSUMER.CREATE.RESULTS.notify",
 			},
 			subscribe: []string{events.SubjectConvertJob, events.SubjectS3Events, "imagepipe.ctl.>", "$KV.imagepipe_status.>",
 				"_INBOX_ingest.>", "_INBOX_convert.x"},

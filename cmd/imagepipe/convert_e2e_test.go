@@ -158,7 +158,11 @@ func buildOVA(t *testing.T, disks map[string][]byte, order []string, manifest ma
 			t.Fatal(err)
 		}
 	}
-	add("appliance.ovf", []byte(`<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"/>`))
+	var refs strings.Builder
+	for _, name := range order {
+		fmt.Fprintf(&refs, `<File ovf:href="%s" ovf:size="%d"/>`, name, len(disks[name]))
+	}
+	add("appliance.ovf", []byte(`<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References>`+refs.String()+`</References></Envelope>`))
 	var mf strings.Builder
 	for _, name := range order {
 		sum := manifest[name]
@@ -201,7 +205,7 @@ func TestOVADisksAreConvertedOneByOneUnderItsKey(t *testing.T) {
 			t.Errorf("%s stored sha256 %s, event says %s", c.OutputKey, sum, c.SHA256)
 		}
 	}
-	want := map[string]string{key + "/web-disk1.vmdk.raw": want1, key + "/web-disk2.vmdk.raw": want2}
+	want := map[string]string{events.OVADiskKey("", key, "web-disk1.vmdk", "raw"): want1, events.OVADiskKey("", key, "web-disk2.vmdk", "raw"): want2}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("outputs %v, want %v", got, want)
 	}

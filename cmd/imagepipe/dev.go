@@ -21,6 +21,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/natsserver"
+	"github.com/imagepipe/imagepipe/internal/secrets"
 	"github.com/imagepipe/imagepipe/internal/setup"
 )
 
@@ -51,6 +52,9 @@ type devStack struct {
 // publish, so the order is: NATS, streams, MinIO, buckets, notification,
 // functions.
 func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack, err error) {
+	if err := o.Settings.checkOutputLayout(); err != nil {
+		return nil, err
+	}
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		return nil, errors.New("qemu-img not found; install it with: go tool task deps (or: sudo apt-get install qemu-utils)")
 	}
@@ -177,12 +181,16 @@ func runDev(ctx, jobCtx context.Context, args []string, stdout io.Writer, log *s
 	if err != nil {
 		return err
 	}
-	// The dev stack's MinIO is started with these credentials.
+	// The dev stack's MinIO is started with these credentials: MinIO's
+	// well-known defaults, which are accepted on loopback only.
 	if s.S3.AccessKey == "" {
-		s.S3.AccessKey = "minioadmin"
+		s.S3.AccessKey = secrets.MinIODefault
 	}
 	if s.S3.SecretKey == "" {
-		s.S3.SecretKey = "minioadmin"
+		s.S3.SecretKey = secrets.MinIODefault
+	}
+	if err := secrets.CheckS3(*s3Addr, s.S3.AccessKey, s.S3.SecretKey); err != nil {
+		return fmt.Errorf("--s3-addr %s: %w", *s3Addr, err)
 	}
 	d, err := startDev(ctx, devOptions{
 		DataDir: *dataDir, NATSPort: *natsPort, S3Addr: *s3Addr, ConsoleAddr: *consoleAddr, Settings: s,

@@ -51,11 +51,28 @@ func loadSettings() (settings, error) {
 	return s, nil
 }
 
+// checkOutputLayout refuses, before anything starts, a layout in which a
+// conversion could overwrite an upload, and gives ingest and convert the
+// output prefix in one form.
+func (s *settings) checkOutputLayout() error {
+	prefix, err := ingest.OutputLayout(s.Ingest.InputBucket, s.Convert.OutputBucket, s.Convert.OutputPrefix)
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	s.Ingest.OutputPrefix, s.Convert.OutputPrefix = prefix, prefix
+	return nil
+}
+
 // runFunction runs one function as a long-lived service.
 func runFunction(ctx, jobCtx context.Context, name string, log *slog.Logger) error {
 	s, err := loadSettings()
 	if err != nil {
 		return err
+	}
+	if name == "ingest" || name == "convert" {
+		if err := s.checkOutputLayout(); err != nil {
+			return err
+		}
 	}
 	log = log.With("function", name)
 	nc, err := natsrt.Connect(ctx, s.NATS, name, log)
@@ -113,6 +130,9 @@ func startFunction(ctx context.Context, nc *nats.Conn, name string, s settings, 
 	case "convert":
 		return startConvert(ctx, js, st, s, log)
 	case "notify":
+		if err := s.Notify.CheckSecrets(); err != nil {
+			return nil, err
+		}
 		return startNotify(ctx, js, s, m.RecordDelivery, log)
 	}
 	return nil, fmt.Errorf("unknown function %q", name)
@@ -243,9 +263,11 @@ func configSummary(name string, s settings) map[string]string {
 	case "ingest":
 		c["s3_endpoint"] = s.S3.Endpoint
 		c["input_bucket"] = s.Ingest.InputBucket
+		c["output_prefix"] = s.Ingest.OutputPrefix
 	case "convert":
 		c["s3_endpoint"] = s.S3.Endpoint
 		c["output_bucket"] = s.Convert.OutputBucket
+		c["output_prefix"] = s.Convert.OutputPrefix
 		c["output_format"] = s.Convert.OutputFormat
 		c["scratch_dir"] = s.Convert.ScratchDir
 		c["max_concurrent_jobs"] = strconv.Itoa(s.Convert.MaxConcurrentJobs)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -17,6 +16,7 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/imagepipe/imagepipe/functions/convert"
+	"github.com/imagepipe/imagepipe/internal/decompress"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
@@ -31,6 +31,10 @@ with the reasons. It runs the same inspector as convert, then qemu-img
 info (from qemu-utils) the way convert runs it, and checks its report.
 
 The virtual size limit is IMAGEPIPE_MAX_VIRTUAL_SIZE, as for convert.
+A gzip, xz or zstd file is decompressed first, as convert decompresses an
+upload: into a temporary directory under IMAGEPIPE_SCRATCH_DIR, refused
+once it expands past IMAGEPIPE_MAX_VIRTUAL_SIZE or its data past the free
+space beyond IMAGEPIPE_SCRATCH_RESERVE; runs of zeros are written as holes.
 
 Flags:
   --key KEY   judge the extension by this object key instead of the file's
@@ -40,6 +44,7 @@ Flags:
 Examples:
   imagepipe inspect win11.vhdx
   imagepipe inspect --json disk.qcow2
+  imagepipe inspect disk.qcow2.xz
   imagepipe inspect --key disks/web.vmdk ./export/web-disk1.vmdk
 
 Exit codes: 0 convert would accept the image, 1 it would refuse it (or the
@@ -61,6 +66,10 @@ type inspection struct {
 	Suggestion  string   `json:"suggestion,omitempty"`
 	// Checks are the checks passed, in the order convert makes them.
 	Checks []string `json:"checks"`
+	// Compression is the codec the file was compressed with, and
+	// ExpandedSize the size of its content; both empty when it was not.
+	Compression  string `json:"compression,omitempty"`
+	ExpandedSize int64  `json:"expanded_size,omitempty"`
 }
 
 // runInspect judges a local image as convert would.
@@ -89,7 +98,7 @@ func runInspect(ctx context.Context, args []string, stdout io.Writer) error {
 	if rep.Key == "" {
 		rep.Key = filepath.Base(path)
 	}
-	if err := judge(ctx, path, inspect.Limits{MaxVirtualSize: s.Convert.MaxVirtualSize}, &rep); err != nil {
+	if err := judge(ctx, path, s.Convert, &rep); err != nil {
 		return err
 	}
 	if *asJSON {
@@ -108,7 +117,7 @@ func runInspect(ctx context.Context, args []string, stdout io.Writer) error {
 // judge fills in rep with the verdict, in the order convert reaches it:
 // the header, the name, then qemu-img's own view. It returns an error only
 // when the file cannot be judged at all.
-func judge(ctx context.Context, path string, lim inspect.Limits, rep *inspection) error {
+func judge(ctx context.Context, path string, cfg convert.Config, rep *inspection) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("inspect: %w", err)
@@ -128,10 +137,47 @@ func judge(ctx context.Context, path string, lim inspect.Limits, rep *inspection
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
 		rep.ActualSize = sys.Blocks * 512
 	}
-	if codec := compression(head[:n]); codec != "" {
-		return fmt.Errorf("%s is %s-compressed; convert decompresses uploads before inspecting them, so decompress it here and inspect the result", rep.File, codec)
+	if codec := decompress.Detect(head[:n]); codec != decompress.None {
+		return judgeCompressed(ctx, path, codec, cfg, rep)
 	}
+	return judgeImage(ctx, path, cfg.InspectLimits(), rep)
+}
 
+// judgeCompressed expands a compressed file as convert expands an upload,
+// with the same limits, and judges what it holds under the key without
+// the codec's suffix.
+func judgeCompressed(ctx context.Context, path string, codec decompress.Codec, cfg convert.Config, rep *inspection) error {
+	dir, err := os.MkdirTemp(cfg.Scratch(), "imagepipe-inspect-")
+	if err != nil {
+		return fmt.Errorf("inspect: scratch for decompressing: %w", err)
+	}
+	defer os.RemoveAll(dir)
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("inspect: %w", err)
+	}
+	defer f.Close()
+	expanded := filepath.Join(dir, "input")
+	res, err := decompress.Expand(ctx, f, expanded, decompress.Budget{MaxSize: cfg.MaxVirtualSize, Reserve: cfg.ScratchReserve})
+	rep.Compression = string(codec)
+	if fe, ok := failure.As(err); ok && fe.Permanent && fe.Rule != "" {
+		rep.Verdict, rep.Rule, rep.Reason, rep.Suggestion = "refused", fe.Rule, fe.Err.Error(), fe.Suggestion
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("inspect: decompress %s: %w", rep.File, err)
+	}
+	rep.ExpandedSize = res.Size
+	rep.Checks = append(rep.Checks, fmt.Sprintf("decompress: %s, %s of content (%s written, the rest zeros left as holes), within IMAGEPIPE_MAX_VIRTUAL_SIZE and the scratch space",
+		codec, humanize.IBytes(uint64(res.Size)), humanize.IBytes(uint64(res.Allocated))))
+	key := rep.Key
+	rep.Key = decompress.KeyForExtension(key, codec)
+	defer func() { rep.Key = key }()
+	return judgeImage(ctx, expanded, cfg.InspectLimits(), rep)
+}
+
+// judgeImage judges an image no longer compressed, under rep.Key.
+func judgeImage(ctx context.Context, path string, lim inspect.Limits, rep *inspection) error {
 	ir, err := inspect.InspectFile(path, lim)
 	rep.Format, rep.Details, rep.VirtualSize = string(ir.Format), ir.Details, ir.VirtualSize
 	if refused(rep, err) {
@@ -150,7 +196,13 @@ func judge(ctx context.Context, path string, lim inspect.Limits, rep *inspection
 		rep.Checks = append(rep.Checks, fmt.Sprintf("name: %q names no format, so it cannot disagree", filepath.Ext(rep.Key)))
 	}
 	if ir.Format == inspect.OVA {
-		rep.Checks = append(rep.Checks, "ova: convert inspects each disk of the archive the same way as it extracts it")
+		if err := checkOVAManifest(ctx, path, lim); refused(rep, err) {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		rep.Checks = append(rep.Checks, "ova: every member a plain file, named safely, once, declared by the descriptor, and matching the manifest",
+			"ova: convert inspects each disk of the archive the same way as it extracts it")
 		rep.Verdict = "accepted"
 		return nil
 	}
@@ -180,6 +232,25 @@ func judge(ctx context.Context, path string, lim inspect.Limits, rep *inspection
 	return nil
 }
 
+// checkOVAManifest checks an OVA's members against its manifest, as
+// convert does before it extracts anything.
+func checkOVAManifest(ctx context.Context, path string, lim inspect.Limits) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	arc, err := inspect.ReadOVA(f, st.Size(), lim)
+	if err != nil {
+		return err
+	}
+	return arc.CheckManifest(ctx, f)
+}
+
 // refused records a refusal in rep and reports whether err was one.
 func refused(rep *inspection, err error) bool {
 	var r *inspect.Refusal
@@ -197,20 +268,6 @@ func describeHeader(r inspect.Report) string {
 	return strings.Join(r.Details, ", ")
 }
 
-// compression names the codec whose magic number starts head, as convert
-// recognises them on download.
-func compression(head []byte) string {
-	switch {
-	case bytes.HasPrefix(head, []byte{0x1f, 0x8b}):
-		return "gzip"
-	case bytes.HasPrefix(head, []byte{0xfd, '7', 'z', 'X', 'Z', 0x00}):
-		return "xz"
-	case bytes.HasPrefix(head, []byte{0x28, 0xb5, 0x2f, 0xfd}):
-		return "zstd"
-	}
-	return ""
-}
-
 func printInspection(w io.Writer, r inspection) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "file\t%s\n", r.File)
@@ -221,6 +278,9 @@ func printInspection(w io.Writer, r inspection) {
 		fmt.Fprintf(tw, "virtual size\t%s (%d bytes)\n", humanize.IBytes(uint64(r.VirtualSize)), r.VirtualSize)
 	}
 	fmt.Fprintf(tw, "file size\t%s (%d bytes)\n", humanize.IBytes(uint64(r.FileSize)), r.FileSize)
+	if r.Compression != "" {
+		fmt.Fprintf(tw, "compression\t%s, expanding to %s (%d bytes)\n", r.Compression, humanize.IBytes(uint64(r.ExpandedSize)), r.ExpandedSize)
+	}
 	fmt.Fprintf(tw, "actual size\t%s on disk\n", humanize.IBytes(uint64(r.ActualSize)))
 	if r.Verdict == "accepted" {
 		fmt.Fprintf(tw, "verdict\taccepted: convert would convert this image\n")

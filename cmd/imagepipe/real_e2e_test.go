@@ -59,7 +59,7 @@ func expectedOutputs(ri realimages.Image, path, key, scratch string) (map[string
 		if err != nil {
 			return nil, err
 		}
-		out[key+"/"+h.Name+".raw"] = sum
+		out[events.OVADiskKey("", key, h.Name, "raw")] = sum
 	}
 }
 

@@ -44,6 +44,9 @@ func runSetup(ctx context.Context, args []string, stdout io.Writer, log *slog.Lo
 	if err != nil {
 		return err
 	}
+	if err := s.checkOutputLayout(); err != nil {
+		return err
+	}
 	nc, err := natsrt.Connect(ctx, s.NATS, "setup", log)
 	if err != nil {
 		return err

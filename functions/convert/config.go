@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/imagepipe/imagepipe/internal/dedup"
+	"github.com/imagepipe/imagepipe/internal/inspect"
 )
 
 // Config is the convert function's settings.
@@ -36,6 +37,21 @@ type Config struct {
 	StreamOutput bool `env:"IMAGEPIPE_STREAM_OUTPUT" envDefault:"true"`
 	// Dedup is content de-duplication (IMAGEPIPE_DEDUP, _DEDUP_HASH, ...).
 	Dedup dedup.Config
+	// OVAMaxMembers and OVAMaxDisks cap the members and the disks of one
+	// OVA; an OVA with more is refused whole, before anything is extracted.
+	OVAMaxMembers int `env:"IMAGEPIPE_OVA_MAX_MEMBERS" envDefault:"64"`
+	OVAMaxDisks   int `env:"IMAGEPIPE_OVA_MAX_DISKS" envDefault:"16"`
+	// ScratchReserve is the space of the scratch file system a download
+	// leaves free, however much it is allowed to expand to: what other
+	// jobs and the host keep for themselves. Below 0 (the default) it is
+	// a twentieth of the file system, at most 1 GiB.
+	ScratchReserve int64 `env:"IMAGEPIPE_SCRATCH_RESERVE" envDefault:"-1"`
+}
+
+// InspectLimits are the inspector's limits: what convert holds images to,
+// and what `imagepipe inspect` judges them by.
+func (c Config) InspectLimits() inspect.Limits {
+	return inspect.Limits{MaxVirtualSize: c.MaxVirtualSize, MaxOVAMembers: c.OVAMaxMembers, MaxOVADisks: c.OVAMaxDisks}
 }
 
 // Scratch is the scratch directory: ScratchDir, or the OS temp dir.

@@ -36,6 +36,10 @@ const (
 	MetaInput  = "imagepipe-input-format"
 	MetaVSize  = "imagepipe-virtual-size"
 	MetaFormat = "imagepipe-format" // on an upload: the output format wanted
+	// The version and ETag of the upload an output was made from, so
+	// that anyone can tell which version of the input it holds.
+	MetaSourceVersion = "imagepipe-source-version"
+	MetaSourceETag    = "imagepipe-source-etag"
 )
 
 // TagSHA256 is the object tag holding an output's sha256. A tag, not
@@ -46,11 +50,14 @@ const TagSHA256 = "imagepipe-sha256"
 // Storage is the part of object storage convert uses.
 type Storage interface {
 	Open(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
-	Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (objstore.Object, error)
-	UploadGrowing(ctx context.Context, bucket, key string, src objstore.Growing, size int64, meta map[string]string, progress io.Reader) (objstore.Object, error)
+	// Upload, UploadGrowing and Copy write an output only if guard, run
+	// just before the write completes, allows it (see objstore/commit.go).
+	Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader, guard objstore.Guard) (objstore.Object, error)
+	UploadGrowing(ctx context.Context, bucket, key string, src objstore.Growing, size int64, meta map[string]string, progress io.Reader, guard objstore.Guard) (objstore.Object, error)
 	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
 	ReaderAt(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
-	Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string) (objstore.Object, error)
+	Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string, guard objstore.Guard) (objstore.Object, error)
+	Abort(ctx context.Context, bucket, key, uploadID string) error
 	SetTags(ctx context.Context, bucket, key, versionID string, tags map[string]string) error
 	Tags(ctx context.Context, bucket, key string) (map[string]string, error)
 	PutBytes(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
@@ -89,13 +96,32 @@ type Handler struct {
 // New returns a handler. dd may be nil: content de-duplication is then off.
 func New(cfg Config, store Storage, qemu QemuImg, report Reporter, dd Deduper, log *slog.Logger) *Handler {
 	cfg.ScratchDir = cfg.Scratch()
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	h := &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now,
+		streamAbove: objstore.PartSize}
 	// A replica killed mid-job left its scratch behind; starting up is the
 	// first chance to reclaim it.
-	if removed := sweepScratch(cfg.ScratchDir, time.Now()); len(removed) > 0 && log != nil {
+	h.sweep(context.Background(), log)
+	return h
+}
+
+// sweep reclaims what the jobs of processes that died left behind: their
+// scratch, and the output uploads they started and never finished.
+func (h *Handler) sweep(ctx context.Context, log *slog.Logger) {
+	removed, uploads := sweepScratch(h.cfg.ScratchDir, h.now())
+	if len(removed) > 0 {
 		log.Info("removed scratch of jobs whose process died", "dirs", removed)
 	}
-	return &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now,
-		streamAbove: objstore.PartSize}
+	for _, u := range uploads {
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		err := h.store.Abort(actx, u.Bucket, u.Key, u.UploadID)
+		cancel()
+		if err != nil {
+			log.Warn("upload left by a job whose process died not aborted; the server's expiry of stale uploads will remove it", "output_key", u.Key, "err", err)
+		}
+	}
 }
 
 // job is one conversion in flight: the queued job plus what the stages
@@ -168,6 +194,7 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 	}
 	if errors.Is(err, errSuperseded) {
 		j.log.Info("object changed since it was queued; its newer upload has its own job", "stage", "download")
+		h.handBack(ctx, j)
 		return nil, nil
 	}
 	if err != nil {
@@ -213,8 +240,10 @@ func (h *Handler) applyUploadFormat(ctx context.Context, j *job) {
 // output but died before the result was published: the output is then
 // reported again instead of converted again.
 func (h *Handler) alreadyDone(ctx context.Context, j *job) (*disk, bool) {
-	key := j.Key + "." + j.outFormat
+	key := h.outputKey(j)
 	obj, err := h.store.Stat(ctx, h.cfg.OutputBucket, key)
+	// The job id names the input's version and ETag (or is a reconvert's
+	// own), so an output of another version never counts as this job's.
 	if err != nil || obj.Metadata[MetaJob] != j.JobID {
 		return nil, false
 	}
@@ -247,9 +276,7 @@ func (h *Handler) outputSHA256(ctx context.Context, obj objstore.Object) string 
 }
 
 func (h *Handler) run(ctx context.Context, j *job) error {
-	if removed := sweepScratch(h.cfg.ScratchDir, h.now()); len(removed) > 0 {
-		j.log.Info("removed scratch of jobs whose process died", "dirs", removed)
-	}
+	h.sweep(ctx, j.log)
 	dir, release, err := newJobDir(h.cfg.ScratchDir)
 	if err != nil {
 		return failure.Retryable(events.PhaseDownload, fmt.Errorf("create scratch dir: %w", err), "check IMAGEPIPE_SCRATCH_DIR exists and is writable")
@@ -284,14 +311,19 @@ func (h *Handler) run(ctx context.Context, j *job) error {
 		output: filepath.Join(dir, "output."+j.outFormat),
 		extKey: keyForExtension(j.Key, j.codec),
 		format: rep.Format,
-		outKey: j.Key + "." + j.outFormat,
+		outKey: h.outputKey(j),
 	}
 	j.disks = append(j.disks, d)
 	return h.convertDisk(ctx, j, d, rep)
 }
 
+// outputKey is where a plain upload's output is written (events.OutputKey).
+func (h *Handler) outputKey(j *job) string {
+	return events.OutputKey(h.cfg.OutputPrefix, j.Key, j.outFormat)
+}
+
 func (h *Handler) limits() inspect.Limits {
-	return inspect.Limits{MaxVirtualSize: h.cfg.MaxVirtualSize}
+	return h.cfg.InspectLimits()
 }
 
 func (h *Handler) setState(ctx context.Context, j *job, state events.State, percent float64) {
@@ -408,17 +440,24 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 	return []events.Message{{Subject: events.SubjectFailed, Event: ev}}, err
 }
 
-// ErrorReportKey is where the report of a failed input is written, in the
-// input bucket, so an operator finds it with any S3 browser.
-func ErrorReportKey(inputKey string) string { return "errors/" + inputKey + ".error.json" }
+// errorReport is the body of an error report: the failure event's data,
+// and whether the report's own key had to be shortened to fit S3's limit
+// (input_key always holds the whole key).
+type errorReport struct {
+	events.Failed
+	ReportKeyShortened bool `json:"report_key_shortened,omitempty"`
+}
 
+// writeErrorReport writes the report at events.ErrorReportKey, in the input
+// bucket, so an operator finds it with any S3 browser.
 func (h *Handler) writeErrorReport(ctx context.Context, j *job, data events.Failed) {
-	body, err := json.MarshalIndent(data, "", "  ")
+	key, shortened := events.ErrorReportKey(j.Key)
+	body, err := json.MarshalIndent(errorReport{Failed: data, ReportKeyShortened: shortened}, "", "  ")
 	if err == nil {
-		err = h.store.PutBytes(ctx, j.Bucket, ErrorReportKey(j.Key), body, "application/json", map[string]string{MetaJob: j.JobID})
+		err = h.store.PutBytes(ctx, j.Bucket, key, body, "application/json", map[string]string{MetaJob: j.JobID})
 	}
 	if err != nil {
-		j.log.Warn("error report not written", "err", err)
+		j.log.Warn("error report not written", "report_key", key, "err", err)
 	}
 }
 

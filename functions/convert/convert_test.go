@@ -7,6 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -32,20 +34,63 @@ type fakeStore struct {
 	CopyFn     func(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string) (objstore.Object, error)
 	SetTagsFn  func(ctx context.Context, bucket, key, versionID string, tags map[string]string) error
 	TagsFn     func(ctx context.Context, bucket, key string) (map[string]string, error)
+	AbortFn    func(ctx context.Context, bucket, key, uploadID string) error
+
+	mu      sync.Mutex
+	written map[string]objstore.Object // outputs written, which Stat finds
+}
+
+// wrote finishes a write as the real store does: its guard runs last and
+// may veto it, and the object is then there for Stat to find.
+func (f *fakeStore) wrote(ctx context.Context, b, k string, meta map[string]string, guard objstore.Guard, obj objstore.Object, err error) (objstore.Object, error) {
+	if err != nil {
+		return obj, err
+	}
+	if guard.Check != nil {
+		if err := guard.Check(ctx); err != nil {
+			return objstore.Object{}, err
+		}
+	}
+	obj.Bucket, obj.Key, obj.Metadata = b, k, meta
+	if obj.ETag == "" {
+		obj.ETag = "etag-of-" + meta[MetaJob]
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.written == nil {
+		f.written = map[string]objstore.Object{}
+	}
+	f.written[b+"/"+k] = obj
+	return obj, nil
 }
 
 var _ Storage = (*fakeStore)(nil)
 
+func (f *fakeStore) Abort(ctx context.Context, b, k, id string) error {
+	if f.AbortFn == nil {
+		return nil
+	}
+	return f.AbortFn(ctx, b, k, id)
+}
+
 func (f *fakeStore) Open(ctx context.Context, b, k, v, e string) (io.ReadCloser, objstore.Object, error) {
 	return f.OpenFn(ctx, b, k, v, e)
 }
-func (f *fakeStore) Upload(ctx context.Context, b, k string, file *sparse.File, m map[string]string, pr io.Reader) (objstore.Object, error) {
-	return f.UploadFn(ctx, b, k, file, m, pr)
+func (f *fakeStore) Upload(ctx context.Context, b, k string, file *sparse.File, m map[string]string, pr io.Reader, g objstore.Guard) (objstore.Object, error) {
+	obj, err := f.UploadFn(ctx, b, k, file, m, pr)
+	return f.wrote(ctx, b, k, m, g, obj, err)
 }
-func (f *fakeStore) UploadGrowing(ctx context.Context, b, k string, src objstore.Growing, size int64, m map[string]string, pr io.Reader) (objstore.Object, error) {
-	return f.GrowingFn(ctx, b, k, src, size, m, pr)
+func (f *fakeStore) UploadGrowing(ctx context.Context, b, k string, src objstore.Growing, size int64, m map[string]string, pr io.Reader, g objstore.Guard) (objstore.Object, error) {
+	obj, err := f.GrowingFn(ctx, b, k, src, size, m, pr)
+	return f.wrote(ctx, b, k, m, g, obj, err)
 }
 func (f *fakeStore) Stat(ctx context.Context, b, k string) (objstore.Object, error) {
+	f.mu.Lock()
+	obj, ok := f.written[b+"/"+k]
+	f.mu.Unlock()
+	if ok {
+		return obj, nil
+	}
 	return f.StatFn(ctx, b, k)
 }
 func (f *fakeStore) PutBytes(ctx context.Context, b, k string, body []byte, ct string, m map[string]string) error {
@@ -54,8 +99,9 @@ func (f *fakeStore) PutBytes(ctx context.Context, b, k string, body []byte, ct s
 func (f *fakeStore) ReaderAt(ctx context.Context, b, k, v string) (objstore.RangeReader, error) {
 	return f.ReaderAtFn(ctx, b, k, v)
 }
-func (f *fakeStore) Copy(ctx context.Context, sb, sk, sv, se, db, dk string, m, t map[string]string) (objstore.Object, error) {
-	return f.CopyFn(ctx, sb, sk, sv, se, db, dk, m, t)
+func (f *fakeStore) Copy(ctx context.Context, sb, sk, sv, se, db, dk string, m, t map[string]string, g objstore.Guard) (objstore.Object, error) {
+	obj, err := f.CopyFn(ctx, sb, sk, sv, se, db, dk, m, t)
+	return f.wrote(ctx, db, dk, m, g, obj, err)
 }
 func (f *fakeStore) SetTags(ctx context.Context, b, k, v string, t map[string]string) error {
 	return f.SetTagsFn(ctx, b, k, v, t)
@@ -235,29 +281,11 @@ func TestBackoffDoublesFromTheConfiguredBase(t *testing.T) {
 	}
 }
 
-func TestManifestMismatchNamesBothSums(t *testing.T) {
-	m := map[string]string{}
-	if err := parseManifest(strings.NewReader("SHA256(disk1.vmdk)= "+strings.Repeat("a", 64)+"\nSHA1(disk2.vmdk) = "+strings.Repeat("b", 40)+"\n"), m); err != nil {
-		t.Fatal(err)
-	}
-	err := checkManifest(m, "disk1.vmdk", [2]string{"", strings.Repeat("c", 64)})
-	fe, ok := failure.As(err)
-	if !ok || fe.Rule != "ova-manifest" || !strings.Contains(err.Error(), strings.Repeat("a", 64)) || !strings.Contains(err.Error(), strings.Repeat("c", 64)) {
-		t.Errorf("err = %v", err)
-	}
-	if err := checkManifest(m, "disk2.vmdk", [2]string{strings.Repeat("b", 40), ""}); err != nil {
-		t.Errorf("matching SHA1 refused: %v", err)
-	}
-	if err := parseManifest(strings.NewReader("MD5(x)= 00\n"), m); err == nil {
-		t.Error("unreadable manifest line accepted")
-	}
-}
-
 func TestCompressedSuffixIsIgnoredForTheExtensionCheck(t *testing.T) {
 	for key, want := range map[string]string{
 		"a.qcow2.xz": "a.qcow2", "a.vmdk.GZ": "a.vmdk", "a.img.zst": "a.img", "a.img.zstd": "a.img", "a.qcow2": "a.qcow2",
 	} {
-		codec := map[string]string{"a.qcow2.xz": codecXZ, "a.vmdk.GZ": codecGzip, "a.img.zst": codecZstd, "a.img.zstd": codecZstd}[key]
+		codec := map[string]string{"a.qcow2.xz": "xz", "a.vmdk.GZ": "gzip", "a.img.zst": "zstd", "a.img.zstd": "zstd"}[key]
 		if got := keyForExtension(key, codec); got != want {
 			t.Errorf("keyForExtension(%q) = %q, want %q", key, got, want)
 		}
@@ -320,7 +348,7 @@ func TestScratchOfADeadProcessIsSweptAndALiveJobsIsKept(t *testing.T) {
 	if err := os.WriteFile(dead+"/"+lockName, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	removed := sweepScratch(scratch, time.Now())
+	removed, _ := sweepScratch(scratch, time.Now())
 	if len(removed) != 1 || !strings.HasSuffix(dead, removed[0]) {
 		t.Errorf("removed %v, want only %s", removed, dead)
 	}
@@ -349,5 +377,48 @@ func TestJobNoDeliveryFinishedFailsForGoodWithAReport(t *testing.T) {
 	}
 	if got := strings.Join(*calls, ","); !strings.Contains(got, "put uploads/errors/disks/a.vhdx.error.json") {
 		t.Errorf("storage calls %q: want an error report", got)
+	}
+}
+
+func TestUploadsADeadJobStartedAreAbortedWithItsScratchAndNoOthers(t *testing.T) {
+	scratch := t.TempDir()
+	live, release, err := newJobDir(scratch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	dead, err := os.MkdirTemp(scratch, jobDirPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dead, lockName), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for dir, id := range map[string]string{dead: "dead-upload", live: "live-upload"} {
+		if err := noteUpload(dir, notedUpload{Bucket: "images", Key: "a.vhdx.raw", UploadID: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A note its writer died in the middle of.
+	f, err := os.OpenFile(filepath.Join(dead, uploadsNote), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`{"bucket":"images","key":"a.vhd`)
+	f.Close()
+
+	var aborted []string
+	store := &fakeStore{AbortFn: func(_ context.Context, b, k, id string) error {
+		aborted = append(aborted, b+"/"+k+" "+id)
+		return nil
+	}}
+	cfg := Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: scratch}
+	New(cfg, store, qemuimg.New(nil), &fakeReporter{}, nil, slog.New(slog.DiscardHandler))
+
+	if want := []string{"images/a.vhdx.raw dead-upload"}; !slices.Equal(aborted, want) {
+		t.Errorf("aborted %q, want only the dead job's upload %q", aborted, want)
+	}
+	if _, err := os.Stat(dead); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the dead job's scratch is still there: %v", err)
 	}
 }

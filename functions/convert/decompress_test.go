@@ -1,50 +1,17 @@
 package convert
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"io"
+	"log/slog"
 	"testing"
-
-	"github.com/klauspost/compress/zstd"
-	ulxz "github.com/ulikunitz/xz"
+	"time"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/decompress/decompresstest"
 	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/qemuimg"
 )
-
-// payload is more than the window cap, so a decoder that kept all of it
-// would show; it compresses well, so the test stays fast.
-func payload() []byte {
-	b := make([]byte, 96<<20)
-	for i := 0; i < len(b); i += 4096 {
-		b[i] = byte(i >> 12)
-	}
-	return b
-}
-
-// compressed runs data through the writer newWriter makes.
-func compressed(t *testing.T, data []byte, newWriter func(io.Writer) (io.WriteCloser, error)) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	w, err := newWriter(&buf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := w.Write(data); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-func xzWithDict(dictCap int) func(io.Writer) (io.WriteCloser, error) {
-	return func(w io.Writer) (io.WriteCloser, error) { return ulxz.WriterConfig{DictCap: dictCap}.NewWriter(w) }
-}
 
 // zstdFrameDeclaringWindow is a valid zstd frame whose header asks for a
 // window of 2^n bytes and whose one raw block holds a few bytes: encoders
@@ -62,35 +29,10 @@ func zstdFrameDeclaringWindow(window uint64) []byte {
 	return append(frame, block...)
 }
 
-func TestCompressedStreamsWithinTheWindowCapDecodeWhole(t *testing.T) {
-	data := payload()
-	want := sha256.Sum256(data)
-	for name, body := range map[string][]byte{
-		"xz -9 (64 MiB dictionary)": compressed(t, data, xzWithDict(64<<20)),
-		"zstd 8 MiB window": compressed(t, data, func(w io.Writer) (io.WriteCloser, error) {
-			return zstd.NewWriter(w, zstd.WithWindowSize(8<<20))
-		}),
-	} {
-		t.Run(name, func(t *testing.T) {
-			r, _, err := decompressor(bufio.NewReader(bytes.NewReader(body)))
-			if err != nil {
-				t.Fatal(err)
-			}
-			h := sha256.New()
-			if _, err := io.Copy(h, r); err != nil {
-				t.Fatalf("decode: %v", err)
-			}
-			if got := h.Sum(nil); !bytes.Equal(got, want[:]) {
-				t.Fatal("decoded bytes differ from the original")
-			}
-		})
-	}
-}
-
 func TestCompressedUploadDeclaringAHugeWindowIsRefusedByRule(t *testing.T) {
 	data := bytes.Repeat([]byte("imagepipe"), 1000)
 	for key, body := range map[string][]byte{
-		"big-dict.qcow2.xz":    compressed(t, data, xzWithDict(1<<30)),
+		"big-dict.qcow2.xz":    decompresstest.Compressed(t, data, decompresstest.XZWithDict(1<<30)),
 		"big-window.qcow2.zst": zstdFrameDeclaringWindow(256 << 20),
 	} {
 		t.Run(key, func(t *testing.T) {
@@ -107,6 +49,45 @@ func TestCompressedUploadDeclaringAHugeWindowIsRefusedByRule(t *testing.T) {
 			}
 			if f.Rule != "decompress-window" || f.Phase != events.PhaseDownload || f.WillRetry || f.Suggestion == "" {
 				t.Errorf("failed = %+v, want rule decompress-window in download, not retried, with a suggestion", f)
+			}
+			for _, c := range *calls {
+				if len(c) > 7 && c[:7] == "upload " {
+					t.Errorf("an output was uploaded: %v", *calls)
+				}
+			}
+		})
+	}
+}
+
+func TestCompressedUploadPastItsBudgetIsRefusedByRuleNotRetried(t *testing.T) {
+	for _, tc := range []struct {
+		name, rule string
+		body       []byte
+		cfg        func(*Config)
+	}{
+		// 256 MiB of zeros cost no scratch space, but are more content
+		// than the limit allows.
+		{"zeros past the virtual size limit", "virtual-size", decompresstest.ZstdRun(0, 256<<20), func(c *Config) { c.MaxVirtualSize = 64 << 20 }},
+		// Data is written, and there is no room for it beyond the reserve.
+		{"data past the scratch space", "scratch-space", decompresstest.ZstdRun(0x5a, 64<<20), func(c *Config) { c.ScratchReserve = 1 << 62 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const key = "bomb.img.zst"
+			store, calls := memStore(key, tc.body, nil)
+			cfg := Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
+				ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute}
+			tc.cfg(&cfg)
+			h := New(cfg, store, qemuimg.New(nil), &fakeReporter{}, nil, slog.New(slog.DiscardHandler))
+			out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: key, ETag: "e1", Size: int64(len(tc.body))}, 1, 4)
+			if !failure.IsPermanent(err) {
+				t.Fatalf("err = %v, want a permanent refusal", err)
+			}
+			var f events.Failed
+			if err := out[0].Event.DecodeData(events.TypeFailed, &f); err != nil {
+				t.Fatal(err)
+			}
+			if f.Rule != tc.rule || f.Phase != events.PhaseDownload || f.WillRetry || f.Suggestion == "" {
+				t.Errorf("failed = %+v, want rule %s in download, not retried, with a suggestion", f, tc.rule)
 			}
 			for _, c := range *calls {
 				if len(c) > 7 && c[:7] == "upload " {

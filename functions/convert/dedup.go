@@ -60,7 +60,7 @@ func (h *Handler) reuse(ctx context.Context, j *job) (bool, error) {
 		// bytes known to hash to that may stand in for checking it.
 		return false, nil
 	}
-	outKey := j.Key + "." + j.outFormat
+	outKey := h.outputKey(j)
 	prev, err := h.store.Stat(ctx, rec.OutputBucket, rec.OutputKey)
 	if err != nil || h.outputSHA256(ctx, prev) != rec.SHA256 {
 		// The earlier output is gone or was replaced: convert, and the new
@@ -77,7 +77,10 @@ func (h *Handler) reuse(ctx context.Context, j *job) (bool, error) {
 	}
 	j.duplicateOf = rec.Output()
 	j.log.Info("same content already converted; copying its output", "stage", events.PhaseUpload, "duplicate_of", j.duplicateOf, "output_key", outKey)
-	if _, err := h.store.Copy(ctx, rec.OutputBucket, rec.OutputKey, "", prev.ETag, h.cfg.OutputBucket, outKey, outputMeta(j, d), outputTags(d)); err != nil {
+	if _, err := h.store.Copy(ctx, rec.OutputBucket, rec.OutputKey, "", prev.ETag, h.cfg.OutputBucket, outKey, outputMeta(j, d), outputTags(d), h.guard(j, outKey)); err != nil {
+		if errors.Is(err, errSuperseded) || errors.Is(err, objstore.ErrContended) {
+			return true, classifyOutput(err)
+		}
 		if objstore.IsChanged(err) || objstore.IsNotFound(err) {
 			j.duplicateOf, j.disks = "", nil
 			return false, nil

@@ -123,6 +123,12 @@ func (h *Handler) verify(ctx context.Context, j *job, d *disk, _ inspect.Report)
 // upload sends the output and hashes it at the same time: on a large image
 // both take seconds, and neither needs the other until the end.
 func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report) error {
+	return h.uploadGuarded(ctx, j, d, h.guard(j, d.outKey))
+}
+
+// uploadGuarded is upload with the check that runs just before the output
+// is completed; an OVA's disks wait there for one another.
+func (h *Handler) uploadGuarded(ctx context.Context, j *job, d *disk, guard objstore.Guard) error {
 	h.setState(ctx, j, events.StateUploading, 0)
 	j.log.Info("uploading", "stage", events.PhaseUpload, "output_bucket", h.cfg.OutputBucket, "output_key", d.outKey, "size", d.outSize)
 	// One open file serves both: its holes are mapped once, and the
@@ -147,11 +153,11 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 	// Uploading to the same key on a redelivery replaces the object whole:
 	// S3 never exposes a half-written one, so a retry cannot corrupt it.
 	meter := h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, d.outSize)
-	obj, err := h.store.Upload(ctx, h.cfg.OutputBucket, d.outKey, f, outputMeta(j, d), meter)
+	obj, err := h.store.Upload(ctx, h.cfg.OutputBucket, d.outKey, f, outputMeta(j, d), meter, guard)
 	if err != nil {
 		stopHash()
 		<-sumc
-		return classifyWrite(err)
+		return classifyOutput(err)
 	}
 	hs := <-sumc
 	if hs.err != nil {
@@ -163,9 +169,14 @@ func (h *Handler) upload(ctx context.Context, j *job, d *disk, _ inspect.Report)
 // uploaded finishes an upload: the hash is tagged on the object last, so
 // an output without it is one whose upload may not have finished; the
 // scratch copies are no longer needed, and an OVA's next disk may need
-// the room.
+// the room. The tag goes only on this job's own output, and only while
+// its input is still the version converted: a newer version's job may
+// have written the key since.
 func (h *Handler) uploaded(ctx context.Context, j *job, d *disk, obj objstore.Object, sum string) error {
 	d.sha256 = sum
+	if err := h.stillOurs(ctx, j, obj); err != nil {
+		return err
+	}
 	if err := h.store.SetTags(ctx, h.cfg.OutputBucket, d.outKey, obj.VersionID, outputTags(d)); err != nil {
 		return classifyWrite(err)
 	}
@@ -174,6 +185,100 @@ func (h *Handler) uploaded(ctx context.Context, j *job, d *disk, obj objstore.Ob
 		_ = os.Remove(d.input)
 	}
 	return nil
+}
+
+// guard is what every write of the job's outputs checks just before it
+// completes: that the input is still the version the job converted.
+func (h *Handler) guard(j *job, key string) objstore.Guard {
+	return objstore.Guard{
+		Check: func(ctx context.Context) error { return h.stillCurrent(ctx, j) },
+		Started: func(uploadID string) {
+			if err := noteUpload(j.dir, notedUpload{Bucket: h.cfg.OutputBucket, Key: key, UploadID: uploadID}); err != nil {
+				j.log.Warn("upload not noted in scratch; if this process dies, the server's expiry of stale uploads removes it", "output_key", key, "err", err)
+			}
+		},
+	}
+}
+
+// stillCurrent returns errSuperseded when the input is no longer the
+// version and content the job was queued for: it was overwritten or
+// deleted, and its newer version, if any, has a job of its own whose
+// output must not be replaced by this one's. A job without a version id
+// or ETag (none queued by ingest lacks both) has nothing to compare.
+func (h *Handler) stillCurrent(ctx context.Context, j *job) error {
+	if j.VersionID == "" && j.ETag == "" {
+		return nil
+	}
+	cur, err := h.store.Stat(ctx, j.Bucket, j.Key)
+	switch {
+	case objstore.IsNotFound(err):
+		return errSuperseded
+	case err != nil:
+		return fmt.Errorf("check the upload is still the version converted: %w", err)
+	case j.VersionID != "" && cur.VersionID != j.VersionID, j.ETag != "" && cur.ETag != j.ETag:
+		return errSuperseded
+	}
+	return nil
+}
+
+// stillOurs checks, before the job marks obj complete, that obj is still
+// what the output key holds and the input is still the job's version.
+func (h *Handler) stillOurs(ctx context.Context, j *job, obj objstore.Object) error {
+	if err := h.stillCurrent(ctx, j); err != nil {
+		return classifyOutput(err)
+	}
+	cur, err := h.store.Stat(ctx, obj.Bucket, obj.Key)
+	if objstore.IsNotFound(err) {
+		return errSuperseded
+	}
+	if err != nil {
+		return classifyWrite(err)
+	}
+	if cur.Metadata[MetaJob] != j.JobID || cur.ETag != obj.ETag {
+		return errSuperseded
+	}
+	return nil
+}
+
+// handBack runs when a job ends superseded. Its own state updates may
+// have replaced the record of the newer version's job, which `imagepipe
+// status` and `upload` follow; when that job's output is already complete
+// (made from the input as it is now, and tagged), its READY is written
+// back. A newer job still running writes its own states soon enough.
+func (h *Handler) handBack(ctx context.Context, j *job) {
+	if st, err := h.report.Get(ctx, j.Bucket, j.Key); err != nil || st.JobID != j.JobID {
+		return
+	}
+	in, err := h.store.Stat(ctx, j.Bucket, j.Key)
+	if err != nil {
+		return
+	}
+	key := events.OutputKey(h.cfg.OutputPrefix, j.Key, j.outFormat)
+	out, err := h.store.Stat(ctx, h.cfg.OutputBucket, key)
+	if err != nil || out.Metadata[MetaJob] == "" || out.Metadata[MetaSourceETag] != in.ETag ||
+		out.Metadata[MetaSourceVersion] != in.VersionID || h.outputSHA256(ctx, out) == "" {
+		return
+	}
+	st := events.Status{
+		Bucket: j.Bucket, Key: j.Key, JobID: out.Metadata[MetaJob], State: events.StateReady, Percent: 100,
+		InputFormat: out.Metadata[MetaInput], OutputBucket: h.cfg.OutputBucket, OutputKey: key, UpdatedAt: h.now().UTC(),
+	}
+	if err := h.report.Set(ctx, st); err != nil {
+		j.log.Warn("status of the newer version not restored", "err", err)
+	}
+}
+
+// classifyOutput decides on a failed write of an output: vetoed because
+// the input changed is the quiet end of a superseded job; losing to other
+// writers every time may pass later; anything else as classifyWrite.
+func classifyOutput(err error) error {
+	switch {
+	case errors.Is(err, errSuperseded):
+		return errSuperseded
+	case errors.Is(err, objstore.ErrContended):
+		return failure.Retryable(events.PhaseUpload, err, "")
+	}
+	return classifyWrite(err)
 }
 
 func sectionSHA256(ctx context.Context, r *sparse.Section) (string, error) {

@@ -1,43 +1,23 @@
 package convert
 
 import (
-	"bufio"
-	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"hash"
 	"io"
-	"strings"
-
-	"github.com/klauspost/compress/zstd"
-	"github.com/therootcompany/xz"
 
 	"github.com/imagepipe/imagepipe/events"
-	"github.com/imagepipe/imagepipe/internal/direct"
+	"github.com/imagepipe/imagepipe/internal/decompress"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 )
 
-// Compression codecs recognised on download, by magic number, not name.
-const (
-	codecNone = ""
-	codecGzip = "gzip"
-	codecXZ   = "xz"
-	codecZstd = "zstd"
-)
-
-var (
-	magicGzip = []byte{0x1f, 0x8b}
-	magicXZ   = []byte{0xfd, '7', 'z', 'X', 'Z', 0x00}
-	magicZstd = []byte{0x28, 0xb5, 0x2f, 0xfd}
-)
-
 // download streams the object into the job's scratch file, decompressing
-// gzip, xz and zstd on the way, and checks the checksum the uploader gave.
+// gzip, xz and zstd on the way within the job's budget (package
+// decompress decides what an upload may expand to), and checks the
+// checksum the uploader gave.
 func (h *Handler) download(ctx context.Context, j *job) error {
 	h.setState(ctx, j, events.StateDownloading, 0)
 	j.log.Info("downloading", "stage", events.PhaseDownload, "attempt", j.attempt)
@@ -59,44 +39,31 @@ func (h *Handler) download(ctx context.Context, j *job) error {
 	sum := newAsyncHash(sha256.New())
 	defer sum.Close()
 	meter := h.newMeter(ctx, j, events.PhaseDownload, events.StateDownloading, obj.Size)
-	body := &readErrs{r: rc}
-	br := bufio.NewReaderSize(io.TeeReader(body, io.MultiWriter(sum, meter)), 1<<20)
-	src, codec, err := decompressor(br)
-	if windowTooLarge(err) {
-		return refuseWindow(codec)
-	}
+	res, err := decompress.Expand(ctx, io.TeeReader(rc, io.MultiWriter(sum, meter)), j.input, h.budget(j))
+	j.codec = string(res.Codec)
 	if err != nil {
-		return failure.Permanent(events.PhaseDownload, err, "upload the file again; its compressed stream is damaged")
-	}
-	j.codec = codec
-
-	f, err := direct.Create(j.input)
-	if err != nil {
-		return failure.Retryable(events.PhaseDownload, fmt.Errorf("create scratch file: %w", err), "")
-	}
-	// A small compressed file may expand without bound; nothing larger than
-	// the largest image allowed is worth writing.
-	limit := h.cfg.MaxVirtualSize
-	n, err := io.Copy(f, io.LimitReader(src, limit+1))
-	if cerr := f.Close(); err == nil && cerr != nil {
-		err = cerr
-	}
-	if err != nil {
-		if windowTooLarge(err) {
-			return refuseWindow(codec)
-		}
-		if codec != codecNone && body.err == nil && !isNoSpace(err) && ctx.Err() == nil {
-			return failure.Permanent(events.PhaseDownload, fmt.Errorf("decompress %s stream: %w", codec, err), "upload the file again; its compressed stream is damaged or truncated")
+		if _, decided := failure.As(err); decided {
+			return err
 		}
 		return classifyDownload(j, err)
 	}
-	if n > limit {
-		return failure.Refused(events.PhaseDownload, "virtual-size", fmt.Errorf("the %s stream expands to more than %d bytes", codec, limit),
-			"split the disk or raise IMAGEPIPE_MAX_VIRTUAL_SIZE")
-	}
+	j.log.Info("downloaded", "stage", events.PhaseDownload, "codec", res.Codec, "size", res.Size, "allocated", res.Allocated)
 	j.sha256In = hex.EncodeToString(sum.Sum())
 	return verifyChecksum(obj, j.sha256In)
 }
+
+// budget bounds the download of j: no larger than the largest image
+// allowed, and no more data than the scratch disk holds beyond its
+// reserve. Zeros are holes and cost no space.
+func (h *Handler) budget(j *job) decompress.Budget {
+	return decompress.Budget{
+		MaxSize: h.cfg.MaxVirtualSize,
+		Reserve: h.cfg.ScratchReserve,
+	}
+}
+
+// isCompressed reports whether head starts a gzip, xz or zstd stream.
+func isCompressed(head []byte) bool { return decompress.Detect(head) != decompress.None }
 
 // verifyChecksum compares the sha256 of the bytes received with the one
 // the uploader declared, as S3's x-amz-checksum-sha256 of a single-part
@@ -109,63 +76,10 @@ func verifyChecksum(obj objstore.Object, got string) error {
 	return nil
 }
 
-// maxDecompressWindow bounds the memory a compressed upload may make the
-// decoder hold: the xz dictionary or zstd window its header declares. A
-// header is free to claim gigabytes; 64 MiB covers xz -9 and zstd up to
-// --ultra -21, and keeps a replica's memory flat.
-const maxDecompressWindow = 64 << 20
-
-func decompressor(br *bufio.Reader) (io.Reader, string, error) {
-	head, _ := br.Peek(6)
-	switch {
-	case bytes.HasPrefix(head, magicGzip):
-		zr, err := gzip.NewReader(br)
-		if err != nil {
-			return nil, codecGzip, fmt.Errorf("open gzip stream: %w", err)
-		}
-		return zr, codecGzip, nil
-	case bytes.HasPrefix(head, magicXZ):
-		xr, err := xz.NewReader(br, maxDecompressWindow)
-		if err != nil {
-			return nil, codecXZ, fmt.Errorf("open xz stream: %w", err)
-		}
-		return xr, codecXZ, nil
-	case bytes.HasPrefix(head, magicZstd):
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
-			zstd.WithDecoderMaxWindow(maxDecompressWindow), zstd.WithDecoderMaxMemory(maxDecompressWindow))
-		if err != nil {
-			return nil, codecZstd, fmt.Errorf("open zstd stream: %w", err)
-		}
-		return zr.IOReadCloser(), codecZstd, nil
-	}
-	return br, codecNone, nil
-}
-
-func refuseWindow(codec string) error {
-	return failure.Refused(events.PhaseDownload, "decompress-window",
-		fmt.Errorf("the %s stream needs more than %d MiB of memory to decompress (its dictionary or window size)", codec, maxDecompressWindow>>20),
-		"compress the image again with a smaller window: xz -9 or less, zstd -19 or less without --long")
-}
-
-func windowTooLarge(err error) bool {
-	return errors.Is(err, xz.ErrMemlimit) || errors.Is(err, zstd.ErrWindowSizeExceeded) || errors.Is(err, zstd.ErrDecoderSizeExceeded)
-}
-
-// compressedSuffixes are stripped from a key before its extension is
-// compared with the content: disk.qcow2.xz names a qcow2.
-var compressedSuffixes = map[string]string{codecGzip: ".gz", codecXZ: ".xz", codecZstd: ".zst"}
-
+// keyForExtension is the key whose extension must agree with the content
+// of an upload compressed with codec.
 func keyForExtension(key, codec string) string {
-	if sfx, ok := compressedSuffixes[codec]; ok {
-		lower := strings.ToLower(key)
-		if strings.HasSuffix(lower, sfx) {
-			return key[:len(key)-len(sfx)]
-		}
-		if codec == codecZstd && strings.HasSuffix(lower, ".zstd") {
-			return key[:len(key)-len(".zstd")]
-		}
-	}
-	return key
+	return decompress.KeyForExtension(key, decompress.Codec(codec))
 }
 
 func classifyDownload(j *job, err error) error {
@@ -180,21 +94,6 @@ func classifyDownload(j *job, err error) error {
 		return failure.Retryable(events.PhaseDownload, fmt.Errorf("scratch space full while downloading: %w", err), "free space in IMAGEPIPE_SCRATCH_DIR or lower IMAGEPIPE_MAX_CONCURRENT_JOBS")
 	}
 	return failure.Retryable(events.PhaseDownload, err, "")
-}
-
-// readErrs remembers the error of the object stream itself, to tell a
-// dropped connection (worth a retry) from a damaged compressed stream.
-type readErrs struct {
-	r   io.Reader
-	err error
-}
-
-func (r *readErrs) Read(p []byte) (int, error) {
-	n, err := r.r.Read(p)
-	if err != nil && err != io.EOF {
-		r.err = err
-	}
-	return n, err
 }
 
 // asyncHash hashes what is written to it on a goroutine of its own, so

@@ -1,163 +1,263 @@
 package convert
 
 import (
-	"archive/tar"
-	"bufio"
 	"context"
-	"crypto/sha1"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"path"
 	"path/filepath"
-	"regexp"
-	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/dustin/go-humanize"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/direct"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
+	"github.com/imagepipe/imagepipe/internal/objstore"
 )
 
 const sugOVA = "export the appliance again as an OVA holding its .ovf descriptor and its VMDK disks, or upload the disk image itself"
 
-const sugOVAManifest = "export the appliance again; a file in the OVA does not match its manifest (.mf), so it was damaged or altered"
+// ovaDisk is one disk of an OVA and where it lies in the archive.
+type ovaDisk struct {
+	*disk
+	member inspect.OVAMember
+}
 
-// convertOVA converts each disk of an OVA in turn, streaming it out of the
-// archive into scratch; members that are not disks (the descriptor, the
-// manifest, a certificate) are read only to check them, never extracted.
-// Outputs go under the OVA's key: apps/web.ova/web-disk1.vmdk.raw.
+// convertOVA converts the disks of an OVA and publishes them all or none.
+// The archive is judged whole first (inspect.ReadOVA: every header, the
+// descriptor, the manifest) and its manifest checked against the bytes;
+// only then is a disk extracted. Each disk is extracted, inspected,
+// checked, converted and verified in turn, and uploads start once every
+// one of them has passed, so a bad disk 2 never leaves disk 1 published.
+// Outputs go under the OVA's key (events.OVADiskKey).
 func (h *Handler) convertOVA(ctx context.Context, j *job) error {
 	f, err := os.Open(j.input)
 	if err != nil {
 		return failure.Retryable(events.PhaseInspect, err, "")
 	}
 	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return failure.Retryable(events.PhaseInspect, err, "")
+	}
+	arc, err := inspect.ReadOVA(f, st.Size(), h.limits())
+	if err != nil {
+		return classifyInspect(err)
+	}
+	disks, err := h.planOVA(j, arc)
+	if err != nil {
+		return err
+	}
+	// Hashing reads the archive once and writes nothing: cheaper in
+	// scratch space than extracting every disk to check it, and a
+	// tampered archive is refused before any of it is unpacked.
+	if err := arc.CheckManifest(ctx, f); err != nil {
+		return classifyInspect(err)
+	}
+	j.log.Info("ova checked", "stage", events.PhaseInspect, "members", len(arc.Members), "disks", len(disks), "manifest", arc.Manifest)
+	for _, od := range disks {
+		if err := h.prepareOVADisk(ctx, j, f, od); err != nil {
+			return err
+		}
+	}
+	return h.publishOVA(ctx, j)
+}
 
-	var (
-		manifest = map[string]string{} // member → "sha1:hex" or "sha256:hex"
-		digests  = map[string][2]string{}
-		n        int
-	)
-	tr := tar.NewReader(bufio.NewReaderSize(f, 1<<20))
-	for {
-		hdr, err := tr.Next()
-		if err == io.EOF {
-			break
+// planOVA gives each disk its scratch files and output key. Scratch names
+// are numbered, never taken from the archive.
+func (h *Handler) planOVA(j *job, arc *inspect.OVAArchive) ([]ovaDisk, error) {
+	disks := make([]ovaDisk, 0, len(arc.Disks))
+	for i, m := range arc.Disks {
+		key := events.OVADiskKey(h.cfg.OutputPrefix, j.Key, m.Name, j.outFormat)
+		if len(key) > events.MaxKeyLen {
+			return nil, failure.Refused(events.PhaseInspect, "ova-member-name",
+				fmt.Errorf("the output key of disk %q of the OVA would be %d bytes, over S3's %d-byte limit", m.Name, len(key), events.MaxKeyLen),
+				"give the OVA a shorter key, or its disks shorter names")
 		}
-		if err != nil {
-			return failure.Refused(events.PhaseInspect, "ova-member", fmt.Errorf("read the OVA archive: %w", err), sugOVA)
-		}
-		if hdr.Typeflag != tar.TypeReg && hdr.Typeflag != tar.TypeGNUSparse {
-			continue
-		}
-		name := hdr.Name
-		if strings.HasSuffix(strings.ToLower(name), ".mf") {
-			if err := parseManifest(io.LimitReader(tr, 1<<20), manifest); err != nil {
-				return failure.Refused(events.PhaseInspect, "ova-manifest", err, sugOVAManifest)
-			}
-			continue
-		}
-		if _, isDisk := inspect.FormatFromKey(name); !isDisk && !strings.HasSuffix(strings.ToLower(name), ".img") {
-			continue
-		}
-		// Inspect refused such names already; the output key is built from
-		// the name, so it is checked again where it is used.
-		if clean := path.Clean(name); path.IsAbs(name) || clean == ".." || strings.HasPrefix(clean, "../") || strings.Contains(name, "\\") {
-			return failure.Refused(events.PhaseInspect, "ova-member", fmt.Errorf("the archive member name %q points outside the archive", name), sugOVA)
-		}
-		n++
-		d := &disk{
-			member: name,
-			input:  filepath.Join(j.dir, fmt.Sprintf("disk-%d", n)),
-			output: filepath.Join(j.dir, fmt.Sprintf("disk-%d.%s", n, j.outFormat)),
-			extKey: name,
-			outKey: j.Key + "/" + path.Clean(name) + "." + j.outFormat,
-		}
-		sums, err := extract(tr, d.input)
-		if err != nil {
-			if isNoSpace(err) {
-				return failure.Retryable(events.PhaseInspect, fmt.Errorf("scratch space full while extracting %s: %w", name, err), "free space in IMAGEPIPE_SCRATCH_DIR")
-			}
-			return failure.Refused(events.PhaseInspect, "ova-member", fmt.Errorf("extract %s from the OVA: %w", name, err), sugOVA)
-		}
-		digests[name] = sums
-		if err := checkManifest(manifest, name, sums); err != nil {
-			return err
-		}
-		rep, err := inspect.InspectFile(d.input, h.limits())
-		if err != nil {
-			return classifyInspect(fmt.Errorf("disk %s of the OVA: %w", name, err))
-		}
-		d.format = rep.Format
-		if rep.Format == inspect.OVA {
-			return failure.Refused(events.PhaseInspect, "ova-member", fmt.Errorf("disk %s of the OVA is itself an archive", name), sugOVA)
-		}
-		j.disks = append(j.disks, d)
-		if err := h.convertDisk(ctx, j, d, rep); err != nil {
+		disks = append(disks, ovaDisk{member: m, disk: &disk{
+			member: m.Name,
+			input:  filepath.Join(j.dir, fmt.Sprintf("disk-%d", i+1)),
+			output: filepath.Join(j.dir, fmt.Sprintf("disk-%d.%s", i+1, j.outFormat)),
+			extKey: m.Name,
+			outKey: key,
+		}})
+	}
+	return disks, nil
+}
+
+// prepareOVADisk takes one disk up to a verified output in scratch:
+// extract, inspect, check, convert, verify. Nothing is uploaded here.
+func (h *Handler) prepareOVADisk(ctx context.Context, j *job, arc *os.File, od ovaDisk) error {
+	d := od.disk
+	if err := extractMember(ctx, j, arc, od.member, d.input); err != nil {
+		return err
+	}
+	rep, err := inspect.InspectFile(d.input, h.limits())
+	if err != nil {
+		return classifyInspect(fmt.Errorf("disk %q of the OVA: %w", d.member, err))
+	}
+	if rep.Format == inspect.OVA {
+		return failure.Refused(events.PhaseInspect, "ova-member", fmt.Errorf("disk %q of the OVA is itself an archive", d.member), sugOVA)
+	}
+	d.format = rep.Format
+	j.disks = append(j.disks, d)
+	for _, stage := range []func(context.Context, *job, *disk, inspect.Report) error{h.check, h.convert, h.verify} {
+		if err := stage(ctx, j, d, rep); err != nil {
 			return err
 		}
 	}
-	if n == 0 {
-		return failure.Refused(events.PhaseInspect, "ova-no-disk", errors.New("the OVA holds no disk image"), sugOVA)
-	}
-	// A manifest stored after the disks is checked once they are read.
-	for name, sums := range digests {
-		if err := checkManifest(manifest, name, sums); err != nil {
-			return err
-		}
-	}
+	// The extracted disk is done with; the next one may need the room.
+	_ = os.Remove(d.input)
 	return nil
 }
 
-func extract(r io.Reader, dst string) ([2]string, error) {
-	f, err := direct.Create(dst)
-	if err != nil {
-		return [2]string{}, err
+// publishOVA uploads the verified outputs of every disk. It runs only once
+// all of them exist, so a failure before it leaves the output bucket as it
+// was. The disks upload side by side and none completes until every one
+// has all its parts up (see commitBarrier): an upload that fails midway
+// leaves no disk of this OVA published. Only a failure in the final
+// completion calls themselves, moments apart, could still publish some
+// disks and not others; a retry then publishes them all.
+func (h *Handler) publishOVA(ctx context.Context, j *job) error {
+	if len(j.disks) == 1 {
+		return h.upload(ctx, j, j.disks[0], inspect.Report{})
 	}
-	s1, s256 := sha1.New(), sha256.New()
-	_, err = io.Copy(io.MultiWriter(f, s1, s256), r)
-	if cerr := f.Close(); err == nil {
+	b := newCommitBarrier(len(j.disks))
+	errs := make([]error, len(j.disks))
+	var wg sync.WaitGroup
+	for i, d := range j.disks {
+		wg.Go(func() {
+			errs[i] = h.uploadGuarded(ctx, j, d, b.guard(h.guard(j, d.outKey)))
+			if errs[i] != nil {
+				b.fail()
+			}
+		})
+	}
+	wg.Wait()
+	// The disk that failed says why; the others only waited for it.
+	var first error
+	for _, err := range errs {
+		if err != nil && !errors.Is(err, errOtherDiskFailed) {
+			return err
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// errOtherDiskFailed vetoes the completion of a disk whose sibling in the
+// same OVA failed to upload.
+var errOtherDiskFailed = errors.New("another disk of the OVA failed to upload, so none is published")
+
+// commitBarrier holds the completion of each of an OVA's uploads until all
+// of them are ready to complete, or releases them all with a veto as soon
+// as one fails.
+type commitBarrier struct {
+	mu      sync.Mutex
+	waiting int
+	ready   chan struct{} // closed when every upload is ready
+	failed  chan struct{} // closed when one upload failed
+	once    sync.Once
+}
+
+func newCommitBarrier(n int) *commitBarrier {
+	return &commitBarrier{waiting: n, ready: make(chan struct{}), failed: make(chan struct{})}
+}
+
+// guard wraps one upload's own guard: that runs first, then the upload
+// waits for the others. A guard may run more than once (a completion lost
+// to another writer is tried again); the upload counts as ready once.
+func (b *commitBarrier) guard(own objstore.Guard) objstore.Guard {
+	var arrived sync.Once
+	check := func(ctx context.Context) error {
+		if err := own.Check(ctx); err != nil {
+			b.fail()
+			return err
+		}
+		select {
+		case <-b.failed:
+			return errOtherDiskFailed
+		default:
+		}
+		arrived.Do(func() {
+			b.mu.Lock()
+			defer b.mu.Unlock()
+			if b.waiting--; b.waiting == 0 {
+				close(b.ready)
+			}
+		})
+		select {
+		case <-b.ready:
+			return nil
+		case <-b.failed:
+			return errOtherDiskFailed
+		case <-ctx.Done():
+			b.fail()
+			return ctx.Err()
+		}
+	}
+	return objstore.Guard{Check: check, Started: own.Started}
+}
+
+func (b *commitBarrier) fail() { b.once.Do(func() { close(b.failed) }) }
+
+// extractMember copies one member out of the archive, no further than
+// the size the first pass found for it, and stops when ctx is done.
+func extractMember(ctx context.Context, j *job, arc *os.File, m inspect.OVAMember, dst string) error {
+	if err := roomFor(j.dir, m); err != nil {
+		return err
+	}
+	j.log.Info("extracting", "stage", events.PhaseInspect, "member", m.Name, "size", m.Size)
+	out, err := direct.Create(dst)
+	if err != nil {
+		return failure.Retryable(events.PhaseInspect, fmt.Errorf("extract %q from the OVA: %w", m.Name, err), "")
+	}
+	n, err := io.Copy(ctxWriter{ctx, out}, io.NewSectionReader(arc, m.Offset, m.Size))
+	if cerr := out.Close(); err == nil {
 		err = cerr
 	}
-	return [2]string{hex.EncodeToString(s1.Sum(nil)), hex.EncodeToString(s256.Sum(nil))}, err
-}
-
-// manifestLine is one OVF manifest entry: SHA256(disk1.vmdk)= 0123…
-var manifestLine = regexp.MustCompile(`^(SHA1|SHA256)\s*\(([^)]+)\)\s*=\s*([0-9a-fA-F]+)\s*$`)
-
-func parseManifest(r io.Reader, into map[string]string) error {
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" {
-			continue
-		}
-		m := manifestLine.FindStringSubmatch(line)
-		if m == nil {
-			return fmt.Errorf("the OVA manifest has a line it cannot read: %q", line)
-		}
-		into[m[2]] = strings.ToLower(m[1]) + ":" + strings.ToLower(m[3])
+	if err == nil && n != m.Size {
+		err = fmt.Errorf("read %d of its %d bytes: %w", n, m.Size, io.ErrUnexpectedEOF)
 	}
-	return sc.Err()
-}
-
-func checkManifest(manifest map[string]string, name string, sums [2]string) error {
-	want, ok := manifest[name]
-	if !ok {
+	if err == nil {
 		return nil
 	}
-	algo, hexsum, _ := strings.Cut(want, ":")
-	got := sums[1]
-	if algo == "sha1" {
-		got = sums[0]
+	err = fmt.Errorf("extract %q from the OVA: %w", m.Name, err)
+	if isNoSpace(err) {
+		// roomFor saw the member fit: something else filled the shared
+		// scratch space since, and a later attempt may find it free.
+		return failure.Retryable(events.PhaseInspect, err, "free space in IMAGEPIPE_SCRATCH_DIR, or lower IMAGEPIPE_MAX_CONCURRENT_JOBS")
 	}
-	if got != hexsum {
-		return failure.Refused(events.PhaseInspect, "ova-manifest",
-			fmt.Errorf("%s of %s is %s, the OVA manifest says %s", strings.ToUpper(algo), name, got, hexsum), sugOVAManifest)
+	return failure.Retryable(events.PhaseInspect, err, "")
+}
+
+// roomFor checks that a member fits the scratch file system before any of
+// it is written. Its size is that of bytes present in the archive, which
+// is already on the same file system, never a claim: an OVA whose disk
+// cannot fit even an empty scratch file system is refused for good, and
+// one that does not fit the space left now waits for others to finish.
+func roomFor(dir string, m inspect.OVAMember) error {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return nil // the copy itself will tell
+	}
+	total := int64(st.Blocks) * int64(st.Bsize)
+	free := int64(st.Bavail) * int64(st.Bsize)
+	switch {
+	case m.Size > total:
+		return failure.Refused(events.PhaseInspect, "scratch-space",
+			fmt.Errorf("disk %q of the OVA is %s, more than the whole scratch file system (%s)", m.Name, humanize.IBytes(uint64(m.Size)), humanize.IBytes(uint64(total))),
+			"point IMAGEPIPE_SCRATCH_DIR at a larger disk, or upload the appliance's disks one by one")
+	case m.Size > free:
+		return failure.Retryable(events.PhaseInspect,
+			fmt.Errorf("disk %q of the OVA is %s, and only %s of scratch space is free", m.Name, humanize.IBytes(uint64(m.Size)), humanize.IBytes(uint64(free))),
+			"free space in IMAGEPIPE_SCRATCH_DIR, lower IMAGEPIPE_MAX_CONCURRENT_JOBS, or point IMAGEPIPE_SCRATCH_DIR at a larger disk")
 	}
 	return nil
 }

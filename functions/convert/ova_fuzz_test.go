@@ -4,15 +4,11 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
-	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -20,6 +16,7 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
+	"github.com/imagepipe/imagepipe/internal/inspect/ovatest"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
 )
 
@@ -42,57 +39,30 @@ func (noQemu) ConvertToNBD(context.Context, string, string, string, func(float64
 }
 func (noQemu) Version(context.Context) (string, error) { return "", errNoQemu }
 
-type ovaMember struct {
-	name string
-	body []byte
-	typ  byte
-}
-
-func ovaBytes(tb testing.TB, members ...ovaMember) []byte {
-	tb.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, m := range members {
-		typ := m.typ
-		if typ == 0 {
-			typ = tar.TypeReg
-		}
-		hdr := &tar.Header{Name: m.name, Mode: 0o644, Size: int64(len(m.body)), Typeflag: typ}
-		if typ != tar.TypeReg {
-			hdr.Size, hdr.Linkname = 0, "/etc/passwd"
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			tb.Fatal(err)
-		}
-		if _, err := tw.Write(m.body); err != nil && typ == tar.TypeReg {
-			tb.Fatal(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		tb.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-const fuzzOVF = `<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"/>`
-
-func manifestFor(name string, body []byte) []byte {
-	sum := sha256.Sum256(body)
-	return fmt.Appendf(nil, "SHA256(%s)= %s\n", name, hex.EncodeToString(sum[:]))
-}
-
-// ovaSeeds are archives that get past the magic numbers and the manifest
-// in different ways: good ones, a tampered manifest, members that escape or
-// link, and (when qemu-img is installed) real VMDK disks.
+// ovaSeeds are archives that reach every stage of an OVA job short of
+// qemu-img: good appliances with the manifest before or after the disks, a
+// tampered manifest, and the hostile members the reader refuses (sparse in
+// both forms, symbolic and hard links, duplicates, escaping names) and,
+// when qemu-img is installed, real VMDK disks.
 func ovaSeeds(tb testing.TB) [][]byte {
-	raw := bytes.Repeat([]byte{0x5a}, 4096)
+	raw := ovatest.Member{Name: "disk.img", Body: bytes.Repeat([]byte{0x5a}, 4096)}
+	desc := func(files ...ovatest.Member) ovatest.Member {
+		return ovatest.Member{Name: "a.ovf", Body: ovatest.OVF(files...)}
+	}
+	mf := func(files ...ovatest.Member) ovatest.Member {
+		return ovatest.Member{Name: "a.mf", Body: ovatest.Manifest(files, nil)}
+	}
 	seeds := [][]byte{
-		ovaBytes(tb, ovaMember{name: "a.ovf", body: []byte(fuzzOVF)}, ovaMember{name: "a.mf", body: manifestFor("disk.img", raw)}, ovaMember{name: "disk.img", body: raw}),
-		ovaBytes(tb, ovaMember{name: "a.ovf", body: []byte(fuzzOVF)}, ovaMember{name: "disk.img", body: raw}, ovaMember{name: "a.mf", body: []byte("SHA1(disk.img)= 00\n")}),
-		ovaBytes(tb, ovaMember{name: "a.ovf", body: []byte(fuzzOVF)}, ovaMember{name: "../../disk.img", body: raw}),
-		ovaBytes(tb, ovaMember{name: "a.ovf", body: []byte(fuzzOVF)}, ovaMember{name: "disk.vmdk", typ: tar.TypeSymlink}),
-		ovaBytes(tb, ovaMember{name: "a.ovf", body: []byte(fuzzOVF)}, ovaMember{name: "a.mf", body: []byte("not a manifest")}),
-		ovaBytes(tb, ovaMember{name: "a.ovf", body: []byte(fuzzOVF)}),
+		ovatest.Build(tb, desc(raw), mf(raw), raw),
+		ovatest.Appliance(tb, []ovatest.Member{raw}, map[string]string{"disk.img": strings.Repeat("0", 64)}),
+		ovatest.Build(tb, desc(raw), ovatest.Member{Name: "../../disk.img", Body: raw.Body}),
+		ovatest.Build(tb, desc(raw), ovatest.Member{Name: "disk.img", Type: tar.TypeSymlink, Link: "/etc/passwd"}),
+		ovatest.Build(tb, desc(raw), ovatest.Member{Name: "disk.img", Type: tar.TypeLink, Link: "a.ovf"}),
+		ovatest.Build(tb, desc(raw), ovatest.Member{Name: "disk.img", Sparse: 1 << 50, SparseForm: ovatest.SparseGNU}),
+		ovatest.Build(tb, desc(raw), ovatest.Member{Name: "disk.img", Sparse: 1 << 50, SparseForm: ovatest.SparsePAX}),
+		ovatest.Build(tb, desc(raw), raw, ovatest.Member{Name: "disk.img", Body: []byte("second")}),
+		ovatest.Build(tb, desc(raw), raw, ovatest.Member{Name: "a.mf", Body: []byte("not a manifest")}),
+		ovatest.Build(tb, desc()),
 	}
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		return seeds
@@ -107,11 +77,8 @@ func ovaSeeds(tb testing.TB) [][]byte {
 		if err != nil {
 			tb.Fatal(err)
 		}
-		seeds = append(seeds, ovaBytes(tb,
-			ovaMember{name: "web.ovf", body: []byte(fuzzOVF)},
-			ovaMember{name: "web.mf", body: manifestFor("web-disk1.vmdk", body)},
-			ovaMember{name: "web-disk1.vmdk", body: body},
-			ovaMember{name: "web-disk2.vmdk", body: body}))
+		seeds = append(seeds, ovatest.Appliance(tb, []ovatest.Member{
+			{Name: "web-disk1.vmdk", Body: body}, {Name: "web-disk2.vmdk", Body: body}}, nil))
 	}
 	return seeds
 }
@@ -131,8 +98,8 @@ func FuzzConvertOVA(f *testing.F) {
 		if err := os.WriteFile(input, data, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		h := New(Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: root, MaxVirtualSize: 1 << 40,
-			ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute}, nil, noQemu{}, nil, nil, log)
+		h := New(Config{OutputBucket: "images", OutputPrefix: "out/", OutputFormat: "raw", ScratchDir: root, MaxVirtualSize: 1 << 40,
+			ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute, OVAMaxMembers: 16, OVAMaxDisks: 4}, nil, noQemu{}, nil, nil, log)
 		j := &job{ConvertJob: events.ConvertJob{JobID: "fuzz", Bucket: "uploads", Key: "apps/web.ova"},
 			dir: jobDir, input: input, outFormat: "raw", log: log}
 
@@ -148,17 +115,40 @@ func FuzzConvertOVA(f *testing.F) {
 		if err == nil {
 			t.Fatalf("an OVA converted without qemu-img: %d disk(s)", len(j.disks))
 		}
-		if !errors.Is(err, errNoQemu) {
-			fe, ok := failure.As(err)
-			if !ok || fe.Phase != events.PhaseInspect || fe.Err == nil {
-				t.Fatalf("OVA error is not an inspect-phase failure: %#v", err)
+		fe, ok := failure.As(err)
+		if !ok || fe.Phase != events.PhaseInspect || fe.Err == nil {
+			t.Fatalf("OVA error is not an inspect-phase failure: %#v", err)
+		}
+		if fe.Rule != "" && !failure.IsPermanent(err) {
+			t.Fatalf("a refusal (rule %s) would be retried: %v", fe.Rule, err)
+		}
+		// An archive holding what an OVA never holds is refused whole,
+		// and nothing of it is extracted.
+		if why := hostileMember(data); why != "" {
+			if fe.Rule == "" || !fe.Permanent {
+				t.Fatalf("an archive with %s got past the reader: %v", why, err)
 			}
-			if fe.Rule != "" && !failure.IsPermanent(err) {
-				t.Fatalf("a refusal (rule %s) would be retried: %v", fe.Rule, err)
+		}
+		// An archive the first pass or the manifest refuses is refused by
+		// that rule, before any of it is extracted.
+		arc, rerr := inspect.ReadOVA(bytes.NewReader(data), int64(len(data)), h.limits())
+		if rerr == nil {
+			rerr = arc.CheckManifest(context.Background(), bytes.NewReader(data))
+		}
+		var ref *inspect.Refusal
+		if errors.As(rerr, &ref) {
+			if fe.Rule != ref.Rule {
+				t.Fatalf("the reader refuses by rule %s, the job failed with %v", ref.Rule, err)
+			}
+			if entries, _ := os.ReadDir(jobDir); len(entries) != 1 {
+				t.Fatalf("an archive refused by rule %s left %d files in scratch", ref.Rule, len(entries))
 			}
 		}
 		for _, d := range j.disks {
-			if !strings.HasPrefix(d.outKey, j.Key+"/") || strings.Contains("/"+d.outKey+"/", "/../") {
+			if inspect.CheckName("member name", d.member) != nil || strings.ContainsAny(d.member, `/\`) {
+				t.Fatalf("disk member name %q accepted", d.member)
+			}
+			if d.outKey != events.OVADiskKey("out/", j.Key, d.member, "raw") || !events.HasReservedSegment(d.outKey) {
 				t.Fatalf("disk %q of the OVA would be written to %q", d.member, d.outKey)
 			}
 			if filepath.Dir(d.input) != jobDir || filepath.Dir(d.output) != jobDir {
@@ -176,26 +166,32 @@ func FuzzConvertOVA(f *testing.F) {
 	})
 }
 
-var manifestValue = regexp.MustCompile(`^(sha1|sha256):[0-9a-f]+$`)
-
-func FuzzParseManifest(f *testing.F) {
-	f.Add("SHA256(disk1.vmdk)= " + strings.Repeat("ab", 32) + "\n")
-	f.Add("SHA1 (a.ovf) = 0123456789abcdef0123456789abcdef01234567\r\n\nSHA256(b)=FF\n")
-	f.Add("SHA512(a)= 00\n")
-	f.Add("SHA256((a))= 00")
-	f.Add(strings.Repeat("x", 70000))
-	f.Fuzz(func(t *testing.T, text string) {
-		m := map[string]string{}
-		if err := parseManifest(strings.NewReader(text), m); err != nil {
-			return
+// hostileMember names the first member archive/tar finds in data that an
+// OVA never holds (sparse, a link, a device, a second member of one name),
+// or "".
+func hostileMember(data []byte) string {
+	tr := tar.NewReader(bytes.NewReader(data))
+	seen := map[string]bool{}
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			return ""
 		}
-		for name, v := range m {
-			if name == "" || strings.Contains(name, ")") {
-				t.Fatalf("manifest entry with name %q", name)
-			}
-			if !manifestValue.MatchString(v) {
-				t.Fatalf("manifest entry %q = %q", name, v)
+		switch {
+		case h.Typeflag == tar.TypeGNUSparse:
+			return "a GNU sparse member"
+		case h.Typeflag == tar.TypeLink || h.Typeflag == tar.TypeSymlink:
+			return "a link"
+		case h.Typeflag == tar.TypeChar || h.Typeflag == tar.TypeBlock || h.Typeflag == tar.TypeFifo:
+			return "a device"
+		case h.Typeflag == tar.TypeReg && seen[h.Name]:
+			return "a duplicate member"
+		}
+		for k := range h.PAXRecords {
+			if strings.HasPrefix(k, "GNU.sparse.") {
+				return "a PAX sparse member"
 			}
 		}
-	})
+		seen[h.Name] = true
+	}
 }

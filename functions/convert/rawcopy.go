@@ -1,10 +1,10 @@
 package convert
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -38,10 +38,8 @@ func (h *Handler) copyRaw(ctx context.Context, j *job) (bool, error) {
 	if _, err := ra.ReadAt(head, 0); err != nil && err != io.EOF {
 		return false, nil
 	}
-	for _, m := range [][]byte{magicGzip, magicXZ, magicZstd} {
-		if bytes.HasPrefix(head, m) {
-			return false, nil
-		}
+	if isCompressed(head) {
+		return false, nil
 	}
 	rep, err := inspect.Inspect(ra, obj.Size, h.limits())
 	if err != nil || rep.Format != inspect.Raw {
@@ -52,7 +50,7 @@ func (h *Handler) copyRaw(ctx context.Context, j *job) (bool, error) {
 	}
 
 	j.format, j.inputSize, j.meta = inspect.Raw, obj.Size, obj.Metadata
-	d := &disk{format: inspect.Raw, virtualSize: obj.Size, outKey: j.Key + ".raw", outSize: obj.Size}
+	d := &disk{format: inspect.Raw, virtualSize: obj.Size, outKey: events.OutputKey(h.cfg.OutputPrefix, j.Key, j.outFormat), outSize: obj.Size}
 	j.disks = []*disk{d}
 	h.setState(ctx, j, events.StateUploading, 0)
 	j.log.Info("raw upload: copying server-side", "stage", events.PhaseUpload, "output_key", d.outKey, "size", obj.Size)
@@ -74,25 +72,36 @@ func (h *Handler) copyRaw(ctx context.Context, j *job) (bool, error) {
 		return true, err
 	}
 	// Copying on the ETag just hashed: if the object changed in between,
-	// the copy fails instead of publishing a hash of other bytes.
-	if _, err := h.store.Copy(ctx, j.Bucket, j.Key, j.VersionID, obj.ETag, h.cfg.OutputBucket, d.outKey, outputMeta(j, d), outputTags(d)); err != nil {
-		if objstore.IsChanged(err) {
+	// the copy fails instead of publishing a hash of other bytes. The copy
+	// carries its tags, so it is complete the moment it appears, and like
+	// every output write it completes only while the input is still the
+	// job's version.
+	if _, err := h.store.Copy(ctx, j.Bucket, j.Key, j.VersionID, obj.ETag, h.cfg.OutputBucket, d.outKey, outputMeta(j, d), outputTags(d), h.guard(j, d.outKey)); err != nil {
+		if objstore.IsChanged(err) && !errors.Is(err, objstore.ErrContended) {
 			return true, errSuperseded
 		}
-		return true, classifyWrite(fmt.Errorf("server-side copy: %w", err))
+		return true, classifyOutput(fmt.Errorf("server-side copy: %w", err))
 	}
 	return true, nil
 }
 
-// outputMeta is the metadata every output carries.
+// outputMeta is the metadata every output carries, with the version and
+// ETag of the upload it was made from where the job knows them.
 func outputMeta(j *job, d *disk) map[string]string {
-	return map[string]string{
+	meta := map[string]string{
 		MetaOutput: "true",
 		MetaJob:    j.JobID,
 		MetaSource: j.Bucket + "/" + j.Key,
 		MetaInput:  string(d.format),
 		MetaVSize:  strconv.FormatInt(d.virtualSize, 10),
 	}
+	if j.VersionID != "" {
+		meta[MetaSourceVersion] = j.VersionID
+	}
+	if j.ETag != "" {
+		meta[MetaSourceETag] = j.ETag
+	}
+	return meta
 }
 
 // outputTags are the tags every output carries once it is complete.

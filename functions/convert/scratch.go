@@ -1,6 +1,8 @@
 package convert
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -47,11 +49,13 @@ func newJobDir(scratch string) (dir string, release func(), err error) {
 	}, nil
 }
 
-// sweepScratch removes the job directories of processes that died.
-func sweepScratch(scratch string, now time.Time) (removed []string) {
+// sweepScratch removes the job directories of processes that died, and
+// returns their names and the output uploads those jobs started (see
+// noteUpload), which only their writer could otherwise have aborted.
+func sweepScratch(scratch string, now time.Time) (removed []string, uploads []notedUpload) {
 	entries, err := os.ReadDir(scratch)
 	if err != nil {
-		return nil
+		return nil, nil
 	}
 	for _, e := range entries {
 		if !e.IsDir() || !strings.HasPrefix(e.Name(), jobDirPrefix) {
@@ -59,13 +63,62 @@ func sweepScratch(scratch string, now time.Time) (removed []string) {
 		}
 		dir := filepath.Join(scratch, e.Name())
 		if abandoned(dir, now) {
+			noted := readUploadNotes(dir)
 			removeSocketDir(dir)
 			if os.RemoveAll(dir) == nil {
 				removed = append(removed, e.Name())
+				uploads = append(uploads, noted...)
 			}
 		}
 	}
-	return removed
+	return removed, uploads
+}
+
+// uploadsNote lists, in a job's scratch dir, the output uploads the job
+// started, a JSON object a line.
+const uploadsNote = "uploads"
+
+// notedUpload is one output upload a job started.
+type notedUpload struct {
+	Bucket   string `json:"bucket"`
+	Key      string `json:"key"`
+	UploadID string `json:"upload_id"`
+}
+
+// noteUpload records an upload the job in dir started, before any part of
+// it is sent: if the process dies mid-upload, the sweep that removes its
+// scratch aborts that upload, and no other writer's of the same key.
+func noteUpload(dir string, u notedUpload) error {
+	line, err := json.Marshal(u)
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, uploadsNote), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(append(line, '\n'))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func readUploadNotes(dir string) []notedUpload {
+	b, err := os.ReadFile(filepath.Join(dir, uploadsNote))
+	if err != nil {
+		return nil
+	}
+	var out []notedUpload
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		var u notedUpload
+		// A line cut short by the death of its writer is skipped: that
+		// upload was never told of, so nothing of it was sent either.
+		if json.Unmarshal(line, &u) == nil && u.UploadID != "" {
+			out = append(out, u)
+		}
+	}
+	return out
 }
 
 func abandoned(dir string, now time.Time) bool {

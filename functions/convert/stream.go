@@ -146,7 +146,7 @@ func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep ins
 	var obj objstore.Object
 	var upErr error
 	wg.Go(func() {
-		obj, upErr = h.store.UploadGrowing(sctx, h.cfg.OutputBucket, d.outKey, st, d.virtualSize, outputMeta(j, d), progress)
+		obj, upErr = h.store.UploadGrowing(sctx, h.cfg.OutputBucket, d.outKey, st, d.virtualSize, outputMeta(j, d), progress, h.guard(j, d.outKey))
 		// Only a failure of the upload's own: one that comes from the
 		// stream leaves qemu-img to finish, or to fail, by itself.
 		if upErr != nil && st.Err() == nil {
@@ -171,7 +171,7 @@ func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep ins
 		// The upload fails with the stream's own failure when qemu-img
 		// failed first; any other upload failure is why qemu-img stopped.
 		if upErr != nil && ctx.Err() == nil && !errors.Is(upErr, st.Err()) {
-			return classifyWrite(upErr)
+			return classifyOutput(upErr)
 		}
 		return err
 	}
@@ -192,7 +192,7 @@ func (h *Handler) convertStreaming(ctx context.Context, j *job, d *disk, rep ins
 	progress.start(h.newMeter(ctx, j, events.PhaseUpload, events.StateUploading, d.outSize))
 	wg.Wait()
 	if upErr != nil {
-		return classifyWrite(upErr)
+		return classifyOutput(upErr)
 	}
 	if hashErr != nil {
 		return failure.Retryable(events.PhaseUpload, hashErr, "")

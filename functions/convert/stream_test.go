@@ -310,7 +310,7 @@ func TestSweepRemovesTheSocketDirOfADeadJobAndNothingElse(t *testing.T) {
 			t.Fatalf("%s: %v", note, err)
 		}
 	}
-	if removed := sweepScratch(scratch, time.Now()); len(removed) != 2 {
+	if removed, _ := sweepScratch(scratch, time.Now()); len(removed) != 2 {
 		t.Fatalf("removed %v, want both dead job dirs", removed)
 	}
 	if _, err := os.Stat(sockets); !os.IsNotExist(err) {
@@ -371,5 +371,86 @@ func TestOutputWrittenOutOfOrderIsUploadedWholeOnceConverted(t *testing.T) {
 	}
 	if !contains(*calls, "tag images/disks/web.vhdx.raw") {
 		t.Fatalf("hash never tagged: %v", *calls)
+	}
+}
+
+// A newer version of the input is uploaded while the older one converts:
+// the older job's output write is vetoed just before it completes, and the
+// job ends quietly, as one superseded at download does, leaving nothing
+// tagged and nothing to publish.
+func TestStreamedOutputOfAnInputOverwrittenMeanwhileIsNeitherWrittenNorTagged(t *testing.T) {
+	body, _ := vhdxWithScatteredData(t)
+	store, calls := memStore("disks/web.vhdx", body, nil)
+	overwritten := false
+	inputStat := store.StatFn
+	store.StatFn = func(ctx context.Context, b, k string) (objstore.Object, error) {
+		obj, err := inputStat(ctx, b, k)
+		if overwritten {
+			obj.ETag = "e2"
+		}
+		return obj, err
+	}
+	store.GrowingFn = func(ctx context.Context, bucket, key string, src objstore.Growing, size int64, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		_, err := readGrowing(ctx, src, size)
+		overwritten = true // the newer version lands before the write completes
+		return objstore.Object{Bucket: bucket, Key: key, Size: size}, err
+	}
+	rep := &fakeReporter{}
+	h := newStreamingHandler(t, store, rep)
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j1", Bucket: "uploads", Key: "disks/web.vhdx", ETag: "e1"}, 1, 4)
+	if err != nil || len(out) != 0 {
+		t.Fatalf("Handle returned %d events and error %v; want a quiet end", len(out), err)
+	}
+	if _, err := store.Stat(context.Background(), "images", "disks/web.vhdx.raw"); err == nil {
+		t.Fatal("the output of the older version was written")
+	}
+	for _, c := range *calls {
+		if strings.HasPrefix(c, "tag ") {
+			t.Fatalf("a superseded output was tagged: %v", *calls)
+		}
+	}
+	for _, st := range rep.states {
+		if st.State == events.StateReady || st.State == events.StateFailed {
+			t.Fatalf("a superseded job recorded %s", st.State)
+		}
+	}
+}
+
+// Another job writes the same output key between this job's write and its
+// tag: the tag, which marks an output complete, must not go on the other
+// job's object.
+func TestOutputReplacedBeforeItIsTaggedIsLeftToItsWriter(t *testing.T) {
+	body, _ := vhdxWithScatteredData(t)
+	store, calls := memStore("disks/web.vhdx", body, nil)
+	const outKey = "images/disks/web.vhdx.raw"
+	written := false
+	inputStat := store.StatFn
+	store.StatFn = func(ctx context.Context, b, k string) (objstore.Object, error) {
+		store.mu.Lock()
+		if _, ok := store.written[outKey]; ok && !written {
+			// Once this job's output is in place, another job's replaces it.
+			written = true
+			store.written[outKey] = objstore.Object{Bucket: "images", Key: "disks/web.vhdx.raw", ETag: "other",
+				Metadata: map[string]string{MetaJob: "j-other"}}
+		}
+		store.mu.Unlock()
+		return inputStat(ctx, b, k)
+	}
+	store.GrowingFn = func(ctx context.Context, bucket, key string, src objstore.Growing, size int64, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		_, err := readGrowing(ctx, src, size)
+		return objstore.Object{Bucket: bucket, Key: key, Size: size}, err
+	}
+	h := newStreamingHandler(t, store, &fakeReporter{})
+	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j1", Bucket: "uploads", Key: "disks/web.vhdx", ETag: "e1"}, 1, 4)
+	if err != nil || len(out) != 0 {
+		t.Fatalf("Handle returned %d events and error %v; want a quiet end", len(out), err)
+	}
+	if !written {
+		t.Fatal("the output was never replaced: the test did not run as meant")
+	}
+	for _, c := range *calls {
+		if strings.HasPrefix(c, "tag ") {
+			t.Fatalf("another job's output was tagged: %v", *calls)
+		}
 	}
 }

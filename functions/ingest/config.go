@@ -1,6 +1,8 @@
 package ingest
 
 import (
+	"net/netip"
+	"net/url"
 	"strings"
 	"time"
 )
@@ -25,6 +27,25 @@ type Config struct {
 	// ReconcileEvery is how often one replica lists the input bucket for
 	// uploads whose notification was lost; 0 turns it off.
 	ReconcileEvery time.Duration `env:"IMAGEPIPE_RECONCILE_EVERY" envDefault:"10m"`
+
+	// URL import. The scheme, host and port lists hold every URL and
+	// redirect hop; the address rule holds every address dialled, and
+	// only a public one passes unless its network is allowed. In code, a
+	// zero value means the default, except ImportMaxRedirects (0 follows
+	// none).
+	ImportAllowedSchemes     []string       `env:"IMAGEPIPE_IMPORT_ALLOWED_SCHEMES" envSeparator:"," envDefault:"http,https"`
+	ImportDisallowedSchemes  []string       `env:"IMAGEPIPE_IMPORT_DISALLOWED_SCHEMES" envSeparator:","`
+	ImportAllowedHosts       []string       `env:"IMAGEPIPE_IMPORT_ALLOWED_HOSTS" envSeparator:","`
+	ImportDisallowedHosts    []string       `env:"IMAGEPIPE_IMPORT_DISALLOWED_HOSTS" envSeparator:","`
+	ImportAllowedPorts       []PortRange    `env:"IMAGEPIPE_IMPORT_ALLOWED_PORTS" envSeparator:"," envDefault:"80,443"`
+	ImportDisallowedPorts    []PortRange    `env:"IMAGEPIPE_IMPORT_DISALLOWED_PORTS" envSeparator:","`
+	ImportAllowedNetworks    []netip.Prefix `env:"IMAGEPIPE_IMPORT_ALLOWED_NETWORKS" envSeparator:","`
+	ImportDisallowedNetworks []netip.Prefix `env:"IMAGEPIPE_IMPORT_DISALLOWED_NETWORKS" envSeparator:","`
+	ImportProxy              *url.URL       `env:"IMAGEPIPE_IMPORT_PROXY"`
+	ImportMaxRedirects       int            `env:"IMAGEPIPE_IMPORT_MAX_REDIRECTS" envDefault:"5"`
+	ImportTimeout            time.Duration  `env:"IMAGEPIPE_IMPORT_TIMEOUT" envDefault:"6h"`
+	ImportIdleTimeout        time.Duration  `env:"IMAGEPIPE_IMPORT_IDLE_TIMEOUT" envDefault:"2m"`
+	ImportMaxConcurrent      int            `env:"IMAGEPIPE_IMPORT_MAX_CONCURRENT" envDefault:"4"`
 }
 
 // Defaults for a Config built in code rather than parsed from the

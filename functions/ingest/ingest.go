@@ -7,8 +7,6 @@ import (
 	"io"
 	"iter"
 	"log/slog"
-	"net/http"
-	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -25,9 +23,6 @@ const Source = "/imagepipe/ingest"
 // OutputMarker is the user metadata key every converted image carries, so
 // that ingest never feeds an output back in, whatever the bucket layout.
 const OutputMarker = "imagepipe-output"
-
-// ErrorPrefix holds failure reports in the input bucket; never inputs.
-const ErrorPrefix = "errors/"
 
 // StatusStore reads and records images' states.
 type StatusStore interface {
@@ -59,9 +54,6 @@ type Deps struct {
 	Status  StatusStore
 	Storage Storage
 	Publish Publisher
-	// HTTP fetches imports; nil uses a client with connection and header
-	// timeouts but none on the body, which may take hours.
-	HTTP *http.Client
 }
 
 // Handler is the ingest function: it turns notifications into jobs, and
@@ -73,15 +65,12 @@ type Handler struct {
 	now   func() time.Time
 	stats counters
 
-	imports sync.WaitGroup
+	imports *importer
 }
 
 // New returns a handler.
 func New(cfg Config, deps Deps, log *slog.Logger) *Handler {
-	if deps.HTTP == nil {
-		deps.HTTP = defaultHTTPClient()
-	}
-	return &Handler{cfg: cfg.normalized(), deps: deps, log: log, now: time.Now, stats: newCounters()}
+	return &Handler{cfg: cfg.normalized(), deps: deps, log: log, now: time.Now, stats: newCounters(), imports: newImporter(cfg)}
 }
 
 // Stats counts the outcome of every notification record since the handler

@@ -55,8 +55,12 @@ func (h *Handler) Reconvert(ctx context.Context, req events.ReconvertRequest) (s
 	// The rules that keep bad input out still hold; the ones that choose
 	// among good input (prefixes, extensions) yield to an explicit ask.
 	switch {
-	case strings.HasPrefix(obj.Key, ErrorPrefix):
+	case strings.HasPrefix(obj.Key, events.ErrorPrefix):
 		return "", requestErrorf("reconvert: %s/%s is an error report, not an image", obj.Bucket, obj.Key)
+	case h.underOutputPrefix(obj.Key):
+		return "", requestErrorf("reconvert: %s/%s is under IMAGEPIPE_OUTPUT_PREFIX %q, where outputs are written, not an upload", obj.Bucket, obj.Key, h.cfg.OutputPrefix)
+	case events.HasReservedSegment(obj.Key):
+		return "", requestErrorf("reconvert: %s/%s: %v", obj.Bucket, obj.Key, reservedKey().Err)
 	case isOutput(obj.Metadata):
 		return "", requestErrorf("reconvert: %s/%s is an imagepipe output, not an upload", obj.Bucket, obj.Key)
 	case obj.Size == 0:
@@ -64,7 +68,7 @@ func (h *Handler) Reconvert(ctx context.Context, req events.ReconvertRequest) (s
 	case obj.Size > h.cfg.MaxInputSize:
 		return "", requestErrorf("reconvert: %s/%s: %v", obj.Bucket, obj.Key, h.tooLarge(obj.Size).Err)
 	}
-	if err := unsafeKey(obj.Key); err != nil {
+	if err := h.unsafeKeyUnderPrefix(obj.Key); err != nil {
 		return "", requestErrorf("reconvert: %s/%s: %v", obj.Bucket, obj.Key, err)
 	}
 

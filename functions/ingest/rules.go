@@ -1,17 +1,15 @@
 package ingest
 
 import (
-	"errors"
 	"fmt"
 	"path"
 	"strings"
 	"sync/atomic"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/dustin/go-humanize"
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/inspect"
 )
 
 // Reasons name every outcome of a notification record or a listed object.
@@ -25,7 +23,8 @@ const (
 	ReasonOtherBucket     = "other-bucket"     // a bucket ingest does not watch
 	ReasonFolderMarker    = "folder-marker"    // key ends in "/"
 	ReasonEmpty           = "empty-object"     // zero bytes
-	ReasonErrorReport     = "error-report"     // under ErrorPrefix
+	ReasonErrorReport     = "error-report"     // under events.ErrorPrefix
+	ReasonOutputPrefix    = "output-prefix"    // under IMAGEPIPE_OUTPUT_PREFIX in a bucket that is also the output bucket
 	ReasonExcludedPrefix  = "excluded-prefix"  // under IMAGEPIPE_INGEST_EXCLUDE_PREFIXES
 	ReasonOutsidePrefixes = "outside-prefixes" // under none of IMAGEPIPE_INGEST_PREFIXES
 	ReasonExtension       = "extension"        // refused: not in IMAGEPIPE_INGEST_EXTENSIONS
@@ -33,12 +32,14 @@ const (
 	ReasonGone            = "gone"             // deleted before ingest could look at it
 	ReasonTooLarge        = "max-input-size"   // refused: larger than IMAGEPIPE_MAX_INPUT_SIZE
 	ReasonUnsafeKey       = "unsafe-key"       // refused: control characters, "..", too long
+	ReasonReservedKey     = "reserved-key"     // refused: a segment kept for outputs (events.OVADisksSegment)
 )
 
 var allReasons = []string{
 	ReasonQueued, ReasonMalformed, ReasonUnknownEvent, ReasonNotAnUpload, ReasonOtherBucket,
 	ReasonFolderMarker, ReasonEmpty, ReasonErrorReport, ReasonExcludedPrefix, ReasonOutsidePrefixes,
 	ReasonExtension, ReasonOutput, ReasonGone, ReasonTooLarge, ReasonUnsafeKey,
+	ReasonOutputPrefix, ReasonReservedKey,
 }
 
 // counters is a fixed map of reason to count: built once, then only its
@@ -121,8 +122,10 @@ func (h *Handler) keyVerdict(key string) verdict {
 	switch {
 	case strings.HasSuffix(key, "/"):
 		return verdict{skip: ReasonFolderMarker}
-	case strings.HasPrefix(key, ErrorPrefix):
+	case strings.HasPrefix(key, events.ErrorPrefix):
 		return verdict{skip: ReasonErrorReport}
+	case h.underOutputPrefix(key):
+		return verdict{skip: ReasonOutputPrefix}
 	case hasAnyPrefix(key, h.cfg.ExcludePrefixes):
 		return verdict{skip: ReasonExcludedPrefix}
 	case len(h.cfg.Prefixes) > 0 && !hasAnyPrefix(key, h.cfg.Prefixes):
@@ -135,11 +138,29 @@ func (h *Handler) keyVerdict(key string) verdict {
 			fmt.Errorf("%q does not name a disk image format imagepipe converts (accepted extensions: %s)", path.Base(key), strings.Join(h.cfg.Extensions, ", ")),
 			"upload a VHDX, VHD, VMDK, QCOW2, VDI, raw (.img, .raw) or OVA file, named with its format's extension")}
 	}
-	if err := unsafeKey(key); err != nil {
+	if err := h.unsafeKeyUnderPrefix(key); err != nil {
 		return verdict{refuse: failure.Refused(events.PhaseIntake, ReasonUnsafeKey, err,
 			"rename the object to a key of printable characters without \"..\" segments and upload it again")}
 	}
+	if events.HasReservedSegment(key) {
+		return verdict{refuse: reservedKey()}
+	}
 	return verdict{}
+}
+
+// reservedKey refuses a key that could be given an OVA disk's output key:
+// the collision-free naming rule (events.OVADiskKey) holds only because no
+// input has the segment OVA outputs are written under.
+func reservedKey() *failure.Error {
+	return failure.Refused(events.PhaseIntake, ReasonReservedKey,
+		fmt.Errorf("the key has a %q folder, a name imagepipe keeps for the disks it converts out of OVA appliances", events.OVADisksSegment),
+		"rename the folder and upload the image again")
+}
+
+// underOutputPrefix reports whether key is where convert writes outputs,
+// which can only be an input's key when both buckets are one.
+func (h *Handler) underOutputPrefix(key string) bool {
+	return h.cfg.InputBucket == h.cfg.OutputBucket && h.cfg.OutputPrefix != "" && strings.HasPrefix(key, h.cfg.OutputPrefix)
 }
 
 // sizeVerdict applies the size rules.
@@ -222,8 +243,18 @@ func (h *Handler) allowedExtension(key string) bool {
 // maxOutputSuffix is the longest suffix convert appends to a key.
 const maxOutputSuffix = len(".qcow2")
 
-// maxKeyLen is S3's limit on a key, in bytes.
-const maxKeyLen = 1024
+// unsafeKeyUnderPrefix is unsafeKey with this handler's output prefix,
+// which makes every output key longer.
+func (h *Handler) unsafeKeyUnderPrefix(key string) error {
+	if err := unsafeKey(key); err != nil {
+		return err
+	}
+	if out := len(events.OutputKey(h.cfg.OutputPrefix, key, "qcow2")); out > events.MaxKeyLen {
+		return fmt.Errorf("the key is %d bytes; its output key under IMAGEPIPE_OUTPUT_PREFIX %q would be %d bytes, over S3's %d-byte limit",
+			len(key), h.cfg.OutputPrefix, out, events.MaxKeyLen)
+	}
+	return nil
+}
 
 // unsafeKey says why a key cannot be taken in, or nil. S3 stores any
 // bytes, but the key travels on: into output keys, error report keys,
@@ -236,27 +267,15 @@ const maxKeyLen = 1024
 // Spaces, "+", other unicode and a leading "/" are fine: the job carries
 // the key exactly.
 func unsafeKey(key string) error {
-	if !utf8.ValidString(key) {
-		return errors.New("the key is not valid UTF-8")
+	// The characters allowed are those allowed in an OVA member's name,
+	// which becomes part of an output key too: one rule for both.
+	if err := inspect.CheckName("key", key); err != nil {
+		return err
 	}
-	for i, r := range key {
-		if unicode.IsControl(r) || isBidiControl(r) {
-			return fmt.Errorf("the key holds the control character %U at byte %d", r, i)
-		}
-	}
-	for _, seg := range strings.Split(key, "/") {
-		if seg == ".." {
-			return errors.New(`the key has a ".." segment, which would place its output outside its folder`)
-		}
-	}
-	if len(key)+maxOutputSuffix > maxKeyLen {
-		return fmt.Errorf("the key is %d bytes; its output key would exceed S3's %d-byte limit", len(key), maxKeyLen)
+	if len(key)+maxOutputSuffix > events.MaxKeyLen {
+		return fmt.Errorf("the key is %d bytes; its output key would exceed S3's %d-byte limit", len(key), events.MaxKeyLen)
 	}
 	return nil
-}
-
-func isBidiControl(r rune) bool {
-	return r >= 0x202A && r <= 0x202E || r >= 0x2066 && r <= 0x2069 || r == 0x200E || r == 0x200F
 }
 
 // isOutput reports whether user metadata carries OutputMarker. S3 and
@@ -269,4 +288,30 @@ func isOutput(meta map[string]string) bool {
 		}
 	}
 	return false
+}
+
+// OutputLayout checks where outputs are written against where uploads
+// arrive, and returns the output prefix in the form keys are compared with
+// (ending in "/"). It runs at start-up, so that a layout in which a
+// conversion could overwrite an upload, or ingest take an output in, never
+// runs at all.
+func OutputLayout(inputBucket, outputBucket, outputPrefix string) (string, error) {
+	prefix := outputPrefix
+	if prefix != "" && !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	if prefix != "" {
+		if err := unsafeKey(prefix); err != nil {
+			return "", fmt.Errorf("IMAGEPIPE_OUTPUT_PREFIX %q: %w; choose a prefix of printable characters such as converted/", outputPrefix, err)
+		}
+	}
+	if strings.HasPrefix(prefix, events.ErrorPrefix) || prefix != "" && strings.HasPrefix(events.ErrorPrefix, prefix) {
+		return "", fmt.Errorf("IMAGEPIPE_OUTPUT_PREFIX %q overlaps %s, where failure reports are written; choose another prefix, such as converted/", outputPrefix, events.ErrorPrefix)
+	}
+	if inputBucket == outputBucket && prefix == "" {
+		return "", fmt.Errorf("IMAGEPIPE_INPUT_BUCKET and IMAGEPIPE_OUTPUT_BUCKET are both %q and IMAGEPIPE_OUTPUT_PREFIX is empty: "+
+			"outputs would be written beside uploads, and converting a.vhdx would overwrite an upload named a.vhdx.raw; "+
+			"set IMAGEPIPE_OUTPUT_PREFIX (for example converted/), which ingest then never reads, or set IMAGEPIPE_OUTPUT_BUCKET to another bucket", inputBucket)
+	}
+	return prefix, nil
 }

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/imagepipe/imagepipe/internal/secrets"
 )
 
 // Routing classes, the values of IMAGEPIPE_NOTIFY_ON and the per-channel
@@ -60,6 +62,16 @@ type Config struct {
 
 	HTTPTimeout time.Duration `env:"IMAGEPIPE_NOTIFY_TIMEOUT" envDefault:"10s"`
 	StallAfter  time.Duration `env:"IMAGEPIPE_STALL_AFTER" envDefault:"60m"`
+}
+
+// CheckSecrets refuses the placeholder webhook secret and SMTP password
+// the example environment files show, so that notify never signs with,
+// or logs in with, a secret everyone knows.
+func (c Config) CheckSecrets() error {
+	if err := secrets.Check("IMAGEPIPE_WEBHOOK_SECRET", c.WebhookSecret); err != nil {
+		return err
+	}
+	return secrets.Check("IMAGEPIPE_SMTP_PASSWORD", c.SMTPPassword)
 }
 
 // routes is the set of routing classes one channel takes.

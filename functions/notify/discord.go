@@ -85,8 +85,8 @@ func (d *discordWebhook) Send(ctx context.Context, m Message) error {
 // otherwise reject the whole message with a 400.
 func discordContent(m Message) discordEmbed {
 	e := discordEmbed{
-		Title:       truncateRunes(m.Title, discordTitleMax),
-		Description: truncateRunes(m.Summary, discordDescriptionMax),
+		Title:       discordText(m.Title, discordTitleMax),
+		Description: discordText(m.Summary, discordDescriptionMax),
 		Color:       discordColor(m.Outcome),
 		Footer:      &discordFooter{Text: truncateRunes("imagepipe · event "+m.EventID, discordFooterMax)},
 	}
@@ -118,7 +118,7 @@ func discordFieldOf(f Fact, inline bool) discordField {
 	}
 	return discordField{
 		Name:   truncateRunes(name, discordFieldNameMax),
-		Value:  truncateRunes(value, discordFieldValueMax),
+		Value:  discordText(value, discordFieldValueMax),
 		Inline: inline,
 	}
 }
@@ -144,7 +144,7 @@ func fitDiscordTotal(e *discordEmbed) {
 	}
 	if d := utf8.RuneCountInString(e.Description); d > 1 {
 		keep := max(d-over, 1)
-		e.Description = truncateRunes(e.Description, keep)
+		e.Description = truncateEscaped(e.Description, keep)
 		over = discordEmbedChars(*e) - discordEmbedTotalMax
 	}
 	for over > 0 {
@@ -157,7 +157,7 @@ func fitDiscordTotal(e *discordEmbed) {
 		if longest < 0 {
 			break
 		}
-		e.Fields[longest].Value = truncateRunes(e.Fields[longest].Value, max(size-over, size/2, 1))
+		e.Fields[longest].Value = truncateEscaped(e.Fields[longest].Value, max(size-over, size/2, 1))
 		over = discordEmbedChars(*e) - discordEmbedTotalMax
 	}
 	for over > 0 && len(e.Fields) > 0 {
@@ -174,4 +174,37 @@ func discordColor(o Outcome) int {
 		return discordColorFailure
 	}
 	return discordColorWarning
+}
+
+// discordEscaper puts a backslash before every character Discord's
+// markdown gives a meaning to, so text derived from an object key or an
+// error message renders as the characters it holds: no masked link
+// ("[Re-download](https://...)"), no heading, list, quote, spoiler or code,
+// no custom emoji or timestamp ("<t:...>"). Escaping ":" also stops Discord
+// turning "https://..." into a link, since its link rule needs the "://"
+// unbroken; "@" keeps a mention from even looking like one (allowed_mentions
+// already stops it from pinging).
+var discordEscaper = strings.NewReplacer(
+	`\`, `\\`, "*", `\*`, "_", `\_`, "~", `\~`, "`", "\\`", "|", `\|`,
+	">", `\>`, "<", `\<`, "#", `\#`, "-", `\-`, "[", `\[`, "]", `\]`,
+	"(", `\(`, ")", `\)`, ":", `\:`, "@", `\@`,
+)
+
+// discordText escapes s for Discord's markdown and fits it in n characters.
+func discordText(s string, n int) string {
+	return truncateEscaped(discordEscaper.Replace(s), n)
+}
+
+// truncateEscaped fits escaped text in n characters without leaving a
+// backslash whose character was cut off, which would escape the ellipsis.
+func truncateEscaped(s string, n int) string {
+	t := truncateRunes(s, n)
+	if t == s {
+		return t
+	}
+	body := strings.TrimSuffix(t, "…")
+	if trailing := len(body) - len(strings.TrimRight(body, `\`)); trailing%2 == 1 {
+		body = body[:len(body)-1]
+	}
+	return body + "…"
 }

@@ -121,10 +121,11 @@ func TestDiscordPostsEmbedWithFacts(t *testing.T) {
 	for _, f := range e.Fields {
 		fields[f.Name] = f.Value
 	}
+	// Values are escaped for Discord's markdown; they render as written.
 	for k, v := range map[string]string{
 		"Image": "uploads/disks/evil.qcow2", "Phase": "inspect", "Input": "qcow2",
-		"Error": "the image names a backing file (/etc/shadow)", "Rule": "no-backing-file",
-		"Suggestion": "Flatten the image with qemu-img convert before uploading it.",
+		"Error": `the image names a backing file \(/etc/shadow\)`, "Rule": `no\-backing\-file`,
+		"Suggestion": `Flatten the image with qemu\-img convert before uploading it.`,
 	} {
 		if fields[k] != v {
 			t.Errorf("field %q = %q, want %q", k, fields[k], v)

@@ -117,7 +117,10 @@ func slackFailure(channel string, err error, rec *answerRecorder, r *redactor) e
 
 // slackContent lays a message out for Slack: the summary as the text Slack
 // shows in notifications, a header block, and an attachment whose colour bar
-// carries the outcome and whose blocks carry the facts.
+// carries the outcome and whose blocks carry the facts. Every mrkdwn object
+// is verbatim: Slack then turns no bare URL, #channel or @name in a key or
+// an error message into a link or a mention, and slackEscape leaves no way
+// to write one by hand.
 func slackContent(m Message) (string, []slack.Block, slack.Attachment) {
 	text := slackText(slackEmoji(m.Outcome)+" "+m.Summary, slackFallbackMax)
 	header := slack.NewHeaderBlock(slack.NewTextBlockObject(slack.PlainTextType, truncateRunes(m.Title, slackHeaderMax), true, false))
@@ -128,15 +131,15 @@ func slackContent(m Message) (string, []slack.Block, slack.Attachment) {
 			break
 		}
 		fields = append(fields, slack.NewTextBlockObject(slack.MarkdownType,
-			slackLabelled(f, slackFieldMax), false, false))
+			slackLabelled(f, slackFieldMax), false, true))
 	}
 	detail := []slack.Block{slack.NewSectionBlock(nil, fields, nil)}
 	for _, n := range m.Notes {
 		detail = append(detail, slack.NewSectionBlock(slack.NewTextBlockObject(slack.MarkdownType,
-			slackLabelled(n, slackSectionMax), false, false), nil, nil))
+			slackLabelled(n, slackSectionMax), false, true), nil, nil))
 	}
 	detail = append(detail, slack.NewContextBlock("", slack.NewTextBlockObject(slack.MarkdownType,
-		slackText("imagepipe · event "+m.EventID, slackContextMax), false, false)))
+		slackText("imagepipe · event "+m.EventID, slackContextMax), false, true)))
 
 	att := slack.Attachment{
 		Color:    slackColor(m.Outcome),

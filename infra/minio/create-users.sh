@@ -20,9 +20,26 @@ value() {
 	exit 1
 }
 
+# A value may be a compose variable, ${NAME:?why}: compose fills it in for
+# the functions, and here it names the variable of this script's
+# environment that holds the secret.
+resolve() {
+	case "$1" in
+	'${'*)
+		name=${1#??}
+		name=${name%%[!A-Za-z0-9_]*}
+		case "$name" in
+		'') echo "unreadable variable reference $1" >&2; exit 1 ;;
+		esac
+		eval "printf '%s' \"\${$name:?$name is not set}\""
+		;;
+	*) printf '%s' "$1" ;;
+	esac
+}
+
 for fn in setup ingest convert; do
 	access=$(value "$env_dir/$fn.env" IMAGEPIPE_S3_ACCESS_KEY)
-	secret=$(value "$env_dir/$fn.env" IMAGEPIPE_S3_SECRET_KEY)
+	secret=$(resolve "$(value "$env_dir/$fn.env" IMAGEPIPE_S3_SECRET_KEY)")
 	mc admin policy create imagepipe "imagepipe-$fn" "$iam_dir/$fn.json"
 	mc admin user add imagepipe "$access" "$secret"
 	case "$(mc admin user info imagepipe "$access")" in

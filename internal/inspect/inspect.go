@@ -53,9 +53,15 @@ func (r *Refusal) Error() string {
 	return "refused by rule " + r.Rule + ": " + r.Reason
 }
 
-// Limits bound what an image may claim. A zero field means no limit.
+// Limits bound what an image may claim. A zero MaxVirtualSize means no
+// limit; the OVA caps are never off, and zero means their defaults
+// (DefaultOVAMaxMembers, DefaultOVAMaxDisks).
 type Limits struct {
 	MaxVirtualSize int64
+	// MaxOVAMembers and MaxOVADisks bound the members and the disks of
+	// an OVA; one with more is refused whole.
+	MaxOVAMembers int
+	MaxOVADisks   int
 }
 
 // readBudget bounds how much of a file one inspection may read, whatever
@@ -217,7 +223,7 @@ func detect(s *source, head []byte, lim Limits) (Report, error) {
 			return Report{Format: VMDK}, refuse("vmdk-descriptor", sugSingleVMDK,
 				"the file is a VMDK text descriptor, which only points at other files holding the data")
 		case matchTar:
-			return inspectTar(s)
+			return inspectTar(s, lim)
 		}
 	}
 	// Only a footer-only format can hide behind a raw-looking start. Any

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"testing/iotest"
+
+	"github.com/imagepipe/imagepipe/internal/inspect/ovatest"
 )
 
 func TestInspectDetectsAcceptedFormats(t *testing.T) {
@@ -92,12 +94,13 @@ func TestInspectDetectsOVA(t *testing.T) {
 	requireQemu(t)
 	dir := t.TempDir()
 	disk := readFile(t, makeImage(t, dir, "disk.vmdk", "vmdk", "1M", "-o", "subformat=streamOptimized"))
+	d := ovatest.Member{Name: "app-disk1.vmdk", Body: disk}
 	path := writeFile(t, filepath.Join(dir, "app.ova"), makeTar(t,
-		tarMember{name: "app.ovf", body: []byte(ovfText)},
-		tarMember{name: "app.mf", body: []byte("SHA256(app-disk1.vmdk)= 00\n")},
-		tarMember{name: "app-disk1.vmdk", body: disk},
+		tarMember{name: "app.ovf", body: ovatest.OVF(d)},
+		tarMember{name: "app.mf", body: ovatest.Manifest([]ovatest.Member{d}, nil)},
+		tarMember{name: d.Name, body: disk},
 	))
-	rep, err := InspectFile(path, Limits{MaxVirtualSize: 1})
+	rep, err := InspectFile(path, Limits{MaxVirtualSize: 1 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -514,7 +517,7 @@ func TestInspectRefusesHostileVDIAndOVA(t *testing.T) {
 			return writeFile(t, filepath.Join(dir, "a.ova"), makeTar(t,
 				tarMember{name: "a.ovf", body: []byte(ovfText)},
 				tarMember{name: "../../etc/cron.d/x", body: []byte("x")}))
-		}, "ova-member", Limits{}},
+		}, "ova-member-name", Limits{}},
 		{"OVAWithSymlink", func(t *testing.T, dir string) string {
 			return writeFile(t, filepath.Join(dir, "a.ova"), makeTar(t,
 				tarMember{name: "a.ovf", body: []byte(ovfText)},

@@ -1,8 +1,11 @@
 package inspect
 
 import (
+	"fmt"
 	"path"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 )
 
 var extensionFormats = map[string]Format{
@@ -47,4 +50,30 @@ func extensionFor(f Format) string {
 		return "raw or .img"
 	}
 	return string(f)
+}
+
+// CheckName says why a name chosen by an uploader cannot be carried on, or
+// nil; noun ("key", "member name") starts the reason. Object keys and the
+// names of members inside an OVA both travel on into output keys, error
+// report keys, logs, chat messages and, through tools such as mc mirror or
+// s3fs, file names. A control character can forge a log line or a terminal
+// escape; a ".." segment is resolved by every tool that maps keys onto a
+// file system and would place an output outside its folder; bidirectional
+// controls make a name read as another. Spaces, "+" and other unicode are
+// fine: the name is carried exactly.
+func CheckName(noun, name string) error {
+	if !utf8.ValidString(name) {
+		return fmt.Errorf("the %s is not valid UTF-8", noun)
+	}
+	for i, r := range name {
+		if unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r) {
+			return fmt.Errorf("the %s holds the control character %U at byte %d", noun, r, i)
+		}
+	}
+	for _, seg := range strings.Split(name, "/") {
+		if seg == ".." {
+			return fmt.Errorf(`the %s has a ".." segment, which would place its output outside its folder`, noun)
+		}
+	}
+	return nil
 }

@@ -2,71 +2,566 @@ package inspect
 
 import (
 	"archive/tar"
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/hex"
+	"encoding/xml"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"path"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
+
+	"github.com/dustin/go-humanize"
 )
 
-// ovaMaxMembers bounds the walk over an archive's headers. An OVA holds a
+// An OVA is a tar archive chosen by the uploader, so every header in it is
+// an attacker's claim. The archive is judged whole, in one pass over its
+// headers, before any byte of it is extracted: archive/tar would otherwise
+// expand a sparse member to whatever size its header claims, follow a link
+// out of the directory it is unpacked into, or let a second member of the
+// same name replace the first after it was checked. Nothing is taken on
+// trust from a member that the descriptor does not declare.
+
+// The caps on an OVA when Limits leaves them zero. An appliance holds a
 // descriptor, a manifest, perhaps a certificate, and its disks.
-const ovaMaxMembers = 64
+const (
+	DefaultOVAMaxMembers = 64
+	DefaultOVAMaxDisks   = 16
+)
 
-const sugOVA = "export the appliance again as OVA (the .ovf descriptor first, then its disks), or upload the disk image itself"
+const (
+	// ovfMaxSize and manifestMaxSize bound what is read of the descriptor
+	// and the manifest: real ones are a few KiB.
+	ovfMaxSize      = 1 << 20
+	manifestMaxSize = 1 << 20
+	// memberNameMax is the longest member name accepted, a file name's
+	// limit on every common file system.
+	memberNameMax = 255
+)
 
-// inspectTar walks the member headers of a tar, seeking over their
-// contents, and accepts it as an OVA when it holds an OVF descriptor and
-// nothing that could escape the directory it is unpacked into. The disks
-// inside are inspected on their own after extraction.
-func inspectTar(s *source) (Report, error) {
+const (
+	sugOVA         = "export the appliance again as OVA (the .ovf descriptor first, then its disks), or upload the disk image itself"
+	sugOVAManifest = "export the appliance again; a file in the OVA does not match its manifest (.mf), so it was damaged or altered"
+	sugOVATar      = "export the appliance again with the hypervisor's OVA export (or `tar --format=ustar -cf app.ova app.ovf app.mf app-disk1.vmdk`); an OVA holds only plain files, each once, each declared in the .ovf"
+)
+
+// OVAArchive is an archive that passed the first pass: every member a plain
+// file, named safely and only once, declared by the descriptor, and the
+// manifest well formed. Its digests are checked by CheckManifest, which
+// reads the members' bytes.
+type OVAArchive struct {
+	// Members are every file in the archive, in archive order.
+	Members []OVAMember
+	// Disks are the members to convert, in archive order: those the
+	// descriptor's DiskSection refers to, and any declared file whose name
+	// says it is a disk image.
+	Disks []OVAMember
+	// Descriptor and Manifest name the .ovf and the .mf ("" when none).
+	Descriptor, Manifest string
+	digests              []ovaDigest
+}
+
+// OVAMember is one file in an OVA. Name has passed the name rules: no
+// "/", "\", ".." or control characters, so it is safe in an object key.
+type OVAMember struct {
+	Name   string
+	Offset int64 // of the member's contents in the archive
+	Size   int64
+}
+
+type ovaDigest struct {
+	member    OVAMember
+	algo, sum string // "SHA256", lower-case hex
+}
+
+// ReadOVA makes the first pass over the OVA r of the given size, reading
+// headers, the descriptor and the manifest and nothing else, and applies
+// every rule an archive must pass. Inspect makes the same pass, so that an
+// archive it accepts is one convert accepts. It returns a *Refusal naming
+// the rule that refused the archive, or another error for read failures.
+func ReadOVA(r io.ReaderAt, size int64, lim Limits) (*OVAArchive, error) {
+	return readOVA(&source{r: r, size: size}, lim)
+}
+
+// inspectTar accepts a tar as an OVA when ReadOVA does.
+func inspectTar(s *source, lim Limits) (Report, error) {
 	rep := Report{Format: OVA}
+	a, err := readOVA(s, lim)
+	if err != nil {
+		return rep, err
+	}
+	names := make([]string, len(a.Members))
+	for i, m := range a.Members {
+		names[i] = m.Name
+	}
+	disks := make([]string, len(a.Disks))
+	for i, m := range a.Disks {
+		disks[i] = m.Name
+	}
+	rep.Details = append(rep.Details, "ova members: "+memberList(names), "ova disks: "+memberList(disks))
+	if a.Manifest != "" {
+		rep.Details = append(rep.Details, fmt.Sprintf("ova manifest: %d digests", len(a.digests)))
+	}
+	return rep, nil
+}
+
+func readOVA(s *source, lim Limits) (*OVAArchive, error) {
+	a := &OVAArchive{}
+	members, err := walkTar(s, lim.ovaMaxMembers())
+	if err != nil {
+		return nil, err
+	}
+	a.Members = members
+	if err := a.findMetadata(); err != nil {
+		return nil, err
+	}
+	desc, err := a.readMember(s, a.Descriptor, ovfMaxSize, "ova-descriptor", "descriptor")
+	if err != nil {
+		return nil, err
+	}
+	env, err := parseOVF(desc)
+	if err != nil {
+		return nil, err
+	}
+	if err := a.checkDeclared(env); err != nil {
+		return nil, err
+	}
+	if err := a.pickDisks(env, lim); err != nil {
+		return nil, err
+	}
+	if a.Manifest != "" {
+		mf, err := a.readMember(s, a.Manifest, manifestMaxSize, "ova-manifest", "manifest")
+		if err != nil {
+			return nil, err
+		}
+		if a.digests, err = a.parseManifest(mf); err != nil {
+			return nil, err
+		}
+	}
+	return a, nil
+}
+
+func (lim Limits) ovaMaxMembers() int {
+	if lim.MaxOVAMembers > 0 {
+		return lim.MaxOVAMembers
+	}
+	return DefaultOVAMaxMembers
+}
+
+func (lim Limits) ovaMaxDisks() int {
+	if lim.MaxOVADisks > 0 {
+		return lim.MaxOVADisks
+	}
+	return DefaultOVAMaxDisks
+}
+
+// walkTar reads every header of the archive, seeking over contents, and
+// refuses the whole archive on the first member that breaks a rule or once
+// it holds more than maxMembers. It never stops early and accepts: a rule
+// that looked at only the first members would let the rest through.
+func walkTar(s *source, maxMembers int) ([]OVAMember, error) {
 	src := &tarSource{s: s}
 	tr := tar.NewReader(src)
-	var names []string
-	ovf := false
-	for range ovaMaxMembers {
+	var members []OVAMember
+	seen := map[string]bool{}
+	for n := 1; ; n++ {
 		h, err := tr.Next()
 		if err == io.EOF {
-			break
+			return members, nil
 		}
 		if err != nil {
-			var ref *Refusal
-			switch {
-			case errors.As(err, &ref):
-				return rep, ref
-			case src.err != nil:
-				return rep, src.err
-			case errors.Is(err, io.ErrUnexpectedEOF):
-				return rep, truncated(OVA, "last member")
-			default:
-				return rep, refuse("ova-member", sugOVA, "the archive is not a valid tar: %v", err)
+			return nil, tarError(src, err)
+		}
+		if n > maxMembers {
+			return nil, refuse("ova-members", "split the appliance, or ask an operator to raise IMAGEPIPE_OVA_MAX_MEMBERS",
+				"the archive holds more than %d members, the limit set by IMAGEPIPE_OVA_MAX_MEMBERS", maxMembers)
+		}
+		keep, err := checkHeader(h)
+		if err != nil {
+			return nil, err
+		}
+		if !keep {
+			continue
+		}
+		if seen[h.Name] {
+			return nil, refuse("ova-duplicate-member", sugOVATar,
+				"the archive holds two members named %s; unpacking it keeps only the last, which is not the one a check of the first would see", printable([]byte(h.Name)))
+		}
+		seen[h.Name] = true
+		m := OVAMember{Name: h.Name, Offset: src.off, Size: h.Size}
+		if m.Size < 0 || m.Size > s.size-m.Offset {
+			return nil, truncated(OVA, "member "+printable([]byte(h.Name)))
+		}
+		members = append(members, m)
+	}
+}
+
+// tarError turns archive/tar's failure into a refusal, or passes a read
+// failure of the file itself on.
+func tarError(src *tarSource, err error) error {
+	var ref *Refusal
+	switch {
+	case errors.As(err, &ref):
+		return ref
+	case src.err != nil:
+		return src.err
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return truncated(OVA, "last member")
+	}
+	return refuse("ova-member", sugOVATar, "the archive is not a valid tar: %v", err)
+}
+
+// checkHeader applies the rules of one member's header. keep is false for
+// headers that hold no file: a PAX global header, an empty directory.
+func checkHeader(h *tar.Header) (keep bool, err error) {
+	name := printable([]byte(h.Name))
+	if h.Typeflag == tar.TypeGNUSparse || hasSparseRecords(h.PAXRecords) {
+		// A sparse member's header states the size it expands to, which
+		// need bear no relation to the bytes in the archive: 10 KiB can
+		// claim a petabyte. No exporter writes OVA disks this way.
+		return false, refuse("ova-sparse", sugOVATar,
+			"the archive member %s is a sparse file claiming %s, which an OVA never holds", name, humanize.IBytes(uint64(max(h.Size, 0))))
+	}
+	switch h.Typeflag {
+	case tar.TypeReg:
+	case tar.TypeXGlobalHeader:
+		return false, nil
+	case tar.TypeDir:
+		if h.Size != 0 {
+			return false, refuse("ova-member", sugOVATar, "the archive member %s is a directory with contents", name)
+		}
+		dir := strings.TrimSuffix(h.Name, "/")
+		if dir == "." {
+			return false, nil
+		}
+		return false, checkMemberName(dir)
+	case tar.TypeLink, tar.TypeSymlink:
+		return false, refuse("ova-member", sugOVATar,
+			"the archive member %s is a link to %s, which an OVA never holds", name, printable([]byte(h.Linkname)))
+	default:
+		return false, refuse("ova-member", sugOVATar,
+			"the archive member %s is a %s, which an OVA never holds", name, typeName(h.Typeflag))
+	}
+	return true, checkMemberName(h.Name)
+}
+
+func hasSparseRecords(recs map[string]string) bool {
+	for k := range recs {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return false
+}
+
+func typeName(t byte) string {
+	switch t {
+	case tar.TypeChar:
+		return "character device"
+	case tar.TypeBlock:
+		return "block device"
+	case tar.TypeFifo:
+		return "named pipe"
+	case tar.TypeCont:
+		return "contiguous file"
+	}
+	return "member of tar type " + strconv.Quote(string(rune(t)))
+}
+
+// checkMemberName applies the key-safety rules to a member's name, which
+// becomes part of an output key, and refuses any path: an OVA's files sit
+// side by side, and a name with a separator could only be meant to reach
+// somewhere else.
+func checkMemberName(name string) error {
+	q := printable([]byte(name))
+	switch {
+	case name == "" || name == "." || name == "..":
+		return refuse("ova-member-name", sugOVATar, "the archive has a member named %s", q)
+	case strings.ContainsAny(name, `/\`):
+		return refuse("ova-member-name", sugOVATar,
+			"the archive member name %s is a path; an OVA's files are side by side, never in folders", q)
+	case len(name) > memberNameMax:
+		return refuse("ova-member-name", sugOVATar,
+			"the archive member name %s is %d bytes, more than the %d a file name may have", q, len(name), memberNameMax)
+	}
+	if err := CheckName("member name", name); err != nil {
+		return refuse("ova-member-name", sugOVATar, "archive member %s: %v", q, err)
+	}
+	return nil
+}
+
+// findMetadata finds the descriptor, the manifest and the certificate: one
+// of each at most, and a descriptor always.
+func (a *OVAArchive) findMetadata() error {
+	var ovf, mf, cert []string
+	for _, m := range a.Members {
+		switch strings.ToLower(path.Ext(m.Name)) {
+		case ".ovf":
+			ovf = append(ovf, m.Name)
+		case ".mf":
+			mf = append(mf, m.Name)
+		case ".cert":
+			cert = append(cert, m.Name)
+		}
+	}
+	names := make([]string, len(a.Members))
+	for i, m := range a.Members {
+		names[i] = m.Name
+	}
+	switch {
+	case len(ovf) == 0:
+		return refuse("ova-descriptor", sugOVA,
+			"the tar archive holds no .ovf descriptor, so it is not an OVA (members: %s)", memberList(names))
+	case len(ovf) > 1:
+		return refuse("ova-descriptor", sugOVA, "the archive holds %d .ovf descriptors (%s); an OVA has one", len(ovf), memberList(ovf))
+	case len(mf) > 1:
+		return refuse("ova-manifest", sugOVA, "the archive holds %d manifests (%s); an OVA has one", len(mf), memberList(mf))
+	case len(cert) > 1:
+		return refuse("ova-member", sugOVA, "the archive holds %d certificates (%s); an OVA has one", len(cert), memberList(cert))
+	}
+	a.Descriptor = ovf[0]
+	if len(mf) == 1 {
+		a.Manifest = mf[0]
+	}
+	return nil
+}
+
+func (a *OVAArchive) member(name string) (OVAMember, bool) {
+	i := slices.IndexFunc(a.Members, func(m OVAMember) bool { return m.Name == name })
+	if i < 0 {
+		return OVAMember{}, false
+	}
+	return a.Members[i], true
+}
+
+// readMember reads a small member whole, refusing one over max bytes by
+// rule.
+func (a *OVAArchive) readMember(s *source, name string, max int64, rule, what string) ([]byte, error) {
+	m, _ := a.member(name)
+	if m.Size > max {
+		return nil, refuse(rule, sugOVA, "the OVA's %s %s is %s, more than the %s a real one needs",
+			what, printable([]byte(name)), humanize.IBytes(uint64(m.Size)), humanize.IBytes(uint64(max)))
+	}
+	return s.try(m.Offset, int(m.Size))
+}
+
+// ovfEnvelope is the part of an OVF descriptor that says which files the
+// appliance is made of. Tags carry no namespace: OVF 1.x and 2.x differ
+// only in it.
+type ovfEnvelope struct {
+	XMLName xml.Name
+	Files   []ovfFile `xml:"References>File"`
+	Disks   []ovfDisk `xml:"DiskSection>Disk"`
+}
+
+type ovfFile struct {
+	ID          string `xml:"id,attr"`
+	Href        string `xml:"href,attr"`
+	Size        string `xml:"size,attr"`
+	Compression string `xml:"compression,attr"`
+	ChunkSize   string `xml:"chunkSize,attr"`
+}
+
+type ovfDisk struct {
+	FileRef string `xml:"fileRef,attr"`
+}
+
+func parseOVF(b []byte) (*ovfEnvelope, error) {
+	var env ovfEnvelope
+	d := xml.NewDecoder(bytes.NewReader(b))
+	// A descriptor in another encoding is still read as far as its markup
+	// is ASCII; names outside ASCII then fail the membership check.
+	d.CharsetReader = func(_ string, r io.Reader) (io.Reader, error) { return r, nil }
+	if err := d.Decode(&env); err != nil {
+		return nil, refuse("ova-descriptor", sugOVA, "the OVA's .ovf descriptor is not valid XML: %v", err)
+	}
+	if env.XMLName.Local != "Envelope" {
+		return nil, refuse("ova-descriptor", sugOVA, "the OVA's .ovf descriptor is a <%s>, not an OVF <Envelope>", printable([]byte(env.XMLName.Local)))
+	}
+	return &env, nil
+}
+
+// checkDeclared holds the archive to its descriptor: each file the
+// descriptor references is in the archive, no bigger than declared, and
+// each member is either a referenced file or the descriptor's own manifest
+// or certificate.
+func (a *OVAArchive) checkDeclared(env *ovfEnvelope) error {
+	declared := map[string]bool{}
+	for _, f := range env.Files {
+		href := printable([]byte(f.Href))
+		if f.ChunkSize != "" {
+			return refuse("ova-descriptor", sugOVA, "the descriptor splits %s into chunks, which is not accepted", href)
+		}
+		if f.Compression != "" && f.Compression != "identity" {
+			return refuse("ova-descriptor", sugOVA, "the descriptor says %s is %s-compressed, which is not accepted", href, printable([]byte(f.Compression)))
+		}
+		m, ok := a.member(f.Href)
+		if !ok {
+			return refuse("ova-descriptor", sugOVA,
+				"the descriptor references %s, which is not in the archive; an OVA holds every file of its appliance", href)
+		}
+		if declared[f.Href] {
+			return refuse("ova-descriptor", sugOVA, "the descriptor references %s twice", href)
+		}
+		declared[f.Href] = true
+		if f.Size == "" {
+			continue
+		}
+		size, err := strconv.ParseInt(f.Size, 10, 64)
+		if err != nil || size < 0 {
+			return refuse("ova-descriptor", sugOVA, "the descriptor gives %s the size %s, which is not a number of bytes", href, printable([]byte(f.Size)))
+		}
+		// A member shorter than declared is left to the inspection of the
+		// disk itself (real exporters write estimates there); one longer
+		// holds bytes the appliance does not account for.
+		if m.Size > size {
+			return refuse("ova-member-size", sugOVA,
+				"the archive member %s is %d bytes, more than the %d its descriptor declares", href, m.Size, size)
+		}
+	}
+	for _, m := range a.Members {
+		if declared[m.Name] || m.Name == a.Descriptor || m.Name == a.Manifest ||
+			strings.EqualFold(path.Ext(m.Name), ".cert") {
+			continue
+		}
+		return refuse("ova-undeclared-member", sugOVATar,
+			"the archive member %s is not declared in the descriptor's <References>, so nothing says what it is", printable([]byte(m.Name)))
+	}
+	return nil
+}
+
+// pickDisks chooses the members to convert and applies the caps on them.
+func (a *OVAArchive) pickDisks(env *ovfEnvelope, lim Limits) error {
+	diskFile := map[string]bool{}
+	for _, d := range env.Disks {
+		for _, f := range env.Files {
+			if f.ID != "" && f.ID == d.FileRef {
+				diskFile[f.Href] = true
 			}
 		}
-		name := h.Name
-		switch h.Typeflag {
-		case tar.TypeReg, tar.TypeGNUSparse, tar.TypeDir:
-		case tar.TypeXGlobalHeader:
+	}
+	for _, f := range env.Files {
+		_, named := FormatFromKey(f.Href)
+		if named || slices.Contains([]string{".img", ".raw"}, strings.ToLower(path.Ext(f.Href))) {
+			diskFile[f.Href] = true
+		}
+	}
+	for _, m := range a.Members {
+		if !diskFile[m.Name] {
 			continue
-		default:
-			return rep, refuse("ova-member", sugOVA,
-				"the archive member %s is a link or special file, which an OVA never holds", printable([]byte(name)))
 		}
-		if path.IsAbs(name) || strings.Contains(name, `\`) || strings.Contains("/"+name+"/", "/../") {
-			return rep, refuse("ova-member", sugOVA,
-				"the archive member name %s points outside the archive", printable([]byte(name)))
+		if format, _ := FormatFromKey(m.Name); format == OVA {
+			return refuse("ova-member", sugOVA, "the OVA holds another OVA, %s; upload the appliances one by one", printable([]byte(m.Name)))
 		}
-		if strings.HasSuffix(strings.ToLower(name), ".ovf") {
-			ovf = true
+		if lim.MaxVirtualSize > 0 && m.Size > lim.MaxVirtualSize {
+			return refuse("ova-size", fmt.Sprintf("shrink the disk inside the guest and re-export it, or ask an operator to raise the limit of %s", humanize.IBytes(uint64(lim.MaxVirtualSize))),
+				"the OVA's disk %s is %s, above the limit of %s set by IMAGEPIPE_MAX_VIRTUAL_SIZE",
+				printable([]byte(m.Name)), humanize.IBytes(uint64(m.Size)), humanize.IBytes(uint64(lim.MaxVirtualSize)))
 		}
-		names = append(names, name)
+		a.Disks = append(a.Disks, m)
 	}
-	if !ovf {
-		return rep, refuse("ova-descriptor", sugOVA,
-			"the tar archive holds no .ovf descriptor, so it is not an OVA (members: %s)", memberList(names))
+	if len(a.Disks) == 0 {
+		return refuse("ova-no-disk", sugOVA, "the OVA holds no disk image")
 	}
-	rep.Details = append(rep.Details, "ova members: "+memberList(names))
-	return rep, nil
+	if max := lim.ovaMaxDisks(); len(a.Disks) > max {
+		return refuse("ova-disks", "split the appliance, or ask an operator to raise IMAGEPIPE_OVA_MAX_DISKS",
+			"the OVA holds %d disks, more than the %d set by IMAGEPIPE_OVA_MAX_DISKS", len(a.Disks), max)
+	}
+	return nil
+}
+
+// manifestLine is one OVF manifest entry: SHA256(disk1.vmdk)= 0123…
+var manifestLine = regexp.MustCompile(`^(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)$`)
+
+var digestLen = map[string]int{"SHA1": 40, "SHA256": 64, "SHA512": 128}
+
+// parseManifest reads the manifest's entries; each names a member of the
+// archive, once, with a digest of the right length.
+func (a *OVAArchive) parseManifest(b []byte) ([]ovaDigest, error) {
+	var out []ovaDigest
+	listed := map[string]bool{}
+	text := strings.TrimPrefix(string(b), "\ufeff")
+	for line := range strings.SplitSeq(text, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" {
+			continue
+		}
+		m := manifestLine.FindStringSubmatch(line)
+		if m == nil {
+			return nil, refuse("ova-manifest", sugOVAManifest, "the OVA manifest has a line it cannot read: %s", printable([]byte(line)))
+		}
+		algo, name, sum := m[1], m[2], strings.ToLower(m[3])
+		if len(sum) != digestLen[algo] {
+			return nil, refuse("ova-manifest", sugOVAManifest, "the OVA manifest gives %s a %s digest of %d hex digits, not %d",
+				printable([]byte(name)), algo, len(sum), digestLen[algo])
+		}
+		member, ok := a.member(name)
+		if !ok || name == a.Manifest {
+			return nil, refuse("ova-manifest", sugOVAManifest, "the OVA manifest lists %s, which is not a file it can vouch for in the archive", printable([]byte(name)))
+		}
+		if listed[name] {
+			return nil, refuse("ova-manifest", sugOVAManifest, "the OVA manifest lists %s twice", printable([]byte(name)))
+		}
+		listed[name] = true
+		out = append(out, ovaDigest{member: member, algo: algo, sum: sum})
+	}
+	slices.SortFunc(out, func(x, y ovaDigest) int { return cmp.Compare(x.member.Offset, y.member.Offset) })
+	return out, nil
+}
+
+// CheckManifest reads every member the manifest lists, in archive order,
+// and refuses the archive when one differs from its digest. It reads bytes
+// and writes nothing, so it costs one read of the archive and no scratch
+// space, and a tampered archive is refused before any of it is extracted.
+// It stops when ctx is done.
+func (a *OVAArchive) CheckManifest(ctx context.Context, r io.ReaderAt) error {
+	buf := make([]byte, 1<<20)
+	for _, d := range a.digests {
+		h := newDigest(d.algo)
+		if err := hashSection(ctx, h, io.NewSectionReader(r, d.member.Offset, d.member.Size), buf); err != nil {
+			return fmt.Errorf("hash %s in the OVA: %w", d.member.Name, err)
+		}
+		if got := hex.EncodeToString(h.Sum(nil)); got != d.sum {
+			return refuse("ova-manifest", sugOVAManifest, "%s of %s is %s, the OVA manifest says %s",
+				d.algo, printable([]byte(d.member.Name)), got, d.sum)
+		}
+	}
+	return nil
+}
+
+func newDigest(algo string) hash.Hash {
+	switch algo {
+	case "SHA1":
+		return sha1.New()
+	case "SHA512":
+		return sha512.New()
+	}
+	return sha256.New()
+}
+
+func hashSection(ctx context.Context, h hash.Hash, r io.Reader, buf []byte) error {
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n, err := r.Read(buf)
+		h.Write(buf[:n])
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
 }
 
 func memberList(names []string) string {

@@ -2,17 +2,64 @@ package natsrt
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/imagepipe/imagepipe/internal/secrets"
 )
 
 // Config is how to reach NATS.
 type Config struct {
 	URL   string `env:"IMAGEPIPE_NATS_URL" envDefault:"nats://127.0.0.1:4222"`
 	Creds string `env:"IMAGEPIPE_NATS_CREDS"`
+	// CA is a PEM file of the CAs that sign the servers' certificates,
+	// for servers whose certificate the system roots do not vouch for.
+	// Setting it turns TLS on, as a tls:// URL does.
+	CA string `env:"IMAGEPIPE_NATS_CA"`
+	// Cert and Key are a client certificate and its key (PEM), for
+	// servers that verify clients (tls { verify: true }).
+	Cert string `env:"IMAGEPIPE_NATS_CERT"`
+	Key  string `env:"IMAGEPIPE_NATS_KEY"`
+}
+
+// options are the settings' connect options: credentials and TLS. A
+// placeholder password from the examples is refused here, before any
+// connection is tried, so a copied example never reaches a server.
+func (cfg Config) options() ([]nats.Option, error) {
+	if err := secrets.CheckURLs("IMAGEPIPE_NATS_URL", cfg.URL); err != nil {
+		return nil, err
+	}
+	// A missing file is a setting to fix, not an outage to wait out.
+	for _, f := range []struct{ name, path string }{
+		{"IMAGEPIPE_NATS_CREDS", cfg.Creds}, {"IMAGEPIPE_NATS_CA", cfg.CA},
+		{"IMAGEPIPE_NATS_CERT", cfg.Cert}, {"IMAGEPIPE_NATS_KEY", cfg.Key},
+	} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			return nil, fmt.Errorf("nats: %s: %w", f.name, err)
+		}
+	}
+	var opts []nats.Option
+	if cfg.Creds != "" {
+		opts = append(opts, nats.UserCredentials(cfg.Creds))
+	}
+	if cfg.CA != "" {
+		opts = append(opts, nats.RootCAs(cfg.CA))
+	}
+	if (cfg.Cert == "") != (cfg.Key == "") {
+		return nil, errors.New("nats: IMAGEPIPE_NATS_CERT and IMAGEPIPE_NATS_KEY go together: set both for a client certificate, or neither")
+	}
+	if cfg.Cert != "" {
+		opts = append(opts, nats.ClientCert(cfg.Cert, cfg.Key))
+	}
+	return opts, nil
 }
 
 // InboxPrefix is where the replies to a connection of the given role
@@ -25,6 +72,10 @@ func InboxPrefix(role string) string { return "_INBOX_" + role }
 // and keeps reconnecting for as long as the process lives: a NATS outage
 // pauses work, it never ends the process.
 func Connect(ctx context.Context, cfg Config, role string, log *slog.Logger) (*nats.Conn, error) {
+	own, err := cfg.options()
+	if err != nil {
+		return nil, err
+	}
 	opts := []nats.Option{
 		nats.Name("imagepipe-" + role),
 		nats.CustomInboxPrefix(InboxPrefix(role)),
@@ -38,9 +89,7 @@ func Connect(ctx context.Context, cfg Config, role string, log *slog.Logger) (*n
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "server", nc.ConnectedUrlRedacted()) }),
 	}
-	if cfg.Creds != "" {
-		opts = append(opts, nats.UserCredentials(cfg.Creds))
-	}
+	opts = append(opts, own...)
 	deadline, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	var lastErr error

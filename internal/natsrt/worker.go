@@ -143,12 +143,17 @@ func (w *Worker) Run(ctx, jobCtx context.Context) error {
 	ctx, jobCtx = w.begin(ctx, jobCtx)
 	defer w.end()
 	cons, err := w.js.Consumer(ctx, w.binding.Stream, w.binding.Durable)
-	if err != nil {
+	if err != nil && ctx.Err() == nil {
 		return fmt.Errorf("bind consumer %s: %w", w.binding.Durable, err)
 	}
+	// A drain that came while the consumer was still being bound ends the
+	// fetching before it starts; the work added with Also is waited for
+	// all the same.
 	var wg sync.WaitGroup
-	for range w.binding.Concurrency {
-		wg.Go(func() { w.loop(ctx, jobCtx, cons) })
+	if err == nil {
+		for range w.binding.Concurrency {
+			wg.Go(func() { w.loop(ctx, jobCtx, cons) })
+		}
 	}
 	wg.Wait()
 	for _, f := range w.also {

@@ -28,11 +28,21 @@ const maxParts = 10000
 // before: a request must not sit on a half-sent body while the writer is
 // slow. The last part waits for the writer to finish, so the object
 // appears only when src is complete, and never if src fails. progress, if
-// set, is fed the bytes as they are sent.
-func (s *Store) UploadGrowing(ctx context.Context, bucket, key string, src Growing, size int64, meta map[string]string, progress io.Reader) (obj Object, err error) {
-	if err := s.removeIncomplete(ctx, bucket, key); err != nil {
+// set, is fed the bytes as they are sent. guard decides at the end
+// whether the object may still be written and learns its upload id (see
+// commit.go).
+func (s *Store) UploadGrowing(ctx context.Context, bucket, key string, src Growing, size int64, meta map[string]string, progress io.Reader, guard Guard) (Object, error) {
+	obj, err := s.uploadParts(ctx, bucket, key, src, size, meta, progress, guard)
+	if err != nil {
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
+	return obj, nil
+}
+
+// uploadParts sends src as the parts of an upload of its own, several at
+// a time, each once Wait says its bytes are final, and commits the upload.
+// Any failure aborts this upload, and only this one.
+func (s *Store) uploadParts(ctx context.Context, bucket, key string, src Growing, size int64, meta map[string]string, progress io.Reader, guard Guard) (obj Object, err error) {
 	core := minio.Core{Client: s.client}
 	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", UserMetadata: map[string]string{}}
 	for k, v := range meta {
@@ -43,17 +53,18 @@ func (s *Store) UploadGrowing(ctx context.Context, bucket, key string, src Growi
 	opts.UserMetadata["X-Amz-Checksum-Algorithm"] = minio.ChecksumCRC32C.String()
 	uploadID, err := core.NewMultipartUpload(ctx, bucket, key, opts)
 	if err != nil {
-		return Object{}, fmt.Errorf("upload %s/%s: start: %w", bucket, key, err)
+		return Object{}, fmt.Errorf("start: %w", err)
 	}
+	guard.started(uploadID)
 	defer func() {
 		if err != nil {
-			s.abandon(ctx, bucket, key)
+			s.abort(ctx, core, bucket, key, uploadID)
 		}
 	}()
 
 	ps := growingPartSize(size, s.growingPart)
 	count := max(int((size+ps-1)/ps), 1)
-	ctx, cancel := context.WithCancel(ctx)
+	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	parts := make([]minio.ObjectPart, count)
 	next := make(chan int)
@@ -63,7 +74,7 @@ func (s *Store) UploadGrowing(ctx context.Context, bucket, key string, src Growi
 		wg.Go(func() {
 			for n := range next {
 				off := int64(n) * ps
-				part, err := s.uploadFinalPart(ctx, core, bucket, key, uploadID, n+1, src, off, min(ps, size-off), progress)
+				part, err := s.uploadFinalPart(pctx, core, bucket, key, uploadID, n+1, src, off, min(ps, size-off), progress)
 				if err != nil {
 					errc <- err
 					cancel()
@@ -77,7 +88,7 @@ feed:
 	for n := range count {
 		select {
 		case next <- n:
-		case <-ctx.Done():
+		case <-pctx.Done():
 			break feed
 		}
 	}
@@ -85,11 +96,11 @@ feed:
 	wg.Wait()
 	select {
 	case err := <-errc:
-		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
+		return Object{}, err
 	default:
 	}
-	if err := ctx.Err(); err != nil {
-		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
+	if err := pctx.Err(); err != nil {
+		return Object{}, err
 	}
 
 	// parts[n] is part n+1: already in the order S3 wants.
@@ -101,12 +112,17 @@ feed:
 	if crc, err := minio.ChecksumCRC32C.CompositeChecksum(parts); err == nil {
 		done.UserMetadata = map[string]string{minio.ChecksumCRC32C.Key(): crc.Encoded(), "X-Amz-Checksum-Type": "COMPOSITE"}
 	}
-	info, err := core.CompleteMultipartUpload(ctx, bucket, key, uploadID, complete, done)
+	info, err := s.commit(ctx, core, bucket, key, uploadID, complete, done, guard)
 	if err != nil {
-		return Object{}, fmt.Errorf("upload %s/%s: complete: %w", bucket, key, err)
+		return Object{}, fmt.Errorf("complete: %w", err)
 	}
 	return Object{Bucket: bucket, Key: key, Size: size, ETag: info.ETag, VersionID: info.VersionID}, nil
 }
+
+// final is a file already written whole: every part of it is final.
+type final struct{ io.ReaderAt }
+
+func (final) Wait(context.Context, int64) error { return nil }
 
 // uploadFinalPart waits until the part's bytes are final, then sends them
 // with their CRC32C in the trailer.

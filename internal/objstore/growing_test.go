@@ -121,7 +121,7 @@ func TestUploadGrowingSendsPartsAsTheyBecomeFinalAndTheObjectOnlyAtTheEnd(t *tes
 	}
 	done := make(chan result, 1)
 	go func() {
-		obj, err := testStore.UploadGrowing(ctx, bucket, key, src, int64(len(data)), map[string]string{"imagepipe-job": "j1"}, nil)
+		obj, err := testStore.UploadGrowing(ctx, bucket, key, src, int64(len(data)), map[string]string{"imagepipe-job": "j1"}, nil, Guard{})
 		done <- result{obj, err}
 	}()
 
@@ -178,7 +178,7 @@ func TestUploadGrowingOfAFailedWriterLeavesNoObjectAndNoParts(t *testing.T) {
 	src := newStream(t, len(data))
 	done := make(chan error, 1)
 	go func() {
-		_, err := testStore.UploadGrowing(ctx, bucket, key, src, int64(len(data)), nil, nil)
+		_, err := testStore.UploadGrowing(ctx, bucket, key, src, int64(len(data)), nil, nil, Guard{})
 		done <- err
 	}()
 	write(t, src, data, 0, 6<<20)

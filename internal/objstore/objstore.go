@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/imagepipe/imagepipe/internal/secrets"
 	"github.com/imagepipe/imagepipe/internal/sparse"
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
@@ -52,6 +53,9 @@ func New(cfg Config) (*Store, error) {
 	}
 	if cfg.AccessKey == "" || cfg.SecretKey == "" {
 		return nil, errors.New("s3: credentials missing (set IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY)")
+	}
+	if err := secrets.CheckS3(cfg.Endpoint, cfg.AccessKey, cfg.SecretKey); err != nil {
+		return nil, fmt.Errorf("s3: %w", err)
 	}
 	c, err := minio.New(cfg.Endpoint, &minio.Options{
 		Creds:           credentials.NewStaticV4(cfg.AccessKey, cfg.SecretKey, ""),
@@ -218,77 +222,101 @@ func (s *Store) ReaderAt(ctx context.Context, bucket, key, versionID string) (Ra
 	return obj, nil
 }
 
-// Copy copies an object server-side, replacing its metadata and tags.
-func (s *Store) Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tagValues map[string]string) (Object, error) {
-	src := minio.CopySrcOptions{Bucket: srcBucket, Object: srcKey, VersionID: srcVersion, MatchETag: srcETag}
-	dst := minio.CopyDestOptions{
-		Bucket: dstBucket, Object: dstKey,
-		UserMetadata: meta, ReplaceMetadata: true,
-		UserTags: tagValues, ReplaceTags: true,
-	}
-	// A server-side copy is a multipart upload too, and a writer killed
-	// mid-copy leaves its parts behind just the same.
-	if err := s.removeIncomplete(ctx, dstBucket, dstKey); err != nil {
-		return Object{}, fmt.Errorf("copy %s/%s to %s/%s: %w", srcBucket, srcKey, dstBucket, dstKey, err)
-	}
-	info, err := s.client.ComposeObject(ctx, dst, src)
+// Copy copies one version of an object server-side, with the metadata
+// and tags given instead of the source's. When srcETag is set the copy is
+// of exactly that content: if the source changed, the copy fails and
+// IsChanged says so. guard decides at the end whether the copy may
+// still be written and learns its upload id (see commit.go).
+//
+// The copy is a multipart upload of its own, whatever the size, so that it
+// commits like every other write of an output: ComposeObject copies a
+// small object in one request that no guard can veto.
+func (s *Store) Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tagValues map[string]string, guard Guard) (Object, error) {
+	obj, err := s.copyParts(ctx, minio.CopySrcOptions{Bucket: srcBucket, Object: srcKey, VersionID: srcVersion, MatchETag: srcETag}, dstBucket, dstKey, meta, tagValues, guard)
 	if err != nil {
-		s.abandon(ctx, dstBucket, dstKey)
 		return Object{}, fmt.Errorf("copy %s/%s to %s/%s: %w", srcBucket, srcKey, dstBucket, dstKey, err)
 	}
-	return Object{Bucket: dstBucket, Key: dstKey, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID}, nil
+	return obj, nil
+}
+
+func (s *Store) copyParts(ctx context.Context, src minio.CopySrcOptions, dstBucket, dstKey string, meta, tagValues map[string]string, guard Guard) (obj Object, err error) {
+	sopts := minio.StatObjectOptions{VersionID: src.VersionID}
+	if src.MatchETag != "" {
+		if err := sopts.SetMatchETag(src.MatchETag); err != nil {
+			return Object{}, err
+		}
+	}
+	info, err := s.client.StatObject(ctx, src.Bucket, src.Object, sopts)
+	if err != nil {
+		return Object{}, err
+	}
+	// Every part copies from the source as it was just read.
+	src.VersionID = info.VersionID
+	src.MatchETag = info.ETag
+	h := http.Header{}
+	src.Marshal(h)
+	srcHeaders := make(map[string]string, len(h))
+	for k := range h {
+		srcHeaders[k] = h.Get(k)
+	}
+
+	core := minio.Core{Client: s.client}
+	uploadID, err := core.NewMultipartUpload(ctx, dstBucket, dstKey, minio.PutObjectOptions{
+		ContentType: "application/octet-stream", UserMetadata: meta, UserTags: tagValues,
+	})
+	if err != nil {
+		return Object{}, fmt.Errorf("start: %w", err)
+	}
+	guard.started(uploadID)
+	defer func() {
+		if err != nil {
+			s.abort(ctx, core, dstBucket, dstKey, uploadID)
+		}
+	}()
+	size := info.Size
+	ps := growingPartSize(size, s.growingPart)
+	count := max(int((size+ps-1)/ps), 1)
+	parts := make([]minio.CompletePart, count)
+	for n := range count {
+		off, length := int64(n)*ps, min(ps, size-int64(n)*ps)
+		if size == 0 {
+			length = -1 // the whole of an empty object: no range
+		}
+		part, err := core.CopyObjectPart(ctx, src.Bucket, src.Object, dstBucket, dstKey, uploadID, n+1, off, length, srcHeaders)
+		if err != nil {
+			return Object{}, fmt.Errorf("part %d: %w", n+1, err)
+		}
+		parts[n] = part
+	}
+	done, err := s.commit(ctx, core, dstBucket, dstKey, uploadID, parts, minio.PutObjectOptions{}, guard)
+	if err != nil {
+		return Object{}, fmt.Errorf("complete: %w", err)
+	}
+	return Object{Bucket: dstBucket, Key: dstKey, Size: size, ETag: done.ETag, VersionID: done.VersionID}, nil
 }
 
 // UploadFile uploads a local file with parallel multipart parts. progress,
-// if set, is fed the bytes as they are sent.
+// if set, is fed the bytes as they are sent. It replaces whatever the key
+// holds.
 func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (Object, error) {
 	f, err := sparse.Open(path)
 	if err != nil {
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	defer f.Close()
-	return s.Upload(ctx, bucket, key, f, meta, progress)
+	return s.Upload(ctx, bucket, key, f, meta, progress, Guard{})
 }
 
 // Upload uploads f with parallel multipart parts, read with ReadAt: a
-// sparse raw image's holes come from memory, not the disk.
-func (s *Store) Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (Object, error) {
-	if err := s.removeIncomplete(ctx, bucket, key); err != nil {
-		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
-	}
-	info, err := s.client.PutObject(ctx, bucket, key, io.NewSectionReader(f, 0, f.Size()), f.Size(), minio.PutObjectOptions{
-		ContentType:          "application/octet-stream",
-		UserMetadata:         meta,
-		PartSize:             partSize,
-		NumThreads:           partThreads,
-		DisableContentSha256: true,
-		Checksum:             minio.ChecksumCRC32C,
-		Progress:             progress,
-	})
+// sparse raw image's holes come from memory, not the disk. guard
+// decides at the end whether the object may still be written and learns
+// its upload id (see commit.go).
+func (s *Store) Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader, guard Guard) (Object, error) {
+	obj, err := s.uploadParts(ctx, bucket, key, final{f}, f.Size(), meta, progress, guard)
 	if err != nil {
-		s.abandon(ctx, bucket, key)
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
-	return Object{Bucket: bucket, Key: key, Size: info.Size, ETag: info.ETag, VersionID: info.VersionID}, nil
-}
-
-// removeIncomplete removes the parts that a writer of key which died
-// mid-upload left behind. Only one job writes a given output at a time, so
-// any incomplete upload of it is an orphan.
-func (s *Store) removeIncomplete(ctx context.Context, bucket, key string) error {
-	if err := s.client.RemoveIncompleteUpload(ctx, bucket, key); err != nil && !IsNotFound(err) {
-		return fmt.Errorf("remove an earlier incomplete upload: %w", err)
-	}
-	return nil
-}
-
-// abandon removes the parts of a failed upload. minio-go aborts one with
-// the caller's context, which a cancelled job no longer has: this uses one
-// that still works, so no orphaned parts are left behind.
-func (s *Store) abandon(ctx context.Context, bucket, key string) {
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-	defer cancel()
-	_ = s.client.RemoveIncompleteUpload(cctx, bucket, key)
+	return obj, nil
 }
 
 // SetTags replaces the tags of one version of an object ("" is the

@@ -10,6 +10,8 @@ import (
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/lifecycle"
 	"github.com/minio/minio-go/v7/pkg/notification"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // BucketConfig says which MinIO notification target feeds imagepipe.
@@ -28,11 +30,11 @@ type ObjectConfig struct {
 	NotifyTarget string
 }
 
-// Error reports are written beside the inputs, under ErrorReportPrefix in
-// the input bucket; the lifecycle rule ErrorReportRule removes them after
-// ErrorReportDays.
+// Error reports are written beside the inputs, under ErrorReportPrefix
+// (events.ErrorPrefix) in the input bucket; the lifecycle rule
+// ErrorReportRule removes them after ErrorReportDays.
 const (
-	ErrorReportPrefix = "errors/"
+	ErrorReportPrefix = events.ErrorPrefix
 	ErrorReportDays   = 30
 	ErrorReportRuleID = "imagepipe-expire-error-reports"
 )

@@ -166,7 +166,7 @@ func Make(ctx context.Context, dir, keyBase string, spec Spec, expect bool) (Ima
 		img.VirtualSize = vsize
 		out := img.Key + ".raw"
 		if spec.Kind == KindOVA {
-			out = img.Key + "/disk1.vmdk.raw"
+			out = events.OVADiskKey("", img.Key, "disk1.vmdk", "raw")
 		}
 		img.Outputs = map[string]string{out: sum}
 	}
@@ -263,7 +263,7 @@ func writeOVA(path, diskName, disk string) error {
 		name string
 		data []byte
 	}{
-		{"appliance.ovf", []byte(`<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"/>`)},
+		{"appliance.ovf", fmt.Appendf(nil, `<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:id="file1" ovf:href="%s"/></References></Envelope>`, diskName)},
 		{"appliance.mf", fmt.Appendf(nil, "SHA256(%s)= %s\n", diskName, hex.EncodeToString(sum[:]))},
 		{diskName, body},
 	} {
