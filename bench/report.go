@@ -27,6 +27,7 @@ type Report struct {
 	P2      *P2
 	P3      *P3
 	P4      *P4
+	Sync    *Sync
 	Micro   []Micro
 }
 
@@ -205,6 +206,9 @@ func (r *Report) Write(w io.Writer) error {
 		p("| P4 convert peak RSS, %s ÷ %s virtual | %.2f× (largest %s) | flat, < 100 MiB | %s |\n",
 			mib(x.Sizes[len(x.Sizes)-1]), mib(x.Sizes[0]), flat, mib(hi), verdict(flat <= 1.2 && hi < 100<<20))
 	}
+	for _, t := range syncTargets(r.Sync) {
+		p("| sync always: per-job JetStream writes ÷ default, %s | %.2f× | — | |\n", t.Name, ratio(stack.Median(t.Always.PerJob), stack.Median(t.Default.PerJob)))
+	}
 	p("\n")
 
 	if x := r.P1; x != nil {
@@ -270,6 +274,9 @@ func (r *Report) Write(w io.Writer) error {
 			p("| %s | %.1f MiB |\n", mib(x.Sizes[i]), float64(x.Peak[i])/(1<<20))
 		}
 		p("\n")
+	}
+	if x := r.Sync; x != nil {
+		writeSync(p, x)
 	}
 	if len(r.Micro) > 0 {
 		p("## Micro-benchmarks\n\n`go test -bench . ./bench` runs the same.\n\n| benchmark | ns/op | B/op | allocs/op |\n| --- | --- | --- | --- |\n")
@@ -340,3 +347,35 @@ func writeP1CPU(p func(string, ...any), x *P1, cores int) {
 	p("\nThe pipeline's work needs %s of CPU, so on %d cores no schedule of it finishes in less than %s, %.2f× the baseline", sec(cpu), cores, sec(floor), ratio(floor, seq))
 	p("; it took %s, %.2f×.\n\n", sec(wall), ratio(wall, seq))
 }
+
+func syncTargets(x *Sync) []SyncTarget {
+	if x == nil {
+		return nil
+	}
+	return x.Targets
+}
+
+// writeSync reports what JetStream's sync_interval: always costs against
+// the default measured in the same run.
+func writeSync(p func(string, ...any), x *Sync) {
+	p("## Durable acknowledgements: `sync_interval: always`\n\n")
+	p("The server configs in infra/nats set `sync_interval: always`: JetStream writes each message to disk before it acknowledges it. ")
+	p("The default acknowledges first and flushes every two minutes, so an OS crash or a power loss can drop writes already acknowledged. ")
+	p("A job here is the %d acknowledged writes one successful image makes, in the pipeline's order, each waiting for its acknowledgement: ", x.JobWrites)
+	p("MinIO's notification, ingest's QUEUED record and job, convert's five status records and its result, into the streams and bucket `imagepipe setup` makes. ")
+	p("Per job: %d jobs one at a time per round, median. Throughput: %d jobs, %d at a time, median over the rounds. ", x.SeqJobs, x.BurstJobs, x.Workers)
+	p("Both settings ran side by side, interleaved over %d rounds after one round of warm-up; ratios are always ÷ default, from this run.\n\n", x.Rounds)
+	p("| | per job, default | per job, always | ratio | jobs/s, default | jobs/s, always | ratio |\n| --- | --- | --- | --- | --- | --- | --- |\n")
+	for _, t := range x.Targets {
+		d, a := stack.Median(t.Default.PerJob), stack.Median(t.Always.PerJob)
+		dj, aj := t.Default.JobsPerSecond(x.BurstJobs), t.Always.JobsPerSecond(x.BurstJobs)
+		tr := 0.0
+		if dj > 0 {
+			tr = aj / dj
+		}
+		p("| %s | %.1f ms | %.1f ms | %.2f× | %.0f | %.0f | %.2f× |\n", t.Name, msf(d), msf(a), ratio(a, d), dj, aj, tr)
+	}
+	p("\nNext to a conversion, which takes seconds to minutes, the added per-job time is what the always setting costs an image.\n\n")
+}
+
+func msf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

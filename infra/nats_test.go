@@ -599,3 +599,44 @@ func nextMessage(ctx context.Context, t *testing.T, js jetstream.JetStream, stre
 	}
 	return msg
 }
+
+// TestNATSConfigsSyncEveryWriteBeforeAcknowledging: every server config
+// imagepipe ships (the single server, the three cluster nodes, which
+// compose runs too, and the TLS example) makes JetStream write a message
+// to disk before acknowledging it, as the README says. The server's
+// default acknowledges first and flushes on a two-minute timer, so a
+// machine's crash could lose a job or a status already acknowledged.
+func TestNATSConfigsSyncEveryWriteBeforeAcknowledging(t *testing.T) {
+	if err := SetNATSSecrets(); err != nil {
+		t.Fatal(err)
+	}
+	files, err := filepath.Glob("nats/*.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checked := 0
+	for _, f := range files {
+		if f == "nats/accounts.conf" {
+			continue // included by the others; it has no jetstream block
+		}
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			conf := f
+			if f == tlsExample {
+				// The parser loads the certificates it names.
+				conf = tlsConfig(t, makeCerts(t))
+			}
+			opts, err := server.ProcessConfigFile(conf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !opts.JetStream || !opts.SyncAlways {
+				t.Errorf("jetstream %v, sync always %v (interval %s): want `sync_interval: always` in the jetstream block",
+					opts.JetStream, opts.SyncAlways, opts.SyncInterval)
+			}
+		})
+		checked++
+	}
+	if checked != 5 {
+		t.Errorf("checked %d server configs, want single, cluster-1..3 and the TLS example", checked)
+	}
+}

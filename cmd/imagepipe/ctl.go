@@ -43,7 +43,10 @@ Verbs:
 Flags:
   --function NAME   only ingest, convert or notify replicas (default: all;
                     cancel always asks convert)
-  --instance ID     only the replica with this instance id (see ctl status)
+  --instance ID     only the replica with this instance id (see ctl status);
+                    it is asked again until it answers, for up to
+                    IMAGEPIPE_CONNECT_TIMEOUT (default 20s) or --timeout,
+                    whichever is longer
   --json            print JSON instead of a table
   --timeout D       how long to gather answers (default 1s)
 
@@ -58,7 +61,8 @@ The same requests are NATS requests on imagepipe.ctl.<function>.<verb>,
 and each replica is a NATS micro service: nats micro ls, nats micro stats
 imagepipe-convert.
 
-Exit codes: 0 done, 1 no replica answered or one answered with an error
+Exit codes: 0 done, 1 no replica answered (with --instance: not that one,
+within the wait above) or one answered with an error
 (or, for cancel, nothing to cancel), 2 usage error.
 `
 
@@ -143,12 +147,15 @@ func runCtl(ctx context.Context, args []string, stdout io.Writer) error {
 		return usageError{fmt.Sprintf("ctl %s takes no arguments", verb)}
 	}
 
-	nc, _, err := connectCLI(ctx)
+	nc, s, err := connectCLI(ctx)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	client := control.NewClient(nc, *timeout)
+	// A replica named by --instance exists, so its silence is more likely a
+	// slow machine than its absence: look for it as long as connecting may
+	// take, and never less than the gathering window.
+	client := control.NewClient(nc, *timeout).FindWithin(max(s.NATS.Timeout(), *timeout))
 
 	switch verb {
 	case control.VerbStatus:

@@ -322,3 +322,63 @@ func TestAnIdleImportSourceIsCutOffAndNothingStored(t *testing.T) {
 	}
 	assertNothingArrives(t, key, before)
 }
+
+func TestAnUploadThatLandsWhileAnImportRunsIsKept(t *testing.T) {
+	res := subscribeResults(t)
+	// Larger than one part: the import completes a multipart upload, and
+	// S3 checks its condition then. (A single PUT with a condition holds
+	// the key's lock in MinIO while its body streams, and the racing
+	// upload below would wait for it.)
+	dir := t.TempDir()
+	imported := makeImage(t, dir, "imported.qcow2", "qcow2", "write -P 0x41 0 24M")
+	uploaded := smallQcow2(t, "uploaded.qcow2", 0x42)
+	body, err := os.ReadFile(imported)
+	if err != nil {
+		t.Fatal(err)
+	}
+	halfSent, resume := make(chan struct{}), make(chan struct{})
+	srv, _ := diskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.WriteHeader(http.StatusOK)
+		w.Write(body[:len(body)/2])
+		w.(http.Flusher).Flush()
+		close(halfSent)
+		select {
+		case <-resume:
+			w.Write(body[len(body)/2:])
+		case <-r.Context().Done():
+		}
+	})
+	cfg := shippedIngestConfig(t)
+	allowLoopbackImports(&cfg)
+	h := ingestWith(t, cfg)
+	key := "e2e/import/race/disk.qcow2"
+
+	if _, err := h.Import(context.Background(), events.ImportRequest{URL: urlOn(t, srv, "127.0.0.1", "a.qcow2"), Key: key}); err != nil {
+		t.Fatal(err)
+	}
+	<-halfSent
+	upload(t, key, uploaded, false)
+	close(resume)
+	h.WaitImports()
+
+	var refused *events.Failed
+	for range 2 { // the import's refusal, and the upload's own result
+		ev := res.await(t, key, 60*time.Second)
+		if ev.Type != events.TypeFailed {
+			continue
+		}
+		var f events.Failed
+		if err := ev.DecodeData(events.TypeFailed, &f); err != nil {
+			t.Fatal(err)
+		}
+		refused = &f
+		break
+	}
+	if refused == nil || refused.Rule != ingest.RuleImportExists || !strings.Contains(refused.Message, "kept") {
+		t.Fatalf("import failure %+v, want a refusal by rule import-exists saying the upload was kept", refused)
+	}
+	if got, _ := downloadSum(t, "uploads", key); got != fileSum(t, uploaded) {
+		t.Errorf("the upload that landed during the import was overwritten")
+	}
+}

@@ -46,6 +46,9 @@ func (f *fakeStore) wrote(ctx context.Context, b, k string, meta map[string]stri
 	if err != nil {
 		return obj, err
 	}
+	if guard.Started != nil {
+		guard.Started("upload-of-" + k)
+	}
 	if guard.Check != nil {
 		if err := guard.Check(ctx); err != nil {
 			return objstore.Object{}, err
@@ -200,6 +203,11 @@ func TestRawUploadToRawIsCopiedServerSideNotConverted(t *testing.T) {
 	}
 	if got := strings.Join(*calls, ","); got != "open,copy images/disks/a.raw.raw" {
 		t.Errorf("storage calls %q, want one read for the hash and one server-side copy", got)
+	}
+	// The copy runs before the job has a scratch dir: its upload is noted
+	// nowhere, least of all in the working directory.
+	if _, err := os.Stat(uploadsNote); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("an upload note was written outside scratch: %v", err)
 	}
 	var c events.Converted
 	if err := out[0].Event.DecodeData(events.TypeConverted, &c); err != nil {

@@ -189,15 +189,22 @@ func (h *Handler) uploaded(ctx context.Context, j *job, d *disk, obj objstore.Ob
 
 // guard is what every write of the job's outputs checks just before it
 // completes: that the input is still the version the job converted.
+//
+// The upload's id is noted in the job's scratch dir, for the sweep that
+// follows a process's death. A server-side copy (a raw upload, a
+// de-duplicated output) runs before the job has a scratch dir and is
+// noted nowhere: what such a copy leaves is the server's to expire.
 func (h *Handler) guard(j *job, key string) objstore.Guard {
-	return objstore.Guard{
-		Check: func(ctx context.Context) error { return h.stillCurrent(ctx, j) },
-		Started: func(uploadID string) {
-			if err := noteUpload(j.dir, notedUpload{Bucket: h.cfg.OutputBucket, Key: key, UploadID: uploadID}); err != nil {
-				j.log.Warn("upload not noted in scratch; if this process dies, the server's expiry of stale uploads removes it", "output_key", key, "err", err)
-			}
-		},
+	g := objstore.Guard{Check: func(ctx context.Context) error { return h.stillCurrent(ctx, j) }}
+	if j.dir == "" {
+		return g
 	}
+	g.Started = func(uploadID string) {
+		if err := noteUpload(j.dir, notedUpload{Bucket: h.cfg.OutputBucket, Key: key, UploadID: uploadID}); err != nil {
+			j.log.Warn("upload not noted in scratch; if this process dies, the server's expiry of stale uploads removes it", "output_key", key, "err", err)
+		}
+	}
+	return g
 }
 
 // stillCurrent returns errSuperseded when the input is no longer the

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -73,9 +74,9 @@ func (h *Handler) planOVA(j *job, arc *inspect.OVAArchive) ([]ovaDisk, error) {
 	disks := make([]ovaDisk, 0, len(arc.Disks))
 	for i, m := range arc.Disks {
 		key := events.OVADiskKey(h.cfg.OutputPrefix, j.Key, m.Name, j.outFormat)
-		if len(key) > events.MaxKeyLen {
+		if len(key) > events.MaxKeyLen || len(path.Base(key)) > events.MaxSegmentLen {
 			return nil, failure.Refused(events.PhaseInspect, "ova-member-name",
-				fmt.Errorf("the output key of disk %q of the OVA would be %d bytes, over S3's %d-byte limit", m.Name, len(key), events.MaxKeyLen),
+				fmt.Errorf("the output key of disk %q of the OVA would be %d bytes, with a file name of %d: over the %d-byte limit on a key or the %d-byte limit on one of its segments", m.Name, len(key), len(path.Base(key)), events.MaxKeyLen, events.MaxSegmentLen),
 				"give the OVA a shorter key, or its disks shorter names")
 		}
 		disks = append(disks, ovaDisk{member: m, disk: &disk{

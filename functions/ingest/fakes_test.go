@@ -123,7 +123,7 @@ func (f *fakeStorage) List(_ context.Context, bucket, prefix string) iter.Seq2[o
 	}
 }
 
-func (f *fakeStorage) PutStream(_ context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error {
+func (f *fakeStorage) PutStream(_ context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string, ifAbsent bool) error {
 	if size < 0 && partSize == 0 {
 		return fmt.Errorf("unknown size needs a part size")
 	}

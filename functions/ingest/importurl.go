@@ -191,7 +191,7 @@ func (h *Handler) Import(ctx context.Context, req events.ImportRequest) (events.
 		defer release()
 		defer done()
 		defer resp.Body.Close()
-		h.transfer(tctx, reply, src, body, want, log)
+		h.transfer(tctx, reply, src, body, want, req.Replace, log)
 	})
 	return reply, nil
 }
@@ -337,39 +337,48 @@ func (i *idleReader) Read(p []byte) (int, error) {
 // an upload completes, so a failed upload leaves nothing behind — no
 // temporary key, no server-side copy of a 40 GiB object, no notification to
 // take back.
-func (h *Handler) transfer(ctx context.Context, r events.ImportReply, src *url.URL, body io.Reader, want string, log *slog.Logger) {
+func (h *Handler) transfer(ctx context.Context, r events.ImportReply, src *url.URL, body io.Reader, want string, replace bool, log *slog.Logger) {
 	start := h.now()
 	vr := &verifyingReader{r: body, expected: r.Size, limit: h.cfg.MaxInputSize, want: want, h: sha256.New()}
 	var partSize uint64
 	if r.Size < 0 {
 		partSize = partSizeFor(h.cfg.MaxInputSize)
 	}
-	err := h.deps.Storage.PutStream(ctx, r.Bucket, r.Key, vr, r.Size, partSize, map[string]string{MetaImportSource: redact(src)})
+	// Without replace, the object is stored only if nothing was at the key
+	// when the import completes: an upload that landed meanwhile stays.
+	err := h.deps.Storage.PutStream(ctx, r.Bucket, r.Key, vr, r.Size, partSize, map[string]string{MetaImportSource: redact(src)}, !replace)
+	// A failed upload may return while its sender still reads the body;
+	// what the reader found is taken under its lock.
+	n, verr := vr.result()
 	if err == nil {
-		log.Info("imported", "stage", "import", "size", vr.n, "sha256", hex.EncodeToString(vr.h.Sum(nil)), "duration", h.now().Sub(start))
+		log.Info("imported", "stage", "import", "size", n, "sha256", vr.sum(), "duration", h.now().Sub(start))
 		return
 	}
 	// The uploader may or may not wrap the reader's error; the reader
 	// keeps its own.
-	fe, ok := failure.As(vr.err)
+	fe, ok := failure.As(verr)
 	cause := context.Cause(ctx)
 	switch {
 	case ok:
 	case errors.Is(cause, errImportIdle):
 		fe = failure.Refused(events.PhaseIntake, RuleImportIdle,
-			fmt.Errorf("the source sent nothing for %s (IMAGEPIPE_IMPORT_IDLE_TIMEOUT) after %d bytes", h.imports.idle, vr.n),
+			fmt.Errorf("the source sent nothing for %s (IMAGEPIPE_IMPORT_IDLE_TIMEOUT) after %d bytes", h.imports.idle, n),
 			"check the source serves the file steadily, then import it again; nothing was stored")
 	case errors.Is(cause, errImportTimeout):
 		fe = failure.Refused(events.PhaseIntake, RuleImportTimeout,
 			fmt.Errorf("the import took longer than %s (IMAGEPIPE_IMPORT_TIMEOUT)", h.imports.timeout),
 			"import from a faster source, or raise IMAGEPIPE_IMPORT_TIMEOUT on the ingest function; nothing was stored")
-	case vr.err != nil:
-		fe = failure.Refused(events.PhaseIntake, RuleImportSource, vr.err, "check the URL serves the whole file, then import it again")
+	case verr != nil:
+		fe = failure.Refused(events.PhaseIntake, RuleImportSource, verr, "check the URL serves the whole file, then import it again")
+	case objstore.IsChanged(err):
+		fe = failure.Refused(events.PhaseIntake, RuleImportExists,
+			fmt.Errorf("%s/%s was stored by another upload while the import ran; that upload was kept", r.Bucket, r.Key),
+			"import again with --replace (\"replace\": true) to overwrite it, or choose another key")
 	default:
 		fe = failure.Permanent(events.PhaseIntake, fmt.Errorf("upload of %s to %s/%s failed: %w", redact(src), r.Bucket, r.Key, redactErr(err, src)),
 			"import it again; nothing was stored")
 	}
-	log.Warn("import failed", "stage", "import", "rule", fe.Rule, "err", fe.Err, "bytes", vr.n)
+	log.Warn("import failed", "stage", "import", "rule", fe.Rule, "err", fe.Err, "bytes", n)
 	// The transfer's context may be what ended it; the report still goes out.
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
@@ -390,16 +399,34 @@ type verifyingReader struct {
 	expected int64 // -1 when unknown
 	limit    int64
 	want     string
-	h        hash.Hash
-	n        int64
-	err      error // the verification failure, once there is one
+
+	mu  sync.Mutex // held by Read past the source's read, and by result
+	h   hash.Hash
+	n   int64
+	err error // the verification failure, once there is one
+}
+
+// result is how many bytes passed and the verification failure, if any.
+func (v *verifyingReader) result() (int64, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.n, v.err
+}
+
+// sum is the hex sha256 of what passed.
+func (v *verifyingReader) sum() string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return hex.EncodeToString(v.h.Sum(nil))
 }
 
 func (v *verifyingReader) Read(p []byte) (int, error) {
-	if v.err != nil {
-		return 0, v.err
+	if _, err := v.result(); err != nil {
+		return 0, err
 	}
 	n, err := v.r.Read(p)
+	v.mu.Lock()
+	defer v.mu.Unlock()
 	v.h.Write(p[:n])
 	v.n += int64(n)
 	if v.n > v.limit {

@@ -40,7 +40,7 @@ type Storage interface {
 	// Put streams r into bucket/key. size is -1 when unknown, and then
 	// partSize bounds the memory the upload buffers. The object appears
 	// only when r has been read to its end without an error.
-	PutStream(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error
+	PutStream(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string, ifAbsent bool) error
 }
 
 // Publisher sends events to their streams with the event id as

@@ -128,7 +128,10 @@ func TestOutputLayoutRefusesOneBucketWithoutAPrefix(t *testing.T) {
 
 func TestKeysWhoseOutputUnderThePrefixWouldNotFitAreRefused(t *testing.T) {
 	cfg := sameBucketConfig()
-	key := strings.Repeat("k", events.MaxKeyLen-len(".qcow2")-len(cfg.OutputPrefix)+1-len(".vhdx")) + ".vhdx"
+	// Folders of 200 bytes: MinIO holds no segment over 255.
+	long := events.MaxKeyLen - len(".qcow2") - len(cfg.OutputPrefix) + 1
+	key := strings.Repeat(strings.Repeat("k", 199)+"/", long/200)
+	key += strings.Repeat("n", long-len(key)-len(".vhdx")) + ".vhdx"
 	r := newRig(cfg, objstore.Object{Bucket: "data", Key: key, Size: 10, ETag: "e", Metadata: map[string]string{}})
 	out, err := r.h.Handle(context.Background(), notification("s3:ObjectCreated:Put", "data", key, 10, ""))
 	if err != nil || len(out) != 1 || decodeFailed(t, out[0]).Rule != ReasonUnsafeKey {
@@ -136,5 +139,17 @@ func TestKeysWhoseOutputUnderThePrefixWouldNotFitAreRefused(t *testing.T) {
 	}
 	if !strings.Contains(decodeFailed(t, out[0]).Message, "IMAGEPIPE_OUTPUT_PREFIX") {
 		t.Errorf("message %q does not name IMAGEPIPE_OUTPUT_PREFIX", decodeFailed(t, out[0]).Message)
+	}
+}
+
+func TestKeysWhoseOutputFileNameWouldNotFitASegmentAreRefused(t *testing.T) {
+	key := "disks/" + strings.Repeat("n", events.MaxSegmentLen-len(".qcow2")-len(".vhdx")+1) + ".vhdx"
+	r := newRig(Config{InputBucket: "uploads", OutputBucket: "images"}, objstore.Object{Bucket: "uploads", Key: key, Size: 10, ETag: "e", Metadata: map[string]string{}})
+	out, err := r.h.Handle(context.Background(), notification("s3:ObjectCreated:Put", "uploads", key, 10, ""))
+	if err != nil || len(out) != 1 || decodeFailed(t, out[0]).Rule != ReasonUnsafeKey {
+		t.Fatalf("Handle = %v, %v; want refused as %s", out, err, ReasonUnsafeKey)
+	}
+	if msg := decodeFailed(t, out[0]).Message; !strings.Contains(msg, "255-byte limit on one segment") {
+		t.Errorf("message %q does not name the segment limit", msg)
 	}
 }

@@ -275,6 +275,11 @@ func unsafeKey(key string) error {
 	if len(key)+maxOutputSuffix > events.MaxKeyLen {
 		return fmt.Errorf("the key is %d bytes; its output key would exceed S3's %d-byte limit", len(key), events.MaxKeyLen)
 	}
+	// MinIO stores each segment as a file name, and refuses a key whose
+	// last segment the output suffix would take past that limit.
+	if name := path.Base(key); len(name)+maxOutputSuffix > events.MaxSegmentLen {
+		return fmt.Errorf("the key's file name is %d bytes; its output's would exceed the %d-byte limit on one segment of a key", len(name), events.MaxSegmentLen)
+	}
 	return nil
 }
 

@@ -25,6 +25,10 @@ type fakeWorker struct {
 	state   natsrt.State
 	jobs    []natsrt.JobInfo
 	cancels []string
+	steered int
+	// slow, when set, holds every answer until it is closed: a replica on
+	// a machine too loaded to answer in time.
+	slow chan struct{}
 }
 
 var _ control.Worker = (*fakeWorker)(nil)
@@ -33,12 +37,23 @@ func (f *fakeWorker) set(s natsrt.State) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.state = s
+	f.steered++
+}
+
+// timesSteered is how many pause, resume, drain or stop requests arrived.
+func (f *fakeWorker) timesSteered() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.steered
 }
 func (f *fakeWorker) Pause()  { f.set(natsrt.StatePaused) }
 func (f *fakeWorker) Resume() { f.set(natsrt.StateRunning) }
 func (f *fakeWorker) Drain()  { f.set(natsrt.StateDraining) }
 func (f *fakeWorker) Stop()   { f.set(natsrt.StateStopping) }
 func (f *fakeWorker) State() natsrt.State {
+	if f.slow != nil {
+		<-f.slow
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.state
@@ -123,7 +138,7 @@ func TestClientGathersEveryReplicaAndSteersOneByInstance(t *testing.T) {
 	svc1 := replica(t, s.url, "convert", c1)
 	svc2 := replica(t, s.url, "convert", c2)
 	replica(t, s.url, "ingest", in)
-	client := control.NewClient(s.nc, 300*time.Millisecond)
+	client := control.NewClient(s.nc, 300*time.Millisecond).FindWithin(time.Second)
 	ctx := context.Background()
 
 	all, err := client.Status(ctx, control.Functions, "")

@@ -25,6 +25,22 @@ type Config struct {
 	// servers that verify clients (tls { verify: true }).
 	Cert string `env:"IMAGEPIPE_NATS_CERT"`
 	Key  string `env:"IMAGEPIPE_NATS_KEY"`
+	// ConnectTimeout is how long connecting may take before it fails,
+	// and how long a command waits for a replica it names to answer:
+	// both are NATS round trips that a loaded machine or a distant
+	// server slows down. Zero means DefaultConnectTimeout.
+	ConnectTimeout time.Duration `env:"IMAGEPIPE_CONNECT_TIMEOUT" envDefault:"20s"`
+}
+
+// DefaultConnectTimeout is ConnectTimeout when none is set.
+const DefaultConnectTimeout = 20 * time.Second
+
+// Timeout is ConnectTimeout, or its default.
+func (cfg Config) Timeout() time.Duration {
+	if cfg.ConnectTimeout <= 0 {
+		return DefaultConnectTimeout
+	}
+	return cfg.ConnectTimeout
 }
 
 // options are the settings' connect options: credentials and TLS. A
@@ -90,7 +106,7 @@ func Connect(ctx context.Context, cfg Config, role string, log *slog.Logger) (*n
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "server", nc.ConnectedUrlRedacted()) }),
 	}
 	opts = append(opts, own...)
-	deadline, cancel := context.WithTimeout(ctx, 20*time.Second)
+	deadline, cancel := context.WithTimeout(ctx, cfg.Timeout())
 	defer cancel()
 	var lastErr error
 	for {

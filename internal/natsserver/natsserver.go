@@ -16,6 +16,12 @@ type Options struct {
 	Port     int    // -1 picks a free port
 	StoreDir string // JetStream file store; survives restarts with the same dir
 	Name     string
+	// SyncAlways writes every JetStream message to disk before
+	// acknowledging it, as the shipped server configs do. Off, the
+	// server's default, it acknowledges first and flushes every two
+	// minutes: the dev server and the tests lose nothing to a process
+	// crash that way, only to the machine's, and run faster.
+	SyncAlways bool
 }
 
 // Server is a running embedded NATS server.
@@ -38,6 +44,7 @@ func Start(o Options) (*Server, error) {
 		Port:       o.Port,
 		JetStream:  true,
 		StoreDir:   o.StoreDir,
+		SyncAlways: o.SyncAlways,
 		NoSigs:     true, // the process owns signals, not the embedded server
 		NoLog:      true,
 	})

@@ -100,10 +100,23 @@ func (s *Store) commit(ctx context.Context, core minio.Core, bucket, key, upload
 // abort removes the parts of this writer's own failed upload, and of no
 // other upload of the key. minio-go aborts with the caller's context,
 // which a cancelled job no longer has: this uses one that still works.
+// The write often failed because the server went away, so the abort is
+// tried again until the server answers or abortTimeout passes; the
+// server's expiry of stale uploads covers a server gone for longer.
 func (s *Store) abort(ctx context.Context, core minio.Core, bucket, key, uploadID string) {
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), abortTimeout)
 	defer cancel()
-	_ = core.AbortMultipartUpload(actx, bucket, key, uploadID)
+	for {
+		err := core.AbortMultipartUpload(actx, bucket, key, uploadID)
+		if err == nil || uploadGone(err) {
+			return
+		}
+		select {
+		case <-actx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // Abort removes an upload a writer left behind, by its id: the parts of
@@ -111,8 +124,14 @@ func (s *Store) abort(ctx context.Context, core minio.Core, bucket, key, uploadI
 // aborted is not an error.
 func (s *Store) Abort(ctx context.Context, bucket, key, uploadID string) error {
 	core := minio.Core{Client: s.client}
-	if err := core.AbortMultipartUpload(ctx, bucket, key, uploadID); err != nil && !IsNotFound(err) && errorResponse(err).Code != "NoSuchUpload" {
+	if err := core.AbortMultipartUpload(ctx, bucket, key, uploadID); err != nil && !uploadGone(err) {
 		return fmt.Errorf("abort upload %s of %s/%s: %w", uploadID, bucket, key, err)
 	}
 	return nil
+}
+
+// uploadGone reports whether err says the upload is no longer there to
+// abort: completed, aborted, or its bucket removed.
+func uploadGone(err error) bool {
+	return IsNotFound(err) || errorResponse(err).Code == "NoSuchUpload"
 }

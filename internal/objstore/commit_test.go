@@ -245,3 +245,70 @@ func TestAbortRemovesTheNamedUploadAndNoOther(t *testing.T) {
 		t.Errorf("uploads left %+v, want only the live writer's %s", left.Uploads, live)
 	}
 }
+
+// pausedReader yields first, then waits for resume before yielding rest.
+type pausedReader struct {
+	first, rest []byte
+	paused      chan struct{}
+	resume      chan struct{}
+	stage       int
+}
+
+func (p *pausedReader) Read(b []byte) (int, error) {
+	switch p.stage {
+	case 0:
+		n := copy(b, p.first)
+		p.first = p.first[n:]
+		if len(p.first) == 0 {
+			p.stage++
+		}
+		return n, nil
+	case 1:
+		close(p.paused)
+		<-p.resume
+		p.stage++
+		fallthrough
+	default:
+		if len(p.rest) == 0 {
+			return 0, io.EOF
+		}
+		n := copy(b, p.rest)
+		p.rest = p.rest[n:]
+		return n, nil
+	}
+}
+
+func TestStreamPutIfAbsentKeepsAnObjectStoredWhileItRan(t *testing.T) {
+	ctx, bucket := testBucket(t)
+	data := pattern(20 << 20) // two parts
+	if err := testStore.PutStream(ctx, bucket, "new", bytes.NewReader(data), int64(len(data)), 0, nil, true); err != nil {
+		t.Fatalf("put to a free key: %v", err)
+	}
+	if got := objectBytes(t, ctx, bucket, "new"); !bytes.Equal(got, data) {
+		t.Fatal("stored bytes differ")
+	}
+	if err := testStore.PutStream(ctx, bucket, "new", bytes.NewReader(data), -1, minPartSize, nil, true); !IsChanged(err) {
+		t.Errorf("put onto an existing key = %v, want a failed precondition", err)
+	}
+
+	r := &pausedReader{first: data[:10<<20], rest: data[10<<20:], paused: make(chan struct{}), resume: make(chan struct{})}
+	errc := make(chan error, 1)
+	go func() { errc <- testStore.PutStream(ctx, bucket, "raced", r, int64(len(data)), 0, nil, true) }()
+	<-r.paused
+	theirs := []byte("an upload that landed meanwhile")
+	putOther(t, ctx, bucket, "raced", theirs)
+	close(r.resume)
+	if err := <-errc; !IsChanged(err) {
+		t.Fatalf("put over an object stored while it ran = %v, want a failed precondition", err)
+	}
+	if got := objectBytes(t, ctx, bucket, "raced"); !bytes.Equal(got, theirs) {
+		t.Error("the object stored meanwhile was replaced")
+	}
+	left, err := minio.Core{Client: testStore.Client()}.ListMultipartUploads(ctx, bucket, "raced", "", "", "", 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left.Uploads) != 0 {
+		t.Errorf("%d uploads left behind", len(left.Uploads))
+	}
+}

@@ -4,6 +4,7 @@
 package objstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -134,22 +135,94 @@ func (s *Store) List(ctx context.Context, bucket, prefix string) iter.Seq2[Objec
 
 // PutStream stores what r yields as bucket/key. size is -1 when unknown,
 // and then partSize bounds the memory the upload buffers. The object
-// appears only when r has been read to its end without an error.
-func (s *Store) PutStream(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string) error {
-	_, err := s.client.PutObject(ctx, bucket, key, r, size, minio.PutObjectOptions{
-		ContentType:  "application/octet-stream",
-		UserMetadata: meta,
-		PartSize:     partSize,
-		// A CRC32C trailer instead of a SHA-256 of every part, which
-		// would cost a second pass over buffered data.
-		DisableContentSha256: true,
-		Checksum:             minio.ChecksumCRC32C,
-	})
+// appears only when r has been read to its end without an error. With
+// ifAbsent, it appears only if no object was stored at the key meanwhile;
+// IsChanged then says why it failed (see putStreamIfAbsent).
+func (s *Store) PutStream(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string, ifAbsent bool) error {
+	var err error
+	if ifAbsent {
+		err = s.putStreamIfAbsent(ctx, bucket, key, r, size, int64(partSize), meta)
+	} else {
+		_, err = s.client.PutObject(ctx, bucket, key, r, size, minio.PutObjectOptions{
+			ContentType:  "application/octet-stream",
+			UserMetadata: meta,
+			PartSize:     partSize,
+			// A CRC32C trailer instead of a SHA-256 of every part, which
+			// would cost a second pass over buffered data.
+			DisableContentSha256: true,
+			Checksum:             minio.ChecksumCRC32C,
+		})
+	}
 	if err != nil {
 		return fmt.Errorf("put %s/%s: %w", bucket, key, err)
 	}
 	return nil
 }
+
+// putStreamIfAbsent is PutStream as a multipart upload of its own,
+// completed with If-None-Match: *. S3 decides the condition when the
+// upload completes, so an object stored at the key at any time before
+// that wins. minio-go's PutObject drops the condition from the completion
+// of a multipart upload, and MinIO holds the key's lock for the whole of a
+// conditional single PUT, which would make a racing upload wait on a slow
+// source: hence a multipart upload even for one part. Parts are read and
+// sent one at a time, so it buffers one part.
+func (s *Store) putStreamIfAbsent(ctx context.Context, bucket, key string, r io.Reader, size, partSize int64, meta map[string]string) (err error) {
+	if size >= 0 {
+		partSize = growingPartSize(size, minPartSize)
+	}
+	partSize = max(partSize, minPartSize)
+	core := minio.Core{Client: s.client}
+	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", UserMetadata: map[string]string{}}
+	for k, v := range meta {
+		opts.UserMetadata[k] = v
+	}
+	opts.UserMetadata["X-Amz-Checksum-Algorithm"] = minio.ChecksumCRC32C.String()
+	uploadID, err := core.NewMultipartUpload(ctx, bucket, key, opts)
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			s.abort(ctx, core, bucket, key, uploadID)
+		}
+	}()
+	buf := make([]byte, partSize)
+	var parts []minio.ObjectPart
+	for n := 1; ; n++ {
+		got, rerr := io.ReadFull(r, buf)
+		if rerr != nil && rerr != io.EOF && rerr != io.ErrUnexpectedEOF {
+			return rerr
+		}
+		if got > 0 || n == 1 {
+			part, err := s.uploadFinalPart(ctx, core, bucket, key, uploadID, n, final{bytes.NewReader(buf[:got])}, 0, int64(got), nil)
+			if err != nil {
+				return err
+			}
+			parts = append(parts, part)
+		}
+		if rerr != nil {
+			break
+		}
+	}
+	complete := make([]minio.CompletePart, len(parts))
+	for i, p := range parts {
+		complete[i] = minio.CompletePart{PartNumber: p.PartNumber, ETag: p.ETag, ChecksumCRC32C: p.ChecksumCRC32C}
+	}
+	var done minio.PutObjectOptions
+	if crc, err := minio.ChecksumCRC32C.CompositeChecksum(parts); err == nil {
+		done.UserMetadata = map[string]string{minio.ChecksumCRC32C.Key(): crc.Encoded(), "X-Amz-Checksum-Type": "COMPOSITE"}
+	}
+	done.SetMatchETagExcept("*")
+	if _, err := core.CompleteMultipartUpload(ctx, bucket, key, uploadID, complete, done); err != nil {
+		return fmt.Errorf("complete: %w", err)
+	}
+	return nil
+}
+
+// minPartSize is the smallest part a stream is sent in (S3 takes 5 MiB
+// and up, but for the last part); one such part is what it buffers.
+const minPartSize = 16 << 20
 
 // Stat returns an object's attributes.
 func (s *Store) Stat(ctx context.Context, bucket, key string) (Object, error) {

@@ -10,7 +10,7 @@
 //	BENCH_P3_CONCURRENCY  jobs per replica in the burst (2)
 //	BENCH_P4_SIZES        virtual sizes for the memory check (1GiB,20GiB)
 //	BENCH_P4_DATA         data in each of those images (64MiB)
-//	BENCH_ONLY            run only these parts, e.g. p1,micro (all)
+//	BENCH_ONLY            run only these parts, e.g. p1,micro or sync (all)
 //	BENCH_DIR             where to work; needs room for the P1 outputs (OS temp dir)
 //	BENCH_KEEP            keep the work dir, with every process's log, when set
 package main
@@ -68,7 +68,7 @@ func run(ctx context.Context, out string) error {
 		cfg.P4Sizes = append(cfg.P4Sizes, n)
 	}
 	only := map[string]bool{}
-	for _, p := range strings.Split(envString("BENCH_ONLY", "p1,p2,p3,p4,micro"), ",") {
+	for _, p := range strings.Split(envString("BENCH_ONLY", "p1,p2,p3,p4,sync,micro"), ",") {
 		only[strings.TrimSpace(strings.ToLower(p))] = true
 	}
 	if err := stack.CheckTools(); err != nil {
@@ -85,16 +85,24 @@ func run(ctx context.Context, out string) error {
 		log.Printf("work dir and logs kept in %s", dir)
 	}
 	cfg.Dir = dir
-	if cfg.Binary, err = stack.Build(ctx, dir); err != nil {
-		return err
-	}
-
 	rep := &bench.Report{Started: time.Now(), Config: cfg, Machine: bench.DescribeMachine(ctx, dir)}
-	r, err := bench.NewRunner(ctx, cfg)
-	if err != nil {
-		return err
+	if only["sync"] {
+		// Its own servers, before the stack starts: nothing else runs.
+		if rep.Sync, err = bench.RunSync(ctx, filepath.Join(dir, "sync"), filepath.Join("infra", "nats"), log.Printf); err != nil {
+			return err
+		}
 	}
-	defer r.Close()
+	var r *bench.Runner
+	if only["p1"] || only["p2"] || only["p3"] || only["p4"] {
+		if cfg.Binary, err = stack.Build(ctx, dir); err != nil {
+			return err
+		}
+		rep.Config.Binary = cfg.Binary
+		if r, err = bench.NewRunner(ctx, cfg); err != nil {
+			return err
+		}
+		defer r.Close()
+	}
 	if only["micro"] {
 		log.Print("micro-benchmarks")
 		if rep.Micro, err = bench.RunMicro(ctx, filepath.Join(dir, "micro")); err != nil {
