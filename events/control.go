@@ -52,6 +52,9 @@ type ImportReply struct {
 // ReconcileRequest asks for one reconcile pass now, under Prefix if set.
 type ReconcileRequest struct {
 	Prefix string `json:"prefix,omitempty"`
+	// StaleAfter, a Go duration, overrides for this pass how long a
+	// non-final status may stand still before its job counts as lost.
+	StaleAfter string `json:"stale_after,omitempty"`
 }
 
 // ReconcileResult says what one reconcile pass did.
@@ -59,6 +62,13 @@ type ReconcileResult struct {
 	Listed  int `json:"listed"`
 	Queued  int `json:"queued"`
 	Refused int `json:"refused"`
-	// Keys are the keys queued or refused, at most 100 of them.
+	// Requeued counts uploads whose status stood still in a non-final
+	// state with no job in the queue: their job was published again.
+	Requeued int `json:"requeued"`
+	// Restored counts uploads whose status record was lost but whose
+	// output is complete: READY was written back, nothing converted.
+	Restored int `json:"restored"`
+	// Keys are the keys queued, refused, requeued or restored, at most
+	// 100 of them.
 	Keys []string `json:"keys,omitempty"`
 }

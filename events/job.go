@@ -23,6 +23,11 @@ type ConvertJob struct {
 	// NoDedup skips content de-duplication: an operator's re-convert
 	// always converts.
 	NoDedup bool `json:"no_dedup,omitempty"`
+	// PriorAttempts is how many deliveries the job had before it was
+	// queued again (by reconcile, after its message was lost): convert
+	// counts its attempts on from there, so that the image's status, which
+	// only moves forward, keeps following it.
+	PriorAttempts int `json:"prior_attempts,omitempty"`
 	// Reason says what started the job: "upload", "reconvert", "reconcile",
 	// "import".
 	Reason   string    `json:"reason"`

@@ -30,10 +30,12 @@ func startIngest(ctx context.Context, js jetstream.JetStream, st *status.Store, 
 	if err != nil {
 		return nil, err
 	}
+	s.Ingest.ReconcileStaleAfter = reconcileStaleAfter(s)
 	h := ingest.New(s.Ingest, ingest.Deps{
 		Status:  st,
 		Storage: store,
 		Publish: func(ctx context.Context, msgs ...events.Message) error { return natsrt.Publish(ctx, js, msgs...) },
+		Jobs:    jobQueue{js},
 	}, log)
 	w, err := natsrt.NewWorker(ctx, js, natsrt.Binding{
 		Stream: events.StreamS3Events, Durable: "ingest", FilterSubject: events.SubjectS3Events,
@@ -122,7 +124,7 @@ func serveIngestControl(ctx, importCtx context.Context, nc *nats.Conn, h *ingest
 			if err := decodeRequest(data, &req); err != nil {
 				return nil, err
 			}
-			return h.Reconcile(ctx, req.Prefix)
+			return h.HandleReconcile(ctx, req)
 		}},
 	}
 	for _, ep := range endpoints {

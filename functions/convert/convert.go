@@ -22,6 +22,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
 	"github.com/imagepipe/imagepipe/internal/sparse"
+	"github.com/imagepipe/imagepipe/internal/status"
 )
 
 // Source is the CloudEvents source of convert's results.
@@ -58,6 +59,7 @@ type Storage interface {
 	ReaderAt(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
 	Copy(ctx context.Context, srcBucket, srcKey, srcVersion, srcETag, dstBucket, dstKey string, meta, tags map[string]string, guard objstore.Guard) (objstore.Object, error)
 	Abort(ctx context.Context, bucket, key, uploadID string) error
+	Pending(ctx context.Context, bucket, key string) ([]objstore.Pending, error)
 	SetTags(ctx context.Context, bucket, key, versionID string, tags map[string]string) error
 	Tags(ctx context.Context, bucket, key string) (map[string]string, error)
 	PutBytes(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
@@ -72,7 +74,8 @@ type QemuImg interface {
 }
 
 // Reporter records state transitions and live progress. Both are hints for
-// people watching: a failure to report never fails the job.
+// people watching: a failure to report never fails the job. Set writes only
+// a forward transition and refuses any other with status.ErrNotForward.
 type Reporter interface {
 	Get(ctx context.Context, bucket, key string) (events.Status, error)
 	Set(ctx context.Context, st events.Status) error
@@ -110,9 +113,12 @@ func New(cfg Config, store Storage, qemu QemuImg, report Reporter, dd Deduper, l
 // sweep reclaims what the jobs of processes that died left behind: their
 // scratch, and the output uploads they started and never finished.
 func (h *Handler) sweep(ctx context.Context, log *slog.Logger) {
-	removed, uploads := sweepScratch(h.cfg.ScratchDir, h.now())
+	removed, uploads, unnamed := sweepScratch(h.cfg.ScratchDir, h.now())
 	if len(removed) > 0 {
 		log.Info("removed scratch of jobs whose process died", "dirs", removed)
+	}
+	if len(unnamed) > 0 {
+		uploads = append(uploads, h.unnamedUploads(ctx, unnamed, log)...)
 	}
 	for _, u := range uploads {
 		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -122,6 +128,34 @@ func (h *Handler) sweep(ctx context.Context, log *slog.Logger) {
 			log.Warn("upload left by a job whose process died not aborted; the server's expiry of stale uploads will remove it", "output_key", u.Key, "err", err)
 		}
 	}
+}
+
+// unnamedUploads finds the uploads that dead jobs were starting when they
+// died, before they could note the id: those of the same key that the
+// server began since (less a little for clocks that disagree), and that no
+// job still running on this scratch named. An upload of the same key that
+// a replica on another host began in those moments would be taken too; a
+// job whose upload is aborted under it fails its completion and is
+// retried, so the only cost is that retry.
+func (h *Handler) unnamedUploads(ctx context.Context, unnamed []notedUpload, log *slog.Logger) []notedUpload {
+	const skew = 2 * time.Second
+	live := liveUploadIDs(h.cfg.ScratchDir)
+	var out []notedUpload
+	for _, u := range unnamed {
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		pending, err := h.store.Pending(lctx, u.Bucket, u.Key)
+		cancel()
+		if err != nil {
+			log.Warn("uploads of a job whose process died not looked up; the server's expiry of stale uploads will remove them", "output_key", u.Key, "err", err)
+			continue
+		}
+		for _, p := range pending {
+			if !p.Initiated.Before(u.Since.Add(-skew)) && !live[p.UploadID] {
+				out = append(out, notedUpload{Bucket: u.Bucket, Key: u.Key, UploadID: p.UploadID})
+			}
+		}
+	}
+	return out
 }
 
 // job is one conversion in flight: the queued job plus what the stages
@@ -161,10 +195,12 @@ type disk struct {
 // failure it returns the failed event and the classified error together:
 // the event says whether the runtime will retry.
 func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, maxAttempts int) ([]events.Message, error) {
+	// A job queued again after its message was lost counts on from the
+	// deliveries it had, and has a fresh set of its own.
 	j := &job{
 		ConvertJob:  cj,
-		attempt:     attempt,
-		maxAttempts: maxAttempts,
+		attempt:     cj.PriorAttempts + attempt,
+		maxAttempts: cj.PriorAttempts + maxAttempts,
 		started:     h.now(),
 		log:         h.log.With("job", cj.JobID, "bucket", cj.Bucket, "key", cj.Key),
 		outFormat:   cj.OutputFormat,
@@ -175,7 +211,8 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 	if j.outFormat != "raw" && j.outFormat != "qcow2" {
 		return h.fail(ctx, j, failure.Permanent(events.PhaseConvert, fmt.Errorf("output format %q is not raw or qcow2", j.outFormat), "set IMAGEPIPE_OUTPUT_FORMAT to raw or qcow2"))
 	}
-	if st, err := h.report.Get(ctx, j.Bucket, j.Key); err == nil && st.JobID == j.JobID && st.State == events.StateCancelled {
+	cur, err := h.report.Get(ctx, j.Bucket, j.Key)
+	if err == nil && cur.JobID == j.JobID && cur.State == events.StateCancelled {
 		j.log.Info("cancelled by an operator before it started", "stage", "cancelled")
 		return h.fail(ctx, j, failure.Refused(events.PhaseDownload, RuleCancelled, failure.ErrCancelled, ""))
 	}
@@ -185,13 +222,15 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 		j.disks = []*disk{d}
 		return h.succeed(ctx, j)
 	}
-	done, err := h.reuse(ctx, j)
-	if !done {
-		done, err = h.copyRaw(ctx, j)
+	if err == nil && h.earlierDeliveryRunning(j, cur) {
+		// Not through fail: a status written now would take the record
+		// over from the delivery that is doing the work.
+		j.log.Info("an earlier delivery of this job is still running; leaving the job to it", "stage", "queued",
+			"running_attempt", cur.Attempt, "running_state", cur.State)
+		return nil, failure.Retryable(events.PhaseDownload,
+			fmt.Errorf("delivery %d of this job is still %s", cur.Attempt, cur.State), "")
 	}
-	if !done {
-		err = h.run(ctx, j)
-	}
+	err = h.work(ctx, j)
 	if errors.Is(err, errSuperseded) {
 		j.log.Info("object changed since it was queued; its newer upload has its own job", "stage", "download")
 		h.handBack(ctx, j)
@@ -262,6 +301,23 @@ func (h *Handler) alreadyDone(ctx context.Context, j *job) (*disk, bool) {
 	return &disk{outKey: key, sha256: sum, outSize: obj.Size, virtualSize: vsize, format: j.format}, true
 }
 
+// earlierDeliveryRunning reports whether cur says an earlier delivery of
+// this job is still at work: the server hands a job out again when its
+// keep-alives were lost (to a NATS leader change, say), not only when its
+// replica died. A live delivery moves the record every few hundred
+// milliseconds while it downloads, converts or uploads; a dead one's record
+// is at least two thirds of AckWait old by the time the job comes again
+// (keep-alives go every third of it), so half of AckWait tells them apart.
+func (h *Handler) earlierDeliveryRunning(j *job, cur events.Status) bool {
+	switch cur.State {
+	case events.StateDownloading, events.StateInspecting, events.StateConverting, events.StateUploading:
+	default:
+		return false
+	}
+	return cur.JobID == j.JobID && cur.Attempt > 0 && cur.Attempt < j.attempt &&
+		h.now().Sub(cur.UpdatedAt) < h.cfg.AckWait/2
+}
+
 // outputSHA256 is the sha256 recorded on an output, "" if none is. Outputs
 // written before the hash moved to a tag carry it as metadata.
 func (h *Handler) outputSHA256(ctx context.Context, obj objstore.Object) string {
@@ -275,7 +331,11 @@ func (h *Handler) outputSHA256(ctx context.Context, obj objstore.Object) string 
 	return tags[TagSHA256]
 }
 
-func (h *Handler) run(ctx context.Context, j *job) error {
+// work does the job in a scratch dir of its own: a copy of an earlier
+// output of the same content, a server-side copy of a raw upload, or a
+// download and conversion. Even a copy needs the dir: its upload is noted
+// there, for the sweep that follows a process's death.
+func (h *Handler) work(ctx context.Context, j *job) error {
 	h.sweep(ctx, j.log)
 	dir, release, err := newJobDir(h.cfg.ScratchDir)
 	if err != nil {
@@ -286,7 +346,17 @@ func (h *Handler) run(ctx context.Context, j *job) error {
 	defer release()
 	j.dir = dir
 	j.input = filepath.Join(dir, "input")
+	if done, err := h.reuse(ctx, j); done {
+		return err
+	}
+	if done, err := h.copyRaw(ctx, j); done {
+		return err
+	}
+	return h.run(ctx, j)
+}
 
+// run downloads, inspects and converts the upload.
+func (h *Handler) run(ctx context.Context, j *job) error {
 	if err := h.download(ctx, j); err != nil {
 		return err
 	}
@@ -308,7 +378,7 @@ func (h *Handler) run(ctx context.Context, j *job) error {
 	}
 	d := &disk{
 		input:  j.input,
-		output: filepath.Join(dir, "output."+j.outFormat),
+		output: filepath.Join(j.dir, "output."+j.outFormat),
 		extKey: keyForExtension(j.Key, j.codec),
 		format: rep.Format,
 		outKey: h.outputKey(j),
@@ -327,8 +397,19 @@ func (h *Handler) limits() inspect.Limits {
 }
 
 func (h *Handler) setState(ctx context.Context, j *job, state events.State, percent float64) {
-	if err := h.report.Set(ctx, h.status(j, state, percent)); err != nil {
-		j.log.Warn("status not recorded", "state", state, "err", err)
+	h.record(ctx, j, h.status(j, state, percent))
+}
+
+// record writes a status that is a hint: a failure to record is logged,
+// never the job's failure. A write the record refused as not forward means
+// another delivery of this job is ahead, which is nothing to warn about.
+func (h *Handler) record(ctx context.Context, j *job, st events.Status) {
+	err := h.report.Set(ctx, st)
+	switch {
+	case errors.Is(err, status.ErrNotForward):
+		j.log.Debug("status not moved: another delivery of this job is ahead", "state", st.State, "err", err)
+	case err != nil:
+		j.log.Warn("status not recorded", "state", st.State, "err", err)
 	}
 }
 
@@ -354,8 +435,14 @@ func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error)
 	st := h.status(j, state, 100)
 	// The final state is what `imagepipe status` and `upload` wait for: if
 	// it cannot be recorded, the job is delivered again, finds its output
-	// in place and records it then.
+	// in place and records it then. A record that already holds this job
+	// as finished (an earlier delivery whose ack was lost wrote it) stays
+	// as it is: watchers see the image finish once.
 	statusErr := h.report.Set(ctx, st)
+	again := errors.Is(statusErr, status.ErrNotForward)
+	if again {
+		statusErr = nil
+	}
 	h.remember(ctx, j)
 	took := h.now().Sub(j.started)
 	var out []events.Message
@@ -372,6 +459,10 @@ func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error)
 			return nil, failure.Permanent(events.PhasePublish, err, "")
 		}
 		out = append(out, events.Message{Subject: events.SubjectConverted, Event: ev})
+		if again {
+			j.log.Info("already reported by an earlier delivery; result published again", "stage", "ready", "output_key", d.outKey)
+			continue
+		}
 		j.log.Info("converted", "stage", "ready", "output_key", d.outKey, "sha256", d.sha256, "duration", took)
 	}
 	if statusErr != nil {
@@ -389,7 +480,7 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 		// A shutdown, not a failure: the job goes back to the queue and
 		// runs again on another replica; there is nothing to report.
 		j.log.Info("interrupted by shutdown; the job will run again", "stage", "queued")
-		_ = h.report.Set(context.WithoutCancel(ctx), events.Status{Bucket: j.Bucket, Key: j.Key, JobID: j.JobID,
+		h.record(context.WithoutCancel(ctx), j, events.Status{Bucket: j.Bucket, Key: j.Key, JobID: j.JobID,
 			State: events.StateQueued, Attempt: j.attempt, UpdatedAt: h.now().UTC()})
 		return nil, failure.Retryable(events.PhaseConvert, ctx.Err(), "")
 	}
@@ -426,9 +517,7 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 		// Still QUEUED: it comes back after the back-off.
 		st.State = events.StateQueued
 	}
-	if serr := h.report.Set(ctx, st); serr != nil {
-		j.log.Warn("status not recorded", "err", serr)
-	}
+	h.record(ctx, j, st)
 	if !retry && !cancelled {
 		h.writeErrorReport(ctx, j, data)
 	}

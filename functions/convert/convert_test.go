@@ -35,6 +35,7 @@ type fakeStore struct {
 	SetTagsFn  func(ctx context.Context, bucket, key, versionID string, tags map[string]string) error
 	TagsFn     func(ctx context.Context, bucket, key string) (map[string]string, error)
 	AbortFn    func(ctx context.Context, bucket, key, uploadID string) error
+	PendingFn  func(ctx context.Context, bucket, key string) ([]objstore.Pending, error)
 
 	mu      sync.Mutex
 	written map[string]objstore.Object // outputs written, which Stat finds
@@ -68,6 +69,13 @@ func (f *fakeStore) wrote(ctx context.Context, b, k string, meta map[string]stri
 }
 
 var _ Storage = (*fakeStore)(nil)
+
+func (f *fakeStore) Pending(ctx context.Context, b, k string) ([]objstore.Pending, error) {
+	if f.PendingFn == nil {
+		return nil, nil
+	}
+	return f.PendingFn(ctx, b, k)
+}
 
 func (f *fakeStore) Abort(ctx context.Context, b, k, id string) error {
 	if f.AbortFn == nil {
@@ -204,8 +212,7 @@ func TestRawUploadToRawIsCopiedServerSideNotConverted(t *testing.T) {
 	if got := strings.Join(*calls, ","); got != "open,copy images/disks/a.raw.raw" {
 		t.Errorf("storage calls %q, want one read for the hash and one server-side copy", got)
 	}
-	// The copy runs before the job has a scratch dir: its upload is noted
-	// nowhere, least of all in the working directory.
+	// The copy's upload is noted in the job's scratch, never elsewhere.
 	if _, err := os.Stat(uploadsNote); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("an upload note was written outside scratch: %v", err)
 	}
@@ -356,7 +363,7 @@ func TestScratchOfADeadProcessIsSweptAndALiveJobsIsKept(t *testing.T) {
 	if err := os.WriteFile(dead+"/"+lockName, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	removed, _ := sweepScratch(scratch, time.Now())
+	removed, _, _ := sweepScratch(scratch, time.Now())
 	if len(removed) != 1 || !strings.HasSuffix(dead, removed[0]) {
 		t.Errorf("removed %v, want only %s", removed, dead)
 	}
@@ -403,9 +410,21 @@ func TestUploadsADeadJobStartedAreAbortedWithItsScratchAndNoOthers(t *testing.T)
 		t.Fatal(err)
 	}
 	for dir, id := range map[string]string{dead: "dead-upload", live: "live-upload"} {
+		if err := noteUpload(dir, notedUpload{Bucket: "images", Key: "a.vhdx.raw", Since: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
 		if err := noteUpload(dir, notedUpload{Bucket: "images", Key: "a.vhdx.raw", UploadID: id}); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// The dead job was starting a second upload when it died: the server
+	// made it, the note of its id never came.
+	since := time.Now()
+	if err := noteUpload(dead, notedUpload{Bucket: "images", Key: "b.vhdx.raw", Since: since}); err != nil {
+		t.Fatal(err)
+	}
+	if err := noteUpload(live, notedUpload{Bucket: "images", Key: "b.vhdx.raw", UploadID: "live-b"}); err != nil {
+		t.Fatal(err)
 	}
 	// A note its writer died in the middle of.
 	f, err := os.OpenFile(filepath.Join(dead, uploadsNote), os.O_APPEND|os.O_WRONLY, 0)
@@ -419,14 +438,43 @@ func TestUploadsADeadJobStartedAreAbortedWithItsScratchAndNoOthers(t *testing.T)
 	store := &fakeStore{AbortFn: func(_ context.Context, b, k, id string) error {
 		aborted = append(aborted, b+"/"+k+" "+id)
 		return nil
+	}, PendingFn: func(_ context.Context, b, k string) ([]objstore.Pending, error) {
+		if k != "b.vhdx.raw" {
+			return nil, nil
+		}
+		return []objstore.Pending{
+			{UploadID: "older-b", Initiated: since.Add(-time.Minute)},
+			{UploadID: "live-b", Initiated: since},
+			{UploadID: "unnamed-b", Initiated: since.Add(time.Millisecond)},
+		}, nil
 	}}
 	cfg := Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: scratch}
 	New(cfg, store, qemuimg.New(nil), &fakeReporter{}, nil, slog.New(slog.DiscardHandler))
 
-	if want := []string{"images/a.vhdx.raw dead-upload"}; !slices.Equal(aborted, want) {
-		t.Errorf("aborted %q, want only the dead job's upload %q", aborted, want)
+	if want := []string{"images/a.vhdx.raw dead-upload", "images/b.vhdx.raw unnamed-b"}; !slices.Equal(aborted, want) {
+		t.Errorf("aborted %q, want only the dead job's uploads %q", aborted, want)
 	}
 	if _, err := os.Stat(dead); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the dead job's scratch is still there: %v", err)
+	}
+}
+
+func TestAJobQueuedAgainCountsOnFromItsPriorAttempts(t *testing.T) {
+	body := bytes.Repeat([]byte{0x5a}, 1<<20)
+	store, _ := memStore("disks/a.raw", body, nil)
+	rep := &fakeReporter{}
+	h := newTestHandler(t, store, rep)
+	job := events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "disks/a.raw", ETag: "e1", Size: 1 << 20, PriorAttempts: 2}
+	out, err := h.Handle(context.Background(), job, 1, 4)
+	if err != nil || len(out) != 1 {
+		t.Fatalf("Handle = %v, %v", out, err)
+	}
+	var c events.Converted
+	if err := out[0].Event.DecodeData(events.TypeConverted, &c); err != nil {
+		t.Fatal(err)
+	}
+	last := rep.states[len(rep.states)-1]
+	if c.Attempt != 3 || last.State != events.StateReady || last.Attempt != 3 {
+		t.Errorf("attempt %d, last state %s at attempt %d; want attempt 3 (2 before it was queued again, then 1)", c.Attempt, last.State, last.Attempt)
 	}
 }

@@ -191,13 +191,14 @@ func (h *Handler) uploaded(ctx context.Context, j *job, d *disk, obj objstore.Ob
 // completes: that the input is still the version the job converted.
 //
 // The upload's id is noted in the job's scratch dir, for the sweep that
-// follows a process's death. A server-side copy (a raw upload, a
-// de-duplicated output) runs before the job has a scratch dir and is
-// noted nowhere: what such a copy leaves is the server's to expire.
+// follows a process's death.
 func (h *Handler) guard(j *job, key string) objstore.Guard {
 	g := objstore.Guard{Check: func(ctx context.Context) error { return h.stillCurrent(ctx, j) }}
-	if j.dir == "" {
-		return g
+	// The guard is made just before the write: noted now, the upload the
+	// write is about to start can be found even if the process dies before
+	// its id is known.
+	if err := noteUpload(j.dir, notedUpload{Bucket: h.cfg.OutputBucket, Key: key, Since: h.now()}); err != nil {
+		j.log.Warn("upload not noted in scratch; if this process dies, the server's expiry of stale uploads removes it", "output_key", key, "err", err)
 	}
 	g.Started = func(uploadID string) {
 		if err := noteUpload(j.dir, notedUpload{Bucket: h.cfg.OutputBucket, Key: key, UploadID: uploadID}); err != nil {

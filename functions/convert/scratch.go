@@ -50,12 +50,13 @@ func newJobDir(scratch string) (dir string, release func(), err error) {
 }
 
 // sweepScratch removes the job directories of processes that died, and
-// returns their names and the output uploads those jobs started (see
-// noteUpload), which only their writer could otherwise have aborted.
-func sweepScratch(scratch string, now time.Time) (removed []string, uploads []notedUpload) {
+// returns their names and the output uploads those jobs started, named or
+// not (see readUploadNotes), which only their writer could otherwise have
+// aborted.
+func sweepScratch(scratch string, now time.Time) (removed []string, uploads, unnamed []notedUpload) {
 	entries, err := os.ReadDir(scratch)
 	if err != nil {
-		return nil, nil
+		return nil, nil, nil
 	}
 	for _, e := range entries {
 		if !e.IsDir() || !strings.HasPrefix(e.Name(), jobDirPrefix) {
@@ -63,31 +64,35 @@ func sweepScratch(scratch string, now time.Time) (removed []string, uploads []no
 		}
 		dir := filepath.Join(scratch, e.Name())
 		if abandoned(dir, now) {
-			noted := readUploadNotes(dir)
+			named, waiting := readUploadNotes(dir)
 			removeSocketDir(dir)
 			if os.RemoveAll(dir) == nil {
 				removed = append(removed, e.Name())
-				uploads = append(uploads, noted...)
+				uploads = append(uploads, named...)
+				unnamed = append(unnamed, waiting...)
 			}
 		}
 	}
-	return removed, uploads
+	return removed, uploads, unnamed
 }
 
 // uploadsNote lists, in a job's scratch dir, the output uploads the job
-// started, a JSON object a line.
+// started, a JSON object a line: one line as an upload is about to start,
+// and one with its id as soon as the server has given it.
 const uploadsNote = "uploads"
 
-// notedUpload is one output upload a job started.
+// notedUpload is one output upload a job started. Without UploadID, it is
+// one about to start, at Since.
 type notedUpload struct {
-	Bucket   string `json:"bucket"`
-	Key      string `json:"key"`
-	UploadID string `json:"upload_id"`
+	Bucket   string    `json:"bucket"`
+	Key      string    `json:"key"`
+	UploadID string    `json:"upload_id,omitempty"`
+	Since    time.Time `json:"since,omitzero"`
 }
 
-// noteUpload records an upload the job in dir started, before any part of
-// it is sent: if the process dies mid-upload, the sweep that removes its
-// scratch aborts that upload, and no other writer's of the same key.
+// noteUpload records an upload of the job in dir: if the process dies
+// mid-upload, the sweep that removes its scratch aborts that upload, and
+// no other writer's of the same key.
 func noteUpload(dir string, u notedUpload) error {
 	line, err := json.Marshal(u)
 	if err != nil {
@@ -104,21 +109,51 @@ func noteUpload(dir string, u notedUpload) error {
 	return err
 }
 
-func readUploadNotes(dir string) []notedUpload {
+// readUploadNotes returns the uploads the job in dir named, and those it
+// was about to start but never named: a process killed between the
+// server creating an upload and the note of its id leaves one of those.
+func readUploadNotes(dir string) (named, unnamed []notedUpload) {
 	b, err := os.ReadFile(filepath.Join(dir, uploadsNote))
 	if err != nil {
-		return nil
+		return nil, nil
 	}
-	var out []notedUpload
+	// Each key is written by one upload at a time: an intent is named by
+	// the next line with an id for the same key.
+	waiting := map[string]notedUpload{}
 	for _, line := range bytes.Split(b, []byte("\n")) {
 		var u notedUpload
-		// A line cut short by the death of its writer is skipped: that
-		// upload was never told of, so nothing of it was sent either.
-		if json.Unmarshal(line, &u) == nil && u.UploadID != "" {
-			out = append(out, u)
+		// A line cut short by the death of its writer is skipped: its
+		// intent line came first, so the upload is still looked for.
+		if json.Unmarshal(line, &u) != nil {
+			continue
+		}
+		k := u.Bucket + "/" + u.Key
+		if u.UploadID == "" {
+			waiting[k] = u
+			continue
+		}
+		delete(waiting, k)
+		named = append(named, u)
+	}
+	for _, u := range waiting {
+		unnamed = append(unnamed, u)
+	}
+	return named, unnamed
+}
+
+// liveUploadIDs are the uploads that jobs still running in scratch named.
+func liveUploadIDs(scratch string) map[string]bool {
+	ids := map[string]bool{}
+	entries, _ := os.ReadDir(scratch)
+	for _, e := range entries {
+		if e.IsDir() && strings.HasPrefix(e.Name(), jobDirPrefix) {
+			named, _ := readUploadNotes(filepath.Join(scratch, e.Name()))
+			for _, u := range named {
+				ids[u.UploadID] = true
+			}
 		}
 	}
-	return out
+	return ids
 }
 
 func abandoned(dir string, now time.Time) bool {

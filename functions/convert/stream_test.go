@@ -310,7 +310,7 @@ func TestSweepRemovesTheSocketDirOfADeadJobAndNothingElse(t *testing.T) {
 			t.Fatalf("%s: %v", note, err)
 		}
 	}
-	if removed, _ := sweepScratch(scratch, time.Now()); len(removed) != 2 {
+	if removed, _, _ := sweepScratch(scratch, time.Now()); len(removed) != 2 {
 		t.Fatalf("removed %v, want both dead job dirs", removed)
 	}
 	if _, err := os.Stat(sockets); !os.IsNotExist(err) {

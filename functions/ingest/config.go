@@ -46,6 +46,11 @@ type Config struct {
 	ImportTimeout            time.Duration  `env:"IMAGEPIPE_IMPORT_TIMEOUT" envDefault:"6h"`
 	ImportIdleTimeout        time.Duration  `env:"IMAGEPIPE_IMPORT_IDLE_TIMEOUT" envDefault:"2m"`
 	ImportMaxConcurrent      int            `env:"IMAGEPIPE_IMPORT_MAX_CONCURRENT" envDefault:"4"`
+
+	// ReconcileStaleAfter is how long a non-final status may stand still,
+	// its job gone from the queue, before reconcile queues the job again.
+	// Zero means StaleBound of convert's AckWait and back-off.
+	ReconcileStaleAfter time.Duration `env:"IMAGEPIPE_RECONCILE_STALE_AFTER"`
 }
 
 // Defaults for a Config built in code rather than parsed from the
@@ -53,6 +58,9 @@ type Config struct {
 var (
 	DefaultExtensions   = []string{"vhdx", "avhdx", "vhd", "vpc", "vmdk", "qcow2", "qcow", "vdi", "img", "raw", "ova"}
 	DefaultMaxInputSize = int64(1 << 40)
+	// DefaultReconcileStaleAfter is StaleBound of convert's default
+	// AckWait (60s) and back-off (5m, 10m, 20m).
+	DefaultReconcileStaleAfter = StaleBound(time.Minute, []time.Duration{5 * time.Minute, 10 * time.Minute, 20 * time.Minute})
 )
 
 // compressionSuffixes may follow an allowed extension: convert
@@ -69,6 +77,9 @@ func (c Config) normalized() Config {
 	}
 	if c.MaxInputSize <= 0 {
 		c.MaxInputSize = DefaultMaxInputSize
+	}
+	if c.ReconcileStaleAfter <= 0 {
+		c.ReconcileStaleAfter = DefaultReconcileStaleAfter
 	}
 	return c
 }

@@ -76,6 +76,7 @@ type fakeStorage struct {
 	mu      sync.Mutex
 	objects map[string]objstore.Object // by bucket/key
 	bodies  map[string][]byte
+	tags    map[string]map[string]string // by bucket/key
 	stats   int
 }
 
@@ -141,11 +142,52 @@ func (f *fakeStorage) PutStream(_ context.Context, bucket, key string, r io.Read
 	return nil
 }
 
+func (f *fakeStorage) Tags(_ context.Context, bucket, key string) (map[string]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.objects[bucket+"/"+key]; !ok {
+		return nil, notFound(bucket, key)
+	}
+	return f.tags[bucket+"/"+key], nil
+}
+
 func (f *fakeStorage) has(bucket, key string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	_, ok := f.objects[bucket+"/"+key]
 	return ok
+}
+
+// fakeJobs is the job queue: the job ids it holds, and what was requeued.
+type fakeJobs struct {
+	mu       sync.Mutex
+	held     map[string]bool
+	seenIDs  map[string]bool // event ids within the duplicate window
+	requeued []events.Message
+}
+
+var _ JobQueue = (*fakeJobs)(nil)
+
+func (f *fakeJobs) JobIDs(context.Context) (map[string]bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := map[string]bool{}
+	for id, held := range f.held {
+		if held {
+			out[id] = true
+		}
+	}
+	return out, nil
+}
+
+func (f *fakeJobs) Requeue(_ context.Context, m events.Message) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.seenIDs[m.Event.ID] {
+		return true, nil
+	}
+	f.requeued = append(f.requeued, m)
+	return false, nil
 }
 
 // published records what a Publisher was given.

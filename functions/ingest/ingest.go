@@ -41,6 +41,8 @@ type Storage interface {
 	// partSize bounds the memory the upload buffers. The object appears
 	// only when r has been read to its end without an error.
 	PutStream(ctx context.Context, bucket, key string, r io.Reader, size int64, partSize uint64, meta map[string]string, ifAbsent bool) error
+	// Tags reads an object's tags; reconcile reads an output's sha256.
+	Tags(ctx context.Context, bucket, key string) (map[string]string, error)
 }
 
 // Publisher sends events to their streams with the event id as
@@ -49,11 +51,13 @@ type Storage interface {
 type Publisher func(ctx context.Context, msgs ...events.Message) error
 
 // Deps are the handler's collaborators. Status is required; Storage and
-// Publish are needed by everything beyond plain notifications.
+// Publish are needed by everything beyond plain notifications; without
+// Jobs, reconcile does not look for lost jobs.
 type Deps struct {
 	Status  StatusStore
 	Storage Storage
 	Publish Publisher
+	Jobs    JobQueue
 }
 
 // Handler is the ingest function: it turns notifications into jobs, and
@@ -214,7 +218,8 @@ func (h *Handler) refuse(ctx context.Context, c candidate, jobID, eventID string
 		Bucket: c.Bucket, Key: c.Key, JobID: jobID, State: events.StateFailed, Phase: fe.Phase,
 		Message: data.Message, Suggestion: fe.Suggestion, Attempt: 1, UpdatedAt: h.now().UTC(),
 	}
-	if err := h.deps.Status.Set(ctx, st); err != nil {
+	// A repeated notification finds its refusal recorded already.
+	if err := h.deps.Status.Set(ctx, st); err != nil && !errors.Is(err, status.ErrNotForward) {
 		return events.Message{}, failure.Retryable(events.PhaseIntake, err, "")
 	}
 	ev, err := events.New(eventID, events.TypeFailed, Source, c.Key, h.now(), data)

@@ -14,49 +14,85 @@ import (
 
 const maxReportedKeys = 100
 
-// Reconcile lists the input bucket (under prefix, if set) and queues every
-// eligible object that no notification brought in: events are hints, and
-// MinIO can lose one (its in-memory queue on a crash, a full queue store,
-// a target down at start). An object is queued when it has no status
-// record, or when its record is of another job and older than the object:
-// an overwrite whose notification was lost. A re-convert's record is newer
-// than its object, so it is left alone.
-//
-// The job is the one the notification would have made (same identity, same
-// event id), so if the notification does arrive, JetStream's duplicate
-// window or the status record makes the second one harmless.
+// Reconcile lists the input bucket (under prefix, if set) and heals every
+// upload that would otherwise never end, with the configured staleness
+// bound (see ReconcileWith).
 func (h *Handler) Reconcile(ctx context.Context, prefix string) (events.ReconcileResult, error) {
+	return h.ReconcileWith(ctx, prefix, h.cfg.ReconcileStaleAfter)
+}
+
+// HandleReconcile answers a reconcile request.
+func (h *Handler) HandleReconcile(ctx context.Context, req events.ReconcileRequest) (events.ReconcileResult, error) {
+	staleAfter := h.cfg.ReconcileStaleAfter
+	if req.StaleAfter != "" {
+		d, err := time.ParseDuration(req.StaleAfter)
+		if err != nil || d < 0 {
+			return events.ReconcileResult{}, requestErrorf("reconcile: stale_after %q is not a duration of zero or more, such as 20m (IMAGEPIPE_RECONCILE_STALE_AFTER)", req.StaleAfter)
+		}
+		staleAfter = d
+	}
+	return h.ReconcileWith(ctx, req.Prefix, staleAfter)
+}
+
+// ReconcileWith lists the input bucket (under prefix, if set) and heals
+// each eligible object that would otherwise never end:
+//
+//   - No status record, or a record of another job older than the object
+//     (an overwrite): its notification was lost, and it is queued. If its
+//     output is already complete, its READY record was what got lost, and
+//     READY is written back instead: nothing is converted twice.
+//   - A status in a non-final state (QUEUED … UPLOADING) that has stood
+//     still for longer than staleAfter, and whose job the queue no longer
+//     holds: its job message was lost, and the same job is queued again.
+//     A job in the queue is waiting, backing off, or on a replica, which
+//     renews its status as it progresses; such a job is never touched.
+//
+// A re-convert's record is newer than its object, so it is not taken for
+// an overwrite. Each job is the one ingest would have made (same identity,
+// same event id), so if the notification does arrive, JetStream's
+// duplicate window or the status record makes the second one harmless.
+func (h *Handler) ReconcileWith(ctx context.Context, prefix string, staleAfter time.Duration) (events.ReconcileResult, error) {
 	var res events.ReconcileResult
 	if h.deps.Storage == nil || h.deps.Publish == nil {
 		return res, errors.New("reconcile: no storage or publisher configured")
 	}
+	var stuck []stuck
 	for _, p := range h.listPrefixes(prefix) {
 		for obj, err := range h.deps.Storage.List(ctx, h.cfg.InputBucket, p) {
 			if err != nil {
 				return res, fmt.Errorf("reconcile: list %s/%s: %w", h.cfg.InputBucket, p, err)
 			}
 			res.Listed++
-			msgs, err := h.reconcileObject(ctx, obj)
+			out, err := h.reconcileObject(ctx, obj, staleAfter)
 			if err != nil {
 				return res, fmt.Errorf("reconcile %s/%s: %w", obj.Bucket, obj.Key, err)
 			}
-			if len(msgs) == 0 {
+			switch {
+			case out.stuck != nil:
+				stuck = append(stuck, *out.stuck)
+				continue
+			case out.restored:
+				res.Restored++
+				res.Keys = appendKey(res.Keys, obj.Key)
+				continue
+			case len(out.msgs) == 0:
 				continue
 			}
-			if err := h.deps.Publish(ctx, msgs...); err != nil {
+			if err := h.deps.Publish(ctx, out.msgs...); err != nil {
 				return res, fmt.Errorf("reconcile %s/%s: %w", obj.Bucket, obj.Key, err)
 			}
-			if msgs[0].Subject == events.SubjectFailed {
+			if out.msgs[0].Subject == events.SubjectFailed {
 				res.Refused++
 			} else {
 				res.Queued++
 			}
-			if len(res.Keys) < maxReportedKeys {
-				res.Keys = append(res.Keys, obj.Key)
-			}
+			res.Keys = appendKey(res.Keys, obj.Key)
 		}
 	}
-	return res, nil
+	if h.deps.Jobs == nil {
+		return res, nil
+	}
+	return res, h.healStuck(ctx, stuck, &res)
 }
 
 // listPrefixes narrows the listing to the configured prefixes, so a bucket
@@ -68,26 +104,46 @@ func (h *Handler) listPrefixes(prefix string) []string {
 	return h.cfg.Prefixes
 }
 
-func (h *Handler) reconcileObject(ctx context.Context, obj objstore.Object) ([]events.Message, error) {
+// objectOutcome is what reconcile decided for one object: messages to
+// publish, a READY restored, or a stuck status to check against the queue.
+type objectOutcome struct {
+	msgs     []events.Message
+	restored bool
+	stuck    *stuck
+}
+
+func (h *Handler) reconcileObject(ctx context.Context, obj objstore.Object, staleAfter time.Duration) (objectOutcome, error) {
 	c := candidate{Bucket: obj.Bucket, Key: obj.Key, Size: obj.Size, ETag: obj.ETag, VersionID: obj.VersionID, Metadata: obj.Metadata}
 	// Skips are not counted here: they were counted when their
 	// notification came, and a pass would count the whole bucket again.
 	if v := h.judge(c); v.skip != "" {
-		return nil, nil
+		return objectOutcome{}, nil
 	}
 	st, found, err := h.statusOf(ctx, obj.Bucket, obj.Key)
 	if err != nil {
-		return nil, err
+		return objectOutcome{}, err
 	}
 	identity := events.ObjectIdentity(c.Bucket, c.Key, c.VersionID, c.ETag)
-	if found && (st.JobID == events.JobIDFor(identity) || !obj.LastModified.After(st.UpdatedAt)) {
-		return nil, nil
+	ownJob := found && st.JobID == events.JobIDFor(identity)
+	reconverted := found && !ownJob && !obj.LastModified.After(st.UpdatedAt)
+	switch {
+	case (ownJob || reconverted) && h.stale(st, staleAfter):
+		return objectOutcome{stuck: &stuck{c: c, identity: identity, st: st}}, nil
+	case ownJob || reconverted:
+		return objectOutcome{}, nil
 	}
 	v, err := h.judgeStored(ctx, c)
 	if err != nil {
-		return nil, err
+		return objectOutcome{}, err
 	}
-	return h.act(ctx, c, v, "reconcile", h.log.With("bucket", c.Bucket, "key", c.Key))
+	if !found && v.skip == "" && v.refuse == nil {
+		restored, err := h.restoreReady(ctx, c, events.JobIDFor(identity), 0)
+		if err != nil || restored {
+			return objectOutcome{restored: restored}, err
+		}
+	}
+	msgs, err := h.act(ctx, c, v, ReasonReconcile, h.log.With("bucket", c.Bucket, "key", c.Key))
+	return objectOutcome{msgs: msgs}, err
 }
 
 // Lease grants the right to run one period's reconcile to one replica.
@@ -129,6 +185,6 @@ func (h *Handler) RunReconcile(ctx context.Context, every time.Duration, lease L
 			continue
 		}
 		h.log.Info("reconciled", "stage", "reconcile", "listed", res.Listed, "queued", res.Queued, "refused", res.Refused,
-			"keys", strings.Join(res.Keys, ","), "duration", h.now().Sub(start))
+			"requeued", res.Requeued, "restored", res.Restored, "keys", strings.Join(res.Keys, ","), "duration", h.now().Sub(start))
 	}
 }

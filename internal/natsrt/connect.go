@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -17,6 +18,12 @@ import (
 type Config struct {
 	URL   string `env:"IMAGEPIPE_NATS_URL" envDefault:"nats://127.0.0.1:4222"`
 	Creds string `env:"IMAGEPIPE_NATS_CREDS"`
+	// User and Password (read from the file IMAGEPIPE_NATS_PASSWORD_FILE
+	// names) sign in to URLs that carry no user of their own, so that a
+	// password mounted from a Kubernetes Secret never sits in the
+	// environment.
+	User     string `env:"IMAGEPIPE_NATS_USER"`
+	Password string `env:"IMAGEPIPE_NATS_PASSWORD_FILE,file"`
 	// CA is a PEM file of the CAs that sign the servers' certificates,
 	// for servers whose certificate the system roots do not vouch for.
 	// Setting it turns TLS on, as a tls:// URL does.
@@ -63,6 +70,12 @@ func (cfg Config) options() ([]nats.Option, error) {
 		}
 	}
 	var opts []nats.Option
+	if pw := strings.TrimRight(cfg.Password, "\r\n"); cfg.User != "" || pw != "" {
+		if err := secrets.Check("IMAGEPIPE_NATS_PASSWORD_FILE", pw); err != nil {
+			return nil, fmt.Errorf("nats: %w", err)
+		}
+		opts = append(opts, nats.UserInfo(cfg.User, pw))
+	}
 	if cfg.Creds != "" {
 		opts = append(opts, nats.UserCredentials(cfg.Creds))
 	}

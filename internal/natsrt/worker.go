@@ -227,11 +227,7 @@ func (w *Worker) settle(ctx, jobCtx context.Context, msg jetstream.Msg, d Delive
 	}
 	switch {
 	case herr == nil:
-		actx, cancel := context.WithTimeout(pctx, 10*time.Second)
-		defer cancel()
-		if err := msg.DoubleAck(actx); err != nil {
-			w.log.Warn("ack failed; message may be redelivered", "err", err)
-		}
+		w.ack(pctx, msg)
 		return OutcomeAcked
 	case cancelled:
 		w.term(msg, failure.ErrCancelled.Error())
@@ -247,6 +243,44 @@ func (w *Worker) settle(ctx, jobCtx context.Context, msg jetstream.Msg, d Delive
 	w.log.Info("retrying later", "err", herr, "attempt", d.Attempt, "delay", delay)
 	w.nak(msg, delay)
 	return OutcomeRetried
+}
+
+// ackTry bounds one attempt to have an ack confirmed.
+const ackTry = 5 * time.Second
+
+// ack acknowledges a finished message and waits for the server to confirm
+// it. While the stream's leader changes nobody answers for a few seconds,
+// and an ack lost then makes the server hand the finished job out again:
+// so the ack is sent again, with back-off, until it is confirmed or AckWait
+// has passed (the server has redelivered the message by then, and the next
+// delivery finds the work done). It logs once, with the outcome.
+func (w *Worker) ack(ctx context.Context, msg jetstream.Msg) {
+	deadline := time.Now().Add(w.binding.AckWait)
+	backoff := 100 * time.Millisecond
+	for tries := 1; ; tries++ {
+		actx, cancel := context.WithTimeout(ctx, min(ackTry, max(time.Until(deadline), time.Millisecond)))
+		err := msg.DoubleAck(actx)
+		cancel()
+		switch {
+		case err == nil && tries > 1:
+			w.log.Info("ack confirmed after the server did not answer", "tries", tries)
+			return
+		case err == nil:
+			return
+		case !ackMayPass(err) || time.Until(deadline) <= backoff:
+			w.log.Warn("ack failed; message may be redelivered", "err", err, "tries", tries)
+			return
+		}
+		sleep(ctx, backoff)
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+// ackMayPass reports whether an ack failed only because no server answered
+// in time, as while a stream elects a new leader or a server restarts.
+func ackMayPass(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, nats.ErrNoResponders)
 }
 
 func (w *Worker) nak(msg jetstream.Msg, delay time.Duration) {

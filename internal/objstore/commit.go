@@ -135,3 +135,24 @@ func (s *Store) Abort(ctx context.Context, bucket, key, uploadID string) error {
 func uploadGone(err error) bool {
 	return IsNotFound(err) || errorResponse(err).Code == "NoSuchUpload"
 }
+
+// Pending is a multipart upload not yet completed or aborted.
+type Pending struct {
+	UploadID  string
+	Initiated time.Time
+}
+
+// Pending lists the uploads of exactly key that are not yet completed or
+// aborted.
+func (s *Store) Pending(ctx context.Context, bucket, key string) ([]Pending, error) {
+	var out []Pending
+	for u := range s.client.ListIncompleteUploads(ctx, bucket, key, false) {
+		if u.Err != nil {
+			return nil, fmt.Errorf("list uploads of %s/%s: %w", bucket, key, u.Err)
+		}
+		if u.Key == key {
+			out = append(out, Pending{UploadID: u.UploadID, Initiated: u.Initiated})
+		}
+	}
+	return out, nil
+}

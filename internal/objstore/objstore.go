@@ -11,6 +11,7 @@ import (
 	"io"
 	"iter"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/imagepipe/imagepipe/internal/secrets"
@@ -27,6 +28,12 @@ type Config struct {
 	SecretKey string `env:"IMAGEPIPE_S3_SECRET_KEY"`
 	Secure    bool   `env:"IMAGEPIPE_S3_SECURE" envDefault:"false"`
 	Region    string `env:"IMAGEPIPE_S3_REGION"`
+
+	// The same keys read from files (a mounted Kubernetes Secret), so
+	// they need not sit in the environment; used when
+	// IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY are empty.
+	AccessKeyFromFile string `env:"IMAGEPIPE_S3_ACCESS_KEY_FILE,file"`
+	SecretKeyFromFile string `env:"IMAGEPIPE_S3_SECRET_KEY_FILE,file"`
 }
 
 // Upload tuning: large parts in parallel, and a CRC32C trailer instead of
@@ -52,8 +59,14 @@ func New(cfg Config) (*Store, error) {
 	if cfg.Endpoint == "" {
 		return nil, errors.New("s3: endpoint is empty (set IMAGEPIPE_S3_ENDPOINT)")
 	}
+	if cfg.AccessKey == "" {
+		cfg.AccessKey = strings.TrimRight(cfg.AccessKeyFromFile, "\r\n")
+	}
+	if cfg.SecretKey == "" {
+		cfg.SecretKey = strings.TrimRight(cfg.SecretKeyFromFile, "\r\n")
+	}
 	if cfg.AccessKey == "" || cfg.SecretKey == "" {
-		return nil, errors.New("s3: credentials missing (set IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY)")
+		return nil, errors.New("s3: credentials missing (set IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY, or IMAGEPIPE_S3_ACCESS_KEY_FILE and IMAGEPIPE_S3_SECRET_KEY_FILE)")
 	}
 	if err := secrets.CheckS3(cfg.Endpoint, cfg.AccessKey, cfg.SecretKey); err != nil {
 		return nil, fmt.Errorf("s3: %w", err)

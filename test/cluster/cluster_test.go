@@ -254,9 +254,9 @@ func TestClusterConvertsEveryImageExactlyOnceThroughCrashes(t *testing.T) {
 				t.Fatalf("%s ended %s: %s: %s", st.Key, st.State, st.Phase, st.Message)
 			}
 			if st.State == events.StateReady {
-				if last[st.Key] != events.StateReady {
-					readyTransitions[st.Key]++
-				}
+				// Every READY write counts, one over another too: a watcher
+				// sees each of them as the image finishing.
+				readyTransitions[st.Key]++
 				if outputs[st.Key] == nil {
 					outputs[st.Key] = map[string]bool{}
 				}
@@ -309,6 +309,14 @@ func TestClusterConvertsEveryImageExactlyOnceThroughCrashes(t *testing.T) {
 			t.Errorf("%s: READY records name outputs %v, want only %s/%s.raw", key, got, outBucket, key)
 		}
 	}
+	// A delivery that finds its job's output done reports it without
+	// converting: only a conversion logs "converted".
+	conversions := conversionsLogged(t, logs)
+	for key := range want {
+		if n := conversions[key]; n != 1 {
+			t.Errorf("%s was converted %d times, want exactly once", key, n)
+		}
+	}
 	checkResults(ctx, t, js, want)
 	checkOutputs(ctx, t, s3, want)
 	// notify's memory of what it sent, and its watchdog lease, must survive
@@ -327,6 +335,34 @@ func TestClusterConvertsEveryImageExactlyOnceThroughCrashes(t *testing.T) {
 	}
 	t.Logf("%d images converted in %s through a SIGKILLed convert replica and a stopped NATS node; whole test %s",
 		numImages, converted.Round(time.Millisecond), time.Since(begin).Round(time.Millisecond))
+}
+
+// conversionsLogged counts, per input key, the jobs the convert replicas
+// logged as converted.
+func conversionsLogged(t *testing.T, logDir string) map[string]int {
+	t.Helper()
+	paths, err := filepath.Glob(filepath.Join(logDir, "convert-*.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := map[string]int{}
+	for _, path := range paths {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range strings.Lines(string(b)) {
+			if !strings.Contains(line, " msg=converted ") {
+				continue
+			}
+			for field := range strings.FieldsSeq(line) {
+				if key, ok := strings.CutPrefix(field, "key="); ok {
+					n[key]++
+				}
+			}
+		}
+	}
+	return n
 }
 
 func countReady(states map[string]events.State) int {
