@@ -44,16 +44,9 @@ func (s *Store) UploadGrowing(ctx context.Context, bucket, key string, src Growi
 // Any failure aborts this upload, and only this one.
 func (s *Store) uploadParts(ctx context.Context, bucket, key string, src Growing, size int64, meta map[string]string, progress io.Reader, guard Guard) (obj Object, err error) {
 	core := minio.Core{Client: s.client}
-	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", UserMetadata: map[string]string{}}
-	for k, v := range meta {
-		opts.UserMetadata[k] = v
-	}
-	// What PutObject sends for a CRC32C trailer: the server then checks
-	// every part against the checksum that follows its body.
-	opts.UserMetadata["X-Amz-Checksum-Algorithm"] = minio.ChecksumCRC32C.String()
-	uploadID, err := core.NewMultipartUpload(ctx, bucket, key, opts)
+	uploadID, err := startUpload(ctx, core, bucket, key, meta)
 	if err != nil {
-		return Object{}, fmt.Errorf("start: %w", err)
+		return Object{}, err
 	}
 	guard.started(uploadID)
 	defer func() {
@@ -104,14 +97,7 @@ feed:
 	}
 
 	// parts[n] is part n+1: already in the order S3 wants.
-	complete := make([]minio.CompletePart, count)
-	for i, p := range parts {
-		complete[i] = minio.CompletePart{PartNumber: p.PartNumber, ETag: p.ETag, ChecksumCRC32C: p.ChecksumCRC32C}
-	}
-	var done minio.PutObjectOptions
-	if crc, err := minio.ChecksumCRC32C.CompositeChecksum(parts); err == nil {
-		done.UserMetadata = map[string]string{minio.ChecksumCRC32C.Key(): crc.Encoded(), "X-Amz-Checksum-Type": "COMPOSITE"}
-	}
+	complete, done := completion(parts)
 	info, err := s.commit(ctx, core, bucket, key, uploadID, complete, done, guard)
 	if err != nil {
 		return Object{}, fmt.Errorf("complete: %w", err)
@@ -179,4 +165,34 @@ func (p *partReader) Read(b []byte) (int, error) {
 		p.trailer.Set(minio.ChecksumCRC32C.Key(), base64.StdEncoding.EncodeToString(p.crc.Sum(nil)))
 	}
 	return n, err
+}
+
+// startUpload starts a multipart upload of key with meta, its parts to be
+// sent with a CRC32C trailer (what PutObject declares for one: the server
+// then checks every part against the checksum that follows its body).
+func startUpload(ctx context.Context, core minio.Core, bucket, key string, meta map[string]string) (string, error) {
+	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", UserMetadata: map[string]string{}}
+	for k, v := range meta {
+		opts.UserMetadata[k] = v
+	}
+	opts.UserMetadata["X-Amz-Checksum-Algorithm"] = minio.ChecksumCRC32C.String()
+	uploadID, err := core.NewMultipartUpload(ctx, bucket, key, opts)
+	if err != nil {
+		return "", fmt.Errorf("start: %w", err)
+	}
+	return uploadID, nil
+}
+
+// completion is what completes an upload of parts, in order: the list S3
+// wants and the object's composite CRC32C.
+func completion(parts []minio.ObjectPart) ([]minio.CompletePart, minio.PutObjectOptions) {
+	complete := make([]minio.CompletePart, len(parts))
+	for i, p := range parts {
+		complete[i] = minio.CompletePart{PartNumber: p.PartNumber, ETag: p.ETag, ChecksumCRC32C: p.ChecksumCRC32C}
+	}
+	var done minio.PutObjectOptions
+	if crc, err := minio.ChecksumCRC32C.CompositeChecksum(parts); err == nil {
+		done.UserMetadata = map[string]string{minio.ChecksumCRC32C.Key(): crc.Encoded(), "X-Amz-Checksum-Type": "COMPOSITE"}
+	}
+	return complete, done
 }

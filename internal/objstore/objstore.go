@@ -186,14 +186,9 @@ func (s *Store) putStreamIfAbsent(ctx context.Context, bucket, key string, r io.
 	}
 	partSize = max(partSize, minPartSize)
 	core := minio.Core{Client: s.client}
-	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", UserMetadata: map[string]string{}}
-	for k, v := range meta {
-		opts.UserMetadata[k] = v
-	}
-	opts.UserMetadata["X-Amz-Checksum-Algorithm"] = minio.ChecksumCRC32C.String()
-	uploadID, err := core.NewMultipartUpload(ctx, bucket, key, opts)
+	uploadID, err := startUpload(ctx, core, bucket, key, meta)
 	if err != nil {
-		return fmt.Errorf("start: %w", err)
+		return err
 	}
 	defer func() {
 		if err != nil {
@@ -218,14 +213,7 @@ func (s *Store) putStreamIfAbsent(ctx context.Context, bucket, key string, r io.
 			break
 		}
 	}
-	complete := make([]minio.CompletePart, len(parts))
-	for i, p := range parts {
-		complete[i] = minio.CompletePart{PartNumber: p.PartNumber, ETag: p.ETag, ChecksumCRC32C: p.ChecksumCRC32C}
-	}
-	var done minio.PutObjectOptions
-	if crc, err := minio.ChecksumCRC32C.CompositeChecksum(parts); err == nil {
-		done.UserMetadata = map[string]string{minio.ChecksumCRC32C.Key(): crc.Encoded(), "X-Amz-Checksum-Type": "COMPOSITE"}
-	}
+	complete, done := completion(parts)
 	done.SetMatchETagExcept("*")
 	if _, err := core.CompleteMultipartUpload(ctx, bucket, key, uploadID, complete, done); err != nil {
 		return fmt.Errorf("complete: %w", err)
