@@ -310,11 +310,13 @@ func TestClusterConvertsEveryImageExactlyOnceThroughCrashes(t *testing.T) {
 		}
 	}
 	// A delivery that finds its job's output done reports it without
-	// converting: only a conversion logs "converted".
+	// converting: only a conversion logs "converted". The replica killed
+	// at a READY may die between recording it and logging the line, so a
+	// key may show none; the results and outputs below prove it converted.
 	conversions := conversionsLogged(t, logs)
 	for key := range want {
-		if n := conversions[key]; n != 1 {
-			t.Errorf("%s was converted %d times, want exactly once", key, n)
+		if n := conversions[key]; n > 1 {
+			t.Errorf("%s was converted %d times, want once", key, n)
 		}
 	}
 	checkResults(ctx, t, js, want)
