@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -23,8 +24,11 @@ import (
 func TestUploadWhoseQueuedJobIsLostEndsReadyOnceAfterReconcile(t *testing.T) {
 	stackEnv(t)
 	res := subscribeResults(t)
-	key := "e2e/reconcile-heal/queued/lost.qcow2"
-	path := smallQcow2(t, "lost.qcow2", 0x5a)
+	// A folder of its own each run: a repeated run (-count) must not find
+	// the last run's READY for the same content.
+	prefix := runPrefix("e2e/reconcile-heal/queued/")
+	key := prefix + "lost.qcow2"
+	path := runImage(t, "lost.qcow2", 0x5a)
 	want, _ := localRaw(t, path, "qcow2")
 	readies := countReady(t, key)
 
@@ -43,7 +47,7 @@ func TestUploadWhoseQueuedJobIsLostEndsReadyOnceAfterReconcile(t *testing.T) {
 	}
 
 	t.Setenv("IMAGEPIPE_RECONCILE_STALE_AFTER", "1s")
-	code, stdout, stderr := cli(t, "reconcile", "--prefix", "e2e/reconcile-heal/queued/")
+	code, stdout, stderr := cli(t, "reconcile", "--prefix", prefix)
 	if code != 0 || !strings.Contains(stdout, "healed: requeued 1 (") || !strings.Contains(stdout, key) {
 		t.Fatalf("reconcile: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
@@ -56,7 +60,7 @@ func TestUploadWhoseQueuedJobIsLostEndsReadyOnceAfterReconcile(t *testing.T) {
 	}
 
 	// A second pass finds nothing to heal, and nothing converts twice.
-	code, stdout, _ = cli(t, "reconcile", "--prefix", "e2e/reconcile-heal/queued/")
+	code, stdout, _ = cli(t, "reconcile", "--prefix", prefix)
 	if code != 0 || !strings.Contains(stdout, "healed: requeued 0 (") || !strings.Contains(stdout, "restored 0 (") {
 		t.Errorf("second reconcile: exit %d, %q; want nothing healed", code, stdout)
 	}
@@ -80,8 +84,9 @@ func TestReconcileRestoresALostReadyFromItsOutputWithoutConvertingAgain(t *testi
 	stackEnv(t)
 	ctx := context.Background()
 	res := subscribeResults(t)
-	key := "e2e/reconcile-heal/restore/done.qcow2"
-	path := smallQcow2(t, "done.qcow2", 0x5b)
+	prefix := runPrefix("e2e/reconcile-heal/restore/")
+	key := prefix + "done.qcow2"
+	path := runImage(t, "done.qcow2", 0x5b)
 	upload(t, key, path, false)
 	c := awaitConverted(t, res, key)
 
@@ -95,7 +100,7 @@ func TestReconcileRestoresALostReadyFromItsOutputWithoutConvertingAgain(t *testi
 	readies := countReady(t, key)
 	before := settledJobs(t)
 
-	code, stdout, stderr := cli(t, "reconcile", "--prefix", "e2e/reconcile-heal/restore/")
+	code, stdout, stderr := cli(t, "reconcile", "--prefix", prefix)
 	if code != 0 || !strings.HasPrefix(stdout, "listed 1, queued 0, refused 0\n") || !strings.Contains(stdout, "healed: requeued 0 (") || !strings.Contains(stdout, "restored 1 (") {
 		t.Fatalf("reconcile: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
@@ -119,9 +124,9 @@ func TestReconcileNeverRequeuesASlowConversionWhoseStatusKeepsMoving(t *testing.
 	stackEnv(t)
 	ctx := context.Background()
 	res := subscribeResults(t)
-	prefix := "e2e/reconcile-heal/slow/"
+	prefix := runPrefix("e2e/reconcile-heal/slow/")
 	key := prefix + "slow.qcow2"
-	path := smallQcow2(t, "slow.qcow2", 0x5c)
+	path := runImage(t, "slow.qcow2", 0x5c)
 	want, _ := localRaw(t, path, "qcow2")
 
 	pauseStackConvert(t)
@@ -272,4 +277,21 @@ func countReady(t *testing.T, key string) *atomic.Int64 {
 	})
 	t.Cleanup(func() { _ = w.Stop(); wg.Wait() })
 	return &n
+}
+
+// runPrefix is a folder under base of this run's own.
+func runPrefix(base string) string {
+	return fmt.Sprintf("%s%d/", base, time.Now().UnixNano())
+}
+
+var runs atomic.Int64
+
+// runImage is a small qcow2 whose content no earlier run of the test in
+// this process has (the stack, and its record of converted content, is the
+// process's own), so that content de-duplication never answers for it.
+func runImage(t *testing.T, name string, pattern byte) string {
+	t.Helper()
+	path := smallQcow2(t, name, pattern)
+	runTool(t, "qemu-io", "-f", "qcow2", "-c", fmt.Sprintf("write -P 0x%02x 2M 64k", byte(runs.Add(1))), path)
+	return path
 }
