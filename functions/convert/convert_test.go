@@ -348,21 +348,28 @@ func TestShutdownMidJobRequeuesWithoutReporting(t *testing.T) {
 	}
 }
 
-func TestScratchOfADeadProcessIsSweptAndALiveJobsIsKept(t *testing.T) {
-	scratch := t.TempDir()
+// liveAndDeadJobDirs makes, in scratch, the dir of a job still running and
+// one whose lock nobody holds, as a killed process leaves.
+func liveAndDeadJobDirs(t *testing.T, scratch string) (live, dead string) {
+	t.Helper()
 	live, release, err := newJobDir(scratch)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer release()
-	// A job directory whose lock nobody holds, as a killed process leaves.
-	dead, err := os.MkdirTemp(scratch, jobDirPrefix)
+	t.Cleanup(release)
+	dead, err = os.MkdirTemp(scratch, jobDirPrefix)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(dead+"/"+lockName, nil, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dead, lockName), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	return live, dead
+}
+
+func TestScratchOfADeadProcessIsSweptAndALiveJobsIsKept(t *testing.T) {
+	scratch := t.TempDir()
+	live, dead := liveAndDeadJobDirs(t, scratch)
 	removed, _, _ := sweepScratch(scratch, time.Now())
 	if len(removed) != 1 || !strings.HasSuffix(dead, removed[0]) {
 		t.Errorf("removed %v, want only %s", removed, dead)
@@ -397,18 +404,7 @@ func TestJobNoDeliveryFinishedFailsForGoodWithAReport(t *testing.T) {
 
 func TestUploadsADeadJobStartedAreAbortedWithItsScratchAndNoOthers(t *testing.T) {
 	scratch := t.TempDir()
-	live, release, err := newJobDir(scratch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer release()
-	dead, err := os.MkdirTemp(scratch, jobDirPrefix)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dead, lockName), nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	live, dead := liveAndDeadJobDirs(t, scratch)
 	for dir, id := range map[string]string{dead: "dead-upload", live: "live-upload"} {
 		if err := noteUpload(dir, notedUpload{Bucket: "images", Key: "a.vhdx.raw", Since: time.Now()}); err != nil {
 			t.Fatal(err)
