@@ -12,16 +12,15 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/minio/minio-go/v7"
 	"github.com/nats-io/nats.go"
 
 	"github.com/imagepipe/imagepipe/events"
-	"github.com/imagepipe/imagepipe/internal/direct"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
 
@@ -30,14 +29,15 @@ import (
 type Config struct {
 	Dir    string // work space: images, MinIO data, scratch, all on one disk
 	Binary string // the imagepipe command
-	Reps   int    // repetitions of P1 and of each P2 image; medians are reported
+	Reps   int    // repetitions of each sparse image and of each small image; medians are reported
 
-	P1Virtual, P1Data int64
-	P2Images          int
-	P3Images          int
-	P3Concurrency     int
-	P4Sizes           []int64
-	P4Data            int64
+	LargeVirtual, LargeData           int64
+	VerySparseVirtual, VerySparseData int64
+	OverheadImages                    int
+	BurstImages                       int
+	BurstConcurrency                  int
+	MemorySizes                       []int64
+	MemoryData                        int64
 
 	Logf func(format string, args ...any)
 }
@@ -91,7 +91,27 @@ func NewRunner(ctx context.Context, cfg Config) (*Runner, error) {
 		r.Close()
 		return nil, err
 	}
+	if err := r.warmUp(ctx); err != nil {
+		r.Close()
+		return nil, fmt.Errorf("warm-up: %w", err)
+	}
 	return r, nil
+}
+
+// warmUp sends one mostly empty image through the pipeline before anything
+// is timed. Its upload writes the output bucket's zero object, which any
+// installation that has converted an image already has; otherwise the
+// first timed run would pay for it and its baseline would not.
+func (r *Runner) warmUp(ctx context.Context) error {
+	img, err := stack.Make(ctx, filepath.Join(r.cfg.Dir, "warmup"), "warmup", stack.Spec{Kind: stack.KindQcow2, Virtual: 512 << 20, Data: 1 << 20, Seed: 1}, false)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(img.Path)
+	if _, err := r.through(ctx, img, "bench/warmup/"+img.Key); err != nil {
+		return err
+	}
+	return r.removeAll(ctx, "bench/warmup/")
 }
 
 // Stages of one trip through the pipeline, as the report names them.
@@ -108,6 +128,11 @@ func (r *Runner) stages(key string, t trip) ([]time.Duration, error) {
 	if err != nil {
 		return nil, err
 	}
+	return r.stagesFrom(key, t, entered), nil
+}
+
+// stagesFrom splits a trip by the marks logMarksOf read for its key.
+func (r *Runner) stagesFrom(key string, t trip, entered map[string]time.Time) []time.Duration {
 	r.mu.Lock()
 	n := r.notified[key]
 	r.mu.Unlock()
@@ -122,18 +147,28 @@ func (r *Runner) stages(key string, t trip) ([]time.Duration, error) {
 			out[i] = marks[i+1].Sub(marks[i])
 		}
 	}
-	return out, nil
+	return out
 }
 
 // logMarks reads convert's JSON log for the first line of each stage of
 // the job on key.
 func (r *Runner) logMarks(key string) (map[string]time.Time, error) {
+	marks, err := r.logMarksOf([]string{key})
+	return marks[key], err
+}
+
+// logMarksOf reads convert's JSON log once for the first line of each
+// stage of the jobs on keys: key → stage → when.
+func (r *Runner) logMarksOf(keys []string) (map[string]map[string]time.Time, error) {
+	marks := make(map[string]map[string]time.Time, len(keys))
+	for _, k := range keys {
+		marks[k] = map[string]time.Time{}
+	}
 	f, err := os.Open(r.st.Procs["convert"].LogPath())
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	marks := map[string]time.Time{}
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -142,11 +177,15 @@ func (r *Runner) logMarks(key string) (map[string]time.Time, error) {
 			Key   string    `json:"key"`
 			Stage string    `json:"stage"`
 		}
-		if json.Unmarshal(sc.Bytes(), &line) != nil || line.Key != key || line.Stage == "" {
+		if json.Unmarshal(sc.Bytes(), &line) != nil || line.Stage == "" {
 			continue
 		}
-		if _, seen := marks[line.Stage]; !seen {
-			marks[line.Stage] = line.Time
+		m, ok := marks[line.Key]
+		if !ok {
+			continue
+		}
+		if _, seen := m[line.Stage]; !seen {
+			m[line.Stage] = line.Time
 		}
 	}
 	return marks, sc.Err()
@@ -251,8 +290,10 @@ func qemuConvert(ctx context.Context, src, format, dst string, flags ...string) 
 	return took, nil
 }
 
-// P1 is the large-image comparison.
-type P1 struct {
+// SparseImage compares the pipeline with the sequential baseline on one
+// sparse image: the large one, or the very sparse one.
+type SparseImage struct {
+	Name          string
 	Virtual, Data int64
 	Baseline      string
 	Pipeline      []time.Duration // upload complete → result event
@@ -288,12 +329,13 @@ func bigVHDX(ctx context.Context, path string, virtual, data int64) error {
 	return nil
 }
 
-// RunP1 converts the large image through the pipeline, the sequential
-// baseline and the bare stages, Reps times each, interleaved so that a
-// change in the machine's load touches all three alike.
-func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
-	p := &P1{Virtual: r.cfg.P1Virtual, Data: r.cfg.P1Data}
-	dir := filepath.Join(r.cfg.Dir, "p1")
+// RunSparse converts a sparse image of virtual bytes with data bytes of
+// data through the pipeline, the sequential baseline and the bare stages,
+// Reps times each, interleaved so that a change in the machine's load
+// touches all three alike. name tells its runs and keys apart.
+func (r *Runner) RunSparse(ctx context.Context, name string, virtual, data int64) (*SparseImage, error) {
+	p := &SparseImage{Name: name, Virtual: virtual, Data: data}
+	dir := filepath.Join(r.cfg.Dir, name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -313,7 +355,7 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 	}
 
 	for rep := range r.cfg.Reps {
-		key := fmt.Sprintf("bench/p1/%d/large.vhdx", rep)
+		key := fmt.Sprintf("bench/"+name+"/%d/large.vhdx", rep)
 		t, err := r.through(ctx, img, key)
 		if err != nil {
 			return nil, err
@@ -331,27 +373,27 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 		for i := range st {
 			p.Stages[i] = append(p.Stages[i], st[i])
 		}
-		r.logf("P1 rep %d: pipeline %s (notification %s)", rep, t.e2e.Round(time.Millisecond), t.notify.Round(time.Millisecond))
+		r.logf("%s rep %d: pipeline %s (notification %s)", name, rep, t.e2e.Round(time.Millisecond), t.notify.Round(time.Millisecond))
 
 		var after trip
 		err = r.withConvertEnv(ctx, "IMAGEPIPE_STREAM_OUTPUT", "false", "true", func() (err error) {
-			after, err = r.through(ctx, img, fmt.Sprintf("bench/p1/%d/after-conversion.vhdx", rep))
+			after, err = r.through(ctx, img, fmt.Sprintf("bench/"+name+"/%d/after-conversion.vhdx", rep))
 			return err
 		})
 		if err != nil {
 			return nil, err
 		}
 		p.AfterConversion = append(p.AfterConversion, after.e2e)
-		r.logf("P1 rep %d: pipeline uploading after conversion %s", rep, after.e2e.Round(time.Millisecond))
+		r.logf("%s rep %d: pipeline uploading after conversion %s", name, rep, after.e2e.Round(time.Millisecond))
 
 		// The baseline and the bare stages each read a copy uploaded just
 		// before, as the pipeline does: reading the pipeline's input again
 		// would find it in the page cache and flatter them.
-		seqKey, bareKey := fmt.Sprintf("bench/p1/%d/baseline-input.vhdx", rep), fmt.Sprintf("bench/p1/%d/bare-input.vhdx", rep)
+		seqKey, bareKey := fmt.Sprintf("bench/"+name+"/%d/baseline-input.vhdx", rep), fmt.Sprintf("bench/"+name+"/%d/bare-input.vhdx", rep)
 		if err := r.freshCopy(ctx, img, seqKey); err != nil {
 			return nil, err
 		}
-		stages, err := r.sequential(ctx, mc, seqKey, dir, rep)
+		stages, err := r.sequential(ctx, mc, seqKey, dir, name, rep)
 		if err != nil {
 			return nil, err
 		}
@@ -360,12 +402,12 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 		for i := range stages {
 			p.SeqStages[i] = append(p.SeqStages[i], stages[i])
 		}
-		r.logf("P1 rep %d: sequential baseline %s (%s + %s + %s)", rep, total.Round(time.Millisecond), stages[0].Round(time.Millisecond), stages[1].Round(time.Millisecond), stages[2].Round(time.Millisecond))
+		r.logf("%s rep %d: sequential baseline %s (%s + %s + %s)", name, rep, total.Round(time.Millisecond), stages[0].Round(time.Millisecond), stages[1].Round(time.Millisecond), stages[2].Round(time.Millisecond))
 
 		if err := r.freshCopy(ctx, img, bareKey); err != nil {
 			return nil, err
 		}
-		bare, upCPU, err := r.bareStages(ctx, bareKey, dir, rep)
+		bare, upCPU, err := r.bareStages(ctx, bareKey, dir, name, rep)
 		if err != nil {
 			return nil, err
 		}
@@ -373,7 +415,10 @@ func (r *Runner) RunP1(ctx context.Context) (*P1, error) {
 		for i := range bare {
 			p.Bare[i] = append(p.Bare[i], bare[i])
 		}
-		r.logf("P1 rep %d: bare stages %s + %s + %s", rep, bare[0].Round(time.Millisecond), bare[1].Round(time.Millisecond), bare[2].Round(time.Millisecond))
+		r.logf("%s rep %d: bare stages %s + %s + %s", name, rep, bare[0].Round(time.Millisecond), bare[1].Round(time.Millisecond), bare[2].Round(time.Millisecond))
+		if err := r.removeAll(ctx, fmt.Sprintf("bench/%s/%d/", name, rep), fmt.Sprintf("baseline/%s/%d/", name, rep), fmt.Sprintf("bare/%s/%d/", name, rep)); err != nil {
+			return nil, err
+		}
 	}
 	return p, nil
 }
@@ -401,23 +446,18 @@ func (r *Runner) withConvertEnv(ctx context.Context, key, value, restore string,
 // notification makes a job of it.
 func (r *Runner) freshCopy(ctx context.Context, img stack.Image, key string) error {
 	settleDisk()
-	_, err := r.store.UploadFile(ctx, stack.OutputBucket, key, img.Path, nil, nil)
+	_, err := storeZeros(ctx, r.store, stack.OutputBucket, key, img.Path, false)
 	return err
 }
 
-// settleDisk writes back what earlier runs left dirty, so that each timed
-// run starts with the disk idle rather than paying for its predecessor's
-// writeback.
-func settleDisk() { syscall.Sync() }
-
 // sequential is what one would do by hand, reading key in the output
 // bucket: download, convert, upload.
-func (r *Runner) sequential(ctx context.Context, mc, key, dir string, rep int) ([3]time.Duration, error) {
+func (r *Runner) sequential(ctx context.Context, mc, key, dir, name string, rep int) ([3]time.Duration, error) {
 	var d [3]time.Duration
 	in, out := filepath.Join(dir, "seq-input.vhdx"), filepath.Join(dir, "seq-output.raw")
 	defer os.Remove(in)
 	defer os.Remove(out)
-	outKey := fmt.Sprintf("baseline/p1/%d/large.vhdx.raw", rep)
+	outKey := fmt.Sprintf("baseline/%s/%d/large.vhdx.raw", name, rep)
 	if mc != "" {
 		access, secret := r.st.Credentials()
 		env := append(os.Environ(), "MC_HOST_bench=http://"+access+":"+secret+"@"+r.st.S3Endpoint())
@@ -460,80 +500,128 @@ func (r *Runner) sequential(ctx context.Context, mc, key, dir string, rep int) (
 // bareStages times each stage alone the way convert does it, reading key
 // in the output bucket: a streamed download, the same qemu-img command,
 // the same parallel upload.
-func (r *Runner) bareStages(ctx context.Context, key, dir string, rep int) ([3]time.Duration, cpuTime, error) {
+func (r *Runner) bareStages(ctx context.Context, key, dir, name string, rep int) ([3]time.Duration, cpuTime, error) {
 	var d [3]time.Duration
 	in, out := filepath.Join(dir, "bare-input.vhdx"), filepath.Join(dir, "bare-output.raw")
 	defer os.Remove(in)
 	defer os.Remove(out)
+	var err error
+	if d[0], err = r.bareDownload(ctx, key, in); err != nil {
+		return d, cpuTime{}, err
+	}
+	if d[1], err = bareConvert(ctx, in, "vhdx", out, dir); err != nil {
+		return d, cpuTime{}, err
+	}
+	cpu0 := readCPU(r.st.MinIOPid())
+	if d[2], err = r.bareUpload(ctx, out, fmt.Sprintf("bare/%s/%d/large.vhdx.raw", name, rep)); err != nil {
+		return d, cpuTime{}, err
+	}
+	return d, readCPU(r.st.MinIOPid()).sub(cpu0), nil
+}
+
+// bareDownload streams key in the output bucket into path as convert
+// downloads an input: written with O_DIRECT where the file system allows.
+func (r *Runner) bareDownload(ctx context.Context, key, path string) (time.Duration, error) {
 	start := time.Now()
 	rc, _, err := r.store.Open(ctx, stack.OutputBucket, key, "", "")
 	if err != nil {
-		return d, cpuTime{}, err
+		return 0, err
 	}
-	f, err := direct.Create(in)
-	if err == nil {
-		_, err = f.ReadFrom(rc)
-		if cerr := f.Close(); err == nil {
-			err = cerr
+	defer rc.Close()
+	f, err := scratch.Create(path)
+	if err != nil {
+		return 0, err
+	}
+	_, err = f.ReadFrom(rc)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return 0, fmt.Errorf("download %s: %w", key, err)
+	}
+	return time.Since(start), nil
+}
+
+// bareConvert runs convert's qemu-img command on in, with the cache modes
+// convert picks for dir.
+func bareConvert(ctx context.Context, in, format, out, dir string) (time.Duration, error) {
+	return qemuConvert(ctx, in, format, out, qemuimg.CacheArgs(scratch.Supported(dir))...)
+}
+
+// bareUpload stores the raw file at path under key in the output bucket
+// as convert uploads a raw output: parts that are holes copied from the
+// zero object, the rest sent.
+func (r *Runner) bareUpload(ctx context.Context, path, key string) (time.Duration, error) {
+	start := time.Now()
+	if _, err := storeZeros(ctx, r.store, stack.OutputBucket, key, path, true); err != nil {
+		return 0, err
+	}
+	return time.Since(start), nil
+}
+
+// removeAll deletes, from both buckets, every object under the prefixes:
+// a run's objects are not needed once it is measured, and keeping every
+// run's would fill the disk the next ones run on.
+func (r *Runner) removeAll(ctx context.Context, prefixes ...string) error {
+	for _, bucket := range []string{stack.InputBucket, stack.OutputBucket} {
+		for _, prefix := range prefixes {
+			objs := r.st.S3.ListObjects(ctx, bucket, minio.ListObjectsOptions{Prefix: prefix, Recursive: true})
+			for e := range r.st.S3.RemoveObjects(ctx, bucket, objs, minio.RemoveObjectsOptions{}) {
+				if e.Err != nil {
+					return fmt.Errorf("remove %s/%s: %w", bucket, e.ObjectName, e.Err)
+				}
+			}
 		}
 	}
-	rc.Close()
-	if err != nil {
-		return d, cpuTime{}, err
-	}
-	d[0] = time.Since(start)
-	if d[1], err = qemuConvert(ctx, in, "vhdx", out, qemuimg.CacheArgs(direct.Supported(dir))...); err != nil {
-		return d, cpuTime{}, err
-	}
-	start = time.Now()
-	cpu0 := readCPU(r.st.MinIOPid())
-	if _, err := r.store.UploadFile(ctx, stack.OutputBucket, fmt.Sprintf("bare/p1/%d/large.vhdx.raw", rep), out, nil, nil); err != nil {
-		return d, cpuTime{}, err
-	}
-	d[2] = time.Since(start)
-	cpu := readCPU(r.st.MinIOPid()).sub(cpu0)
-	return d, cpu, nil
+	return nil
 }
 
-// P2 is the overhead on small images.
-type P2 struct {
-	Images   int
-	E2E      []time.Duration // per image: median of Reps
-	Qemu     []time.Duration // qemu-img convert alone on the same file: median of Reps
-	Notify   []time.Duration // upload complete → notification on NATS
-	Overhead []time.Duration // E2E − Qemu
-	Own      []time.Duration // Overhead − Notify: what imagepipe itself adds
+// Overhead is the overhead on small images, per job: every repetition of
+// every image is one job.
+type Overhead struct {
+	Images, Jobs int
+	E2E          []time.Duration   // upload complete → result event
+	Qemu         []time.Duration   // qemu-img convert alone on the job's file: median of Reps
+	Notify       []time.Duration   // upload complete → notification on NATS
+	Overhead     []time.Duration   // E2E − Qemu
+	Own          []time.Duration   // Overhead − Notify: what imagepipe itself adds
+	Stages       [][]time.Duration // per stage (see Stages), per job
 }
 
-// p2Kinds are converted by qemu-img; raw and OVA uploads take other paths.
-var p2Kinds = []string{stack.KindVHDX, stack.KindVMDK, stack.KindQcow2, stack.KindVHD, stack.KindVDI, stack.KindVMDKStream}
+// smallKinds are converted by qemu-img; raw and OVA uploads take other paths.
+var smallKinds = []string{stack.KindVHDX, stack.KindVMDK, stack.KindQcow2, stack.KindVHD, stack.KindVDI, stack.KindVMDKStream}
 
 func (r *Runner) smallImages(ctx context.Context, name string, n int) ([]stack.Image, error) {
 	keys := make([]string, n)
 	specs := make([]stack.Spec, n)
 	for i := range n {
-		kind := p2Kinds[i%len(p2Kinds)]
+		kind := smallKinds[i%len(smallKinds)]
 		keys[i] = fmt.Sprintf("%s-%03d-%s", name, i, kind)
 		specs[i] = stack.Spec{Kind: kind, Virtual: int64(16+(i*29)%49) << 20, Data: int64(1+i%4) << 20, Seed: uint64(i + 1)}
 	}
 	return stack.MakeAll(ctx, filepath.Join(r.cfg.Dir, name), keys, specs, false)
 }
 
-// RunP2 sends small images one at a time, each Reps times.
-func (r *Runner) RunP2(ctx context.Context) (*P2, error) {
-	imgs, err := r.smallImages(ctx, "p2", r.cfg.P2Images)
+// RunOverhead sends small images one at a time, each Reps times, and
+// times qemu-img alone on each after each trip.
+func (r *Runner) RunOverhead(ctx context.Context) (*Overhead, error) {
+	imgs, err := r.smallImages(ctx, "overhead", r.cfg.OverheadImages)
 	if err != nil {
 		return nil, err
 	}
-	p := &P2{Images: len(imgs)}
-	tmp := filepath.Join(r.cfg.Dir, "p2", "out.raw")
+	p := &Overhead{Images: len(imgs)}
+	tmp := filepath.Join(r.cfg.Dir, "overhead", "out.raw")
+	var keys []string
+	var trips []trip
 	for i, img := range imgs {
 		var e2e, qemu, notify []time.Duration
 		for rep := range r.cfg.Reps {
-			t, err := r.through(ctx, img, fmt.Sprintf("bench/p2/%d/%s", rep, img.Key))
+			key := fmt.Sprintf("bench/overhead/%d/%s", rep, img.Key)
+			t, err := r.through(ctx, img, key)
 			if err != nil {
 				return nil, err
 			}
+			keys, trips = append(keys, key), append(trips, t)
 			e2e, notify = append(e2e, t.e2e), append(notify, t.notify)
 			q, err := qemuConvert(ctx, img.Path, img.Format, tmp, qemuimg.CacheArgs(false)...)
 			if err != nil {
@@ -542,110 +630,34 @@ func (r *Runner) RunP2(ctx context.Context) (*P2, error) {
 			qemu = append(qemu, q)
 			_ = os.Remove(tmp)
 		}
-		me, mq, mn := stack.Median(e2e), stack.Median(qemu), stack.Median(notify)
-		p.E2E, p.Qemu, p.Notify = append(p.E2E, me), append(p.Qemu, mq), append(p.Notify, mn)
-		p.Overhead = append(p.Overhead, me-mq)
-		p.Own = append(p.Own, me-mq-mn)
-		r.logf("P2 image %d (%s): end to end %s, qemu-img %s, notification %s", i, img.Spec.Kind, me.Round(time.Millisecond), mq.Round(time.Millisecond), mn.Round(time.Millisecond))
+		// qemu-img's own time on a file varies little; its median is
+		// what each of the image's jobs is measured against.
+		mq := stack.Median(qemu)
+		for j := range e2e {
+			p.E2E, p.Qemu, p.Notify = append(p.E2E, e2e[j]), append(p.Qemu, mq), append(p.Notify, notify[j])
+			p.Overhead = append(p.Overhead, e2e[j]-mq)
+			p.Own = append(p.Own, e2e[j]-mq-notify[j])
+		}
+		r.logf("overhead image %d (%s): end to end %s, qemu-img %s", i, img.Spec.Kind, list(e2e, msRound), mq.Round(time.Millisecond))
 	}
-	return p, nil
-}
-
-// P3 is burst throughput against qemu-img alone.
-type P3 struct {
-	Images, Concurrency int
-	Pipeline            []time.Duration // resume → last result
-	Qemu                []time.Duration // the same conversions, same concurrency, local files
-}
-
-// RunP3 queues a burst with convert paused, resumes it, and times the
-// burst's conversions; then runs qemu-img alone on the same files at the
-// same concurrency.
-func (r *Runner) RunP3(ctx context.Context) (*P3, error) {
-	imgs, err := r.smallImages(ctx, "p3", r.cfg.P3Images)
+	p.Jobs = len(p.E2E)
+	marks, err := r.logMarksOf(keys)
 	if err != nil {
 		return nil, err
 	}
-	p := &P3{Images: len(imgs), Concurrency: r.cfg.P3Concurrency}
-	conv := r.st.Procs["convert"]
-	conv.Stop(30 * time.Second)
-	conv.SetEnv("IMAGEPIPE_MAX_CONCURRENT_JOBS", strconv.Itoa(p.Concurrency))
-	if err := conv.Start(); err != nil {
-		return nil, err
+	p.Stages = make([][]time.Duration, len(Stages))
+	for j, key := range keys {
+		for i, d := range r.stagesFrom(key, trips[j], marks[key]) {
+			p.Stages[i] = append(p.Stages[i], d)
+		}
 	}
-	defer func() {
-		conv.Stop(30 * time.Second)
-		conv.SetEnv("IMAGEPIPE_MAX_CONCURRENT_JOBS", strconv.Itoa(convertConcurrency))
-		_ = conv.Start()
-	}()
-	if err := r.waitReplica(ctx); err != nil {
+	if err := r.removeAll(ctx, "bench/overhead/"); err != nil {
 		return nil, err
-	}
-	for rep := range r.cfg.Reps {
-		if err := r.ctl(ctx, "pause"); err != nil {
-			return nil, err
-		}
-		prefix := fmt.Sprintf("bench/p3/%d/", rep)
-		for _, img := range imgs {
-			img.Key = prefix + img.Key
-			if _, err := r.st.Upload(ctx, img); err != nil {
-				return nil, err
-			}
-		}
-		if err := r.waitQueued(ctx, len(imgs)); err != nil {
-			return nil, err
-		}
-		start := time.Now()
-		if err := r.ctl(ctx, "resume"); err != nil {
-			return nil, err
-		}
-		var last time.Time
-		for _, img := range imgs {
-			res, err := r.await(ctx, prefix+img.Key)
-			if err != nil {
-				return nil, err
-			}
-			if res.At.After(last) {
-				last = res.At
-			}
-		}
-		p.Pipeline = append(p.Pipeline, last.Sub(start))
-
-		q, err := qemuBurst(ctx, imgs, p.Concurrency, filepath.Join(r.cfg.Dir, "p3"))
-		if err != nil {
-			return nil, err
-		}
-		p.Qemu = append(p.Qemu, q)
-		r.logf("P3 rep %d: pipeline %s, qemu-img alone %s", rep, last.Sub(start).Round(time.Millisecond), q.Round(time.Millisecond))
 	}
 	return p, nil
 }
 
-func qemuBurst(ctx context.Context, imgs []stack.Image, concurrency int, dir string) (time.Duration, error) {
-	work := make(chan int)
-	errs := make(chan error, len(imgs))
-	var wg sync.WaitGroup
-	start := time.Now()
-	for range concurrency {
-		wg.Go(func() {
-			for i := range work {
-				out := filepath.Join(dir, fmt.Sprintf("burst-%d.raw", i))
-				if _, err := qemuConvert(ctx, imgs[i].Path, imgs[i].Format, out, qemuimg.CacheArgs(false)...); err != nil {
-					errs <- err
-				}
-				_ = os.Remove(out)
-			}
-		})
-	}
-	for i := range imgs {
-		work <- i
-	}
-	close(work)
-	wg.Wait()
-	took := time.Since(start)
-	close(errs)
-	return took, <-errs
-}
+func msRound(d time.Duration) string { return d.Round(time.Millisecond).String() }
 
 // ctl runs `imagepipe ctl VERB --function convert`.
 func (r *Runner) ctl(ctx context.Context, verb string) error {
@@ -678,7 +690,7 @@ func (r *Runner) waitReplica(ctx context.Context) error {
 func (r *Runner) waitQueued(ctx context.Context, n int) error {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		c, err := r.st.JS.Consumer(ctx, events.StreamJobs, "convert")
+		c, err := r.st.JS.Consumer(ctx, events.StreamJobs, events.ConsumerConvert)
 		if err != nil {
 			return err
 		}
@@ -696,18 +708,18 @@ func (r *Runner) waitQueued(ctx context.Context, n int) error {
 	}
 }
 
-// P4 is a convert replica's peak memory by image size.
-type P4 struct {
+// Memory is a convert replica's peak memory by image size.
+type Memory struct {
 	Data  int64
 	Sizes []int64
 	Peak  []int64 // VmHWM of a fresh replica after converting one image
 }
 
-// RunP4 converts one sparse image of each size, each on a freshly started
+// RunMemory converts one sparse image of each size, each on a freshly started
 // replica, and reads its peak RSS.
-func (r *Runner) RunP4(ctx context.Context) (*P4, error) {
-	p := &P4{Data: r.cfg.P4Data, Sizes: r.cfg.P4Sizes}
-	dir := filepath.Join(r.cfg.Dir, "p4")
+func (r *Runner) RunMemory(ctx context.Context) (*Memory, error) {
+	p := &Memory{Data: r.cfg.MemoryData, Sizes: r.cfg.MemorySizes}
+	dir := filepath.Join(r.cfg.Dir, "memory")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -724,7 +736,7 @@ func (r *Runner) RunP4(ctx context.Context) (*P4, error) {
 		if err := r.waitReplica(ctx); err != nil {
 			return nil, err
 		}
-		if _, err := r.through(ctx, img, "bench/p4/"+filepath.Base(img.Path)); err != nil {
+		if _, err := r.through(ctx, img, "bench/memory/"+filepath.Base(img.Path)); err != nil {
 			return nil, err
 		}
 		peak, err := conv.PeakRSS()
@@ -732,8 +744,11 @@ func (r *Runner) RunP4(ctx context.Context) (*P4, error) {
 			return nil, err
 		}
 		p.Peak = append(p.Peak, peak)
-		r.logf("P4 %d GiB virtual: convert peak RSS %d MiB", size>>30, peak>>20)
+		r.logf("memory %s virtual: convert peak RSS %d MiB", mib(size), peak>>20)
 		_ = os.Remove(img.Path)
+	}
+	if err := r.removeAll(ctx, "bench/memory/"); err != nil {
+		return nil, err
 	}
 	return p, nil
 }

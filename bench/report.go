@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -23,12 +24,16 @@ type Report struct {
 	Took    time.Duration
 	Machine Machine
 	Config  Config
-	P1      *P1
-	P2      *P2
-	P3      *P3
-	P4      *P4
-	Sync    *Sync
-	Micro   []Micro
+	// Large and VerySparse are the large sparse image and the very
+	// sparse large image, each against the sequential baseline.
+	Large      *SparseImage
+	VerySparse *SparseImage
+	Overhead   *Overhead
+	Burst      *Burst
+	Memory     *Memory
+	Sync       *Sync
+	ZeroParts  *ZeroParts
+	Micro      []Micro
 }
 
 // Machine is what the figures depend on.
@@ -174,51 +179,38 @@ func (r *Report) Write(w io.Writer) error {
 	p("Load average %s at the start, %s at the end: the machine is shared, so absolute times are noisy; ", m.LoadAvg, m.LoadEnd)
 	p("each comparison is between runs made side by side, interleaved repetition by repetition.\n\n")
 	p("Software: %s, MinIO %s, %s; one convert replica, MinIO with compression of `.raw` objects and its NATS notification target without a queue directory, as `imagepipe dev` runs them (with the queue of infra/minio/notify.env, each notification waits for a 3 s tick; see the README).\n\n", m.QemuImg, m.MinIO, m.Go)
-	p("Medians over %d repetitions. Sizes: P1 %s virtual with %s of data; P2 %d images; P3 %d images at %d jobs; P4 %s of data at %s virtual.\n\n",
-		r.Config.Reps, mib(r.Config.P1Virtual), mib(r.Config.P1Data), r.Config.P2Images, r.Config.P3Images, r.Config.P3Concurrency,
-		mib(r.Config.P4Data), strings.Join(mapSizes(r.Config.P4Sizes), " and "))
+	reps := "repetitions"
+	if r.Config.Reps == 1 {
+		reps = "repetition"
+	}
+	p("Medians over %d %s.%s\n\n", r.Config.Reps, reps, r.sizes())
 
-	p("## Headline\n\n| | measured | goal | |\n| --- | --- | --- | --- |\n")
-	if x := r.P1; x != nil {
-		pl, seq := stack.Median(x.Pipeline), stack.Median(x.Sequential)
-		bare := stack.Median(sum3(x.Bare))
-		p("| P1 large image: pipeline ÷ sequential baseline | %.2f× | ≤ 0.5× | %s |\n", ratio(pl, seq), verdict(ratio(pl, seq) <= 0.5))
-		p("| P1 large image: pipeline ÷ sum of its bare stages | %.2f× | — | |\n", ratio(pl, bare))
-		if len(x.AfterConversion) > 0 {
-			p("| P1 large image: pipeline ÷ the same uploading after conversion | %.2f× | — | |\n", ratio(pl, stack.Median(x.AfterConversion)))
-		}
-	}
-	if x := r.P2; x != nil {
-		over, own := stack.Median(x.Overhead), stack.Median(x.Own)
-		p("| P2 small images: overhead (end to end − qemu-img) ÷ end to end, p50 | %.2f× | — | |\n", ratio(over, stack.Median(x.E2E)))
-		p("| P2 small images: overhead p50 | %s (%s without MinIO's notification delay) | ≤ 250 ms | %s |\n", ms(over), ms(own), verdict(over <= 250*time.Millisecond))
-	}
-	if x := r.P3; x != nil {
-		tr := ratio(stack.Median(x.Qemu), stack.Median(x.Pipeline))
-		p("| P3 burst: pipeline throughput ÷ qemu-img alone, %d jobs | %.2f× | ≥ 0.8× | %s |\n", x.Concurrency, tr, verdict(tr >= 0.8))
-	}
-	if x := r.P4; x != nil && len(x.Peak) > 0 {
-		lo, hi := x.Peak[0], x.Peak[0]
-		for _, v := range x.Peak {
-			lo, hi = min(lo, v), max(hi, v)
-		}
-		flat := float64(x.Peak[len(x.Peak)-1]) / float64(x.Peak[0])
-		p("| P4 convert peak RSS, %s ÷ %s virtual | %.2f× (largest %s) | flat, < 100 MiB | %s |\n",
-			mib(x.Sizes[len(x.Sizes)-1]), mib(x.Sizes[0]), flat, mib(hi), verdict(flat <= 1.2 && hi < 100<<20))
-	}
-	for _, t := range syncTargets(r.Sync) {
-		p("| sync always: per-job JetStream writes ÷ default, %s | %.2f× | — | |\n", t.Name, ratio(stack.Median(t.Always.PerJob), stack.Median(t.Default.PerJob)))
+	p("## Headline\n\n")
+	p("Each figure against its baseline measured side by side in this run; a part not run (BENCH_ONLY) has no row.\n\n")
+	p("| | measured | target | | runs |\n| --- | --- | --- | --- | --- |\n")
+	for _, row := range r.headline() {
+		p("| %s | %s | %s | %s | %s |\n", row.what, row.measured, row.target, verdict(row.met), row.runs)
 	}
 	p("\n")
+	if others := r.otherRatios(); len(others) > 0 {
+		p("Other ratios from the same run, which explain the ones above:\n\n| | measured |\n| --- | --- |\n")
+		for _, o := range others {
+			p("| %s | %s |\n", o[0], o[1])
+		}
+		p("\n")
+	}
 
-	if x := r.P1; x != nil {
-		p("## P1: large image\n\n")
+	for _, x := range []*SparseImage{r.Large, r.VerySparse} {
+		if x == nil {
+			continue
+		}
+		p("## %s\n\n", capitalize(sparseTitle(x)))
 		p("A VHDX of %s virtual with %s written by qemu-io in 64 MiB patterned runs spread over the disk. ", mib(x.Virtual), mib(x.Data))
 		p("Pipeline: upload complete → result event (the upload itself is not counted in any column). ")
 		p("The pipeline, the baseline and the bare stages each read their own copy of the image, uploaded just before they run, so none finds it already in the page cache. ")
 		p("Sequential baseline: %s. ", x.Baseline)
 		p("The pipeline's stages are read from the line convert logs as a job enters each stage: notification (upload complete → MinIO's event on NATS), queue (→ download starts), download, inspect (the header and `qemu-img info`), convert (qemu-img; the raw output is hashed and uploaded at the same time, each part once qemu-img has written past it), verify (the size, and for qcow2 a re-inspection), upload (what remains of the upload once qemu-img is done), result (→ the result event). ")
-		p("Bare stages: what convert does, one at a time and without the pipeline: a streamed download written with O_DIRECT, the same `qemu-img convert -p -T none -t none -S 4k` (O_DIRECT on both files; `-t unsafe` where the scratch file system refuses O_DIRECT), and objstore's parallel upload (128 MiB parts, 4 at a time, CRC32C instead of payload SHA-256).\n\n")
+		p("Bare stages: what convert does, one at a time and without the pipeline: a streamed download written with O_DIRECT, the same `qemu-img convert -p -T none -t none -S 4k` (O_DIRECT on both files; `-t unsafe` where the scratch file system refuses O_DIRECT), and objstore's parallel upload (128 MiB parts, 4 at a time, CRC64NVME instead of payload SHA-256; parts that are holes copied server-side from the zero object).\n\n")
 		p("| | median | runs |\n| --- | --- | --- |\n")
 		p("| pipeline, end to end | %s | %s |\n", sec(stack.Median(x.Pipeline)), list(x.Pipeline, sec))
 		if len(x.AfterConversion) > 0 {
@@ -238,45 +230,28 @@ func (r *Report) Write(w io.Writer) error {
 			p("| bare: %s | %s | %s |\n", name, sec(stack.Median(x.Bare[i])), list(x.Bare[i], sec))
 		}
 		p("\n")
-		writeP1CPU(p, x, m.Cores)
+		writeSparseCPU(p, x, m.Cores)
 	}
-	if x := r.P2; x != nil {
-		p("## P2: small images\n\n")
-		p("%d images of 16–64 MiB virtual in the formats qemu-img converts (vhdx, vmdk, qcow2, vhd, vdi, streamOptimized vmdk), sent one at a time. ", x.Images)
-		p("Overhead is end to end minus `qemu-img convert` alone on the same file; it includes MinIO's notification delay ")
-		p("(upload complete → its event on NATS), shown apart.\n\n")
-		p("| | p50 | p95 |\n| --- | --- | --- |\n")
-		for _, row := range []struct {
-			name string
-			ds   []time.Duration
-		}{
-			{"end to end", x.E2E}, {"qemu-img alone", x.Qemu}, {"overhead", x.Overhead},
-			{"MinIO notification delay", x.Notify}, {"overhead without the notification delay", x.Own},
-		} {
-			p("| %s | %s | %s |\n", row.name, ms(stack.Percentile(row.ds, 50)), ms(stack.Percentile(row.ds, 95)))
-		}
-		p("\n")
+	if x := r.Overhead; x != nil {
+		writeOverhead(p, x, r.Config.Reps)
 	}
-	if x := r.P3; x != nil {
-		p("## P3: burst throughput\n\n")
-		p("%d images queued while convert was paused (`imagepipe ctl pause`), then resumed with IMAGEPIPE_MAX_CONCURRENT_JOBS=%d; timed from resume to the last result. ", x.Images, x.Concurrency)
-		p("qemu-img alone: the same %d conversions from local files, %d at a time.\n\n", x.Images, x.Concurrency)
-		pl, q := stack.Median(x.Pipeline), stack.Median(x.Qemu)
-		p("| | median | images/min | runs |\n| --- | --- | --- | --- |\n")
-		p("| pipeline | %s | %.0f | %s |\n", sec(pl), float64(x.Images)/pl.Minutes(), list(x.Pipeline, sec))
-		p("| qemu-img alone | %s | %.0f | %s |\n\n", sec(q), float64(x.Images)/q.Minutes(), list(x.Qemu, sec))
+	if x := r.Burst; x != nil {
+		writeBurst(p, x, m.Cores)
 	}
-	if x := r.P4; x != nil {
-		p("## P4: convert replica memory\n\n")
-		p("Peak resident set (VmHWM in /proc) of a freshly started convert process after converting one sparse qcow2 holding %s of data to raw; qemu-img runs in its own process and is not counted.\n\n", mib(x.Data))
-		p("| virtual size | peak RSS |\n| --- | --- |\n")
+	if x := r.Memory; x != nil {
+		p("## Convert replica peak memory\n\n")
+		p("Peak resident set (VmHWM in /proc) of a freshly started convert process after converting one sparse qcow2 holding %s of data to raw, one run per size; qemu-img runs in its own process and is not counted.\n\n", mib(x.Data))
+		p("| virtual size | peak RSS | ÷ at %s |\n| --- | --- | --- |\n", mib(x.Sizes[0]))
 		for i := range x.Peak {
-			p("| %s | %.1f MiB |\n", mib(x.Sizes[i]), float64(x.Peak[i])/(1<<20))
+			p("| %s | %.1f MiB | %.2f× |\n", mib(x.Sizes[i]), float64(x.Peak[i])/(1<<20), float64(x.Peak[i])/float64(x.Peak[0]))
 		}
 		p("\n")
 	}
 	if x := r.Sync; x != nil {
 		writeSync(p, x)
+	}
+	if x := r.ZeroParts; x != nil {
+		writeZeroParts(p, x)
 	}
 	if len(r.Micro) > 0 {
 		p("## Micro-benchmarks\n\n`go test -bench . ./bench` runs the same.\n\n| benchmark | ns/op | B/op | allocs/op |\n| --- | --- | --- | --- |\n")
@@ -287,6 +262,15 @@ func (r *Report) Write(w io.Writer) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// sparseTitle names a sparse image's figure after what it measures.
+func sparseTitle(x *SparseImage) string {
+	kind := "large sparse image"
+	if x.Name == "verysparse" {
+		kind = "very sparse large image"
+	}
+	return fmt.Sprintf("%s (%s virtual, %s of data)", kind, mib(x.Virtual), mib(x.Data))
 }
 
 func mapSizes(sizes []int64) []string {
@@ -313,10 +297,10 @@ func RunMicro(ctx context.Context, dir string) ([]Micro, error) {
 	return out, nil
 }
 
-// writeP1CPU says where P1's time goes: how busy the cores were and how
+// writeSparseCPU says where a sparse image's time goes: how busy the cores were and how
 // much of the work was MinIO's. No schedule of the same work can take
 // less than its CPU time divided by the cores.
-func writeP1CPU(p func(string, ...any), x *P1, cores int) {
+func writeSparseCPU(p func(string, ...any), x *SparseImage, cores int) {
 	if len(x.PipelineCPU) == 0 || cores < 1 {
 		return
 	}
@@ -379,3 +363,246 @@ func writeSync(p func(string, ...any), x *Sync) {
 }
 
 func msf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// headlineRow is one figure with its target.
+type headlineRow struct {
+	what, measured, target string
+	met                    bool
+	runs                   string
+}
+
+// headline is every figure with a target, each against the baseline
+// measured next to it.
+func (r *Report) headline() []headlineRow {
+	var rows []headlineRow
+	for _, s := range []struct {
+		x    *SparseImage
+		goal float64
+	}{{r.Large, 0.35}, {r.VerySparse, 0.15}} {
+		x := s.x
+		if x == nil {
+			continue
+		}
+		got := ratio(stack.Median(x.Pipeline), stack.Median(x.Sequential))
+		runs := make([]float64, len(x.Pipeline))
+		for i := range runs {
+			runs[i] = ratio(x.Pipeline[i], x.Sequential[i])
+		}
+		rows = append(rows, headlineRow{
+			what:     sparseTitle(x) + ": pipeline time ÷ sequential baseline's",
+			measured: fmt.Sprintf("%.2f×", got), target: fmt.Sprintf("≤ %.2f×", s.goal), met: got <= s.goal,
+			runs: ratios(runs),
+		})
+	}
+	if x := r.Overhead; x != nil {
+		runs := fmt.Sprintf("%d jobs: %d images × %d", x.Jobs, x.Images, r.Config.Reps)
+		for _, q := range []struct {
+			name  string
+			pct   float64
+			limit time.Duration
+		}{{"median", 50, 50 * time.Millisecond}, {"p95", 95, 100 * time.Millisecond}} {
+			got := stack.Percentile(x.Overhead, q.pct)
+			rows = append(rows, headlineRow{
+				what:     "per-job overhead on small images (end to end − qemu-img alone), " + q.name,
+				measured: ms(got), target: "≤ " + ms(q.limit), met: got <= q.limit, runs: runs,
+			})
+		}
+	}
+	if x := r.Burst; x != nil {
+		got := ratio(stack.Median(x.Bare), stack.Median(x.Pipeline))
+		rows = append(rows, headlineRow{
+			what:     burstTitle(x) + ": pipeline throughput ÷ bare stages'",
+			measured: fmt.Sprintf("%.2f×", got), target: "≥ 0.80×", met: got >= 0.8,
+			runs: ratios(x.Throughput()),
+		})
+	}
+	if x := r.Memory; x != nil && len(x.Peak) > 0 {
+		hi := slices.Max(x.Peak)
+		flat := float64(x.Peak[len(x.Peak)-1]) / float64(x.Peak[0])
+		peaks := make([]string, len(x.Peak))
+		for i, v := range x.Peak {
+			peaks[i] = fmt.Sprintf("%.0f MiB at %s", float64(v)/(1<<20), mib(x.Sizes[i]))
+		}
+		rows = append(rows, headlineRow{
+			what:     fmt.Sprintf("convert replica peak RSS, %s ÷ %s virtual", mib(x.Sizes[len(x.Sizes)-1]), mib(x.Sizes[0])),
+			measured: fmt.Sprintf("%.2f× (largest %.0f MiB)", flat, float64(hi)/(1<<20)),
+			target:   "flat (≤ 1.20×), every peak < 100 MiB", met: flat <= 1.2 && hi < 100<<20,
+			runs: strings.Join(peaks, ", "),
+		})
+	}
+	return rows
+}
+
+// otherRatios are the run's ratios without a target: they say where the
+// headline's figures come from.
+func (r *Report) otherRatios() [][2]string {
+	var out [][2]string
+	add := func(what, format string, args ...any) {
+		out = append(out, [2]string{what, fmt.Sprintf(format, args...)})
+	}
+	for _, x := range []*SparseImage{r.Large, r.VerySparse} {
+		if x == nil {
+			continue
+		}
+		pl := stack.Median(x.Pipeline)
+		add(sparseTitle(x)+": pipeline ÷ sum of its bare stages", "%.2f×", ratio(pl, stack.Median(sum3(x.Bare))))
+		if len(x.AfterConversion) > 0 {
+			add(sparseTitle(x)+": pipeline ÷ the same uploading after conversion", "%.2f×", ratio(pl, stack.Median(x.AfterConversion)))
+		}
+	}
+	if x := r.Overhead; x != nil {
+		add("per-job overhead on small images ÷ end to end, median", "%.2f×", ratio(stack.Median(x.Overhead), stack.Median(x.E2E)))
+		add("per-job overhead on small images without MinIO's notification delay, median and p95", "%s, %s", ms(stack.Median(x.Own)), ms(stack.Percentile(x.Own, 95)))
+	}
+	if x := r.Burst; x != nil && len(x.PipelineCPU) > 0 {
+		add(burstTitle(x)+": CPU of the pipeline's processes ÷ the bare stages'", "%.2f×", ratio(medianCPU(x.PipelineCPU, burstCPU.accounted), medianCPU(x.BareCPU, burstCPU.accounted)))
+	}
+	for _, t := range syncTargets(r.Sync) {
+		add("sync always: per-job JetStream writes ÷ default, "+t.Name, "%.2f×", ratio(stack.Median(t.Always.PerJob), stack.Median(t.Default.PerJob)))
+	}
+	return out
+}
+
+func ratios(fs []float64) string {
+	q := make([]string, len(fs))
+	for i, f := range fs {
+		q[i] = fmt.Sprintf("%.2f×", f)
+	}
+	return strings.Join(q, ", ")
+}
+
+// burstTitle names the burst's figure after what it measures.
+func burstTitle(x *Burst) string {
+	return fmt.Sprintf("burst of %d images (%s–%s virtual, %s–%s of data) at %d jobs per replica",
+		x.Images, mib(x.MinVirtual), mib(x.MaxVirtual), mib(x.MinData), mib(x.MaxData), x.Concurrency)
+}
+
+func medianCPU(cs []burstCPU, f func(burstCPU) time.Duration) time.Duration {
+	ds := make([]time.Duration, len(cs))
+	for i, c := range cs {
+		ds[i] = f(c)
+	}
+	return stack.Median(ds)
+}
+
+// writeBurst reports the burst: its runs, where the jobs' time went stage
+// by stage, and who used the CPU.
+func writeBurst(p func(string, ...any), x *Burst, cores int) {
+	p("## %s\n\n", capitalize(burstTitle(x)))
+	p("%d images in the formats qemu-img converts (vhdx, vmdk, qcow2, vhd, vdi, streamOptimized vmdk), their virtual sizes and data varied deterministically over the range, %s of data in all. ", x.Images, mib(x.TotalData))
+	p("Pipeline: the images queued while convert was paused (`imagepipe ctl pause`), then resumed on one replica with IMAGEPIPE_MAX_CONCURRENT_JOBS=%d; timed from resume to the last result. ", x.Concurrency)
+	p("Bare stages: fresh copies of the same images stored just before, then what convert does for each, without the pipeline, %d images at a time: a streamed download written with O_DIRECT, the same `qemu-img convert` command, and objstore's parallel upload (parts that are holes copied from the zero object); timed from the first download to the last upload. ", x.Concurrency)
+	p("Throughput is images per minute; the ratio is the pipeline's ÷ the bare stages', run by run.\n\n")
+	p("| | median | images/min | runs |\n| --- | --- | --- | --- |\n")
+	pl, bare := stack.Median(x.Pipeline), stack.Median(x.Bare)
+	p("| pipeline | %s | %.1f | %s |\n", sec(pl), float64(x.Images)/pl.Minutes(), list(x.Pipeline, sec))
+	p("| bare stages | %s | %.1f | %s |\n", sec(bare), float64(x.Images)/bare.Minutes(), list(x.Bare, sec))
+	p("| pipeline throughput ÷ bare stages' | %.2f× | | %s |\n\n", ratio(bare, pl), ratios(x.Throughput()))
+
+	p("### Where the time goes\n\n")
+	p("Time the jobs spent in each stage, summed over the images (so %d at a time add up to more than the wall time): the pipeline's from the lines convert logs as a job enters each stage (its convert stage also uploads the output as qemu-img writes it; upload is what remains after), the bare stages' timed around each step.\n\n", x.Concurrency)
+	p("| stage | summed, median | runs |\n| --- | --- | --- |\n")
+	for i, name := range BurstStages {
+		if i < len(x.PipelineStages) {
+			p("| pipeline: %s | %s | %s |\n", name, sec(stack.Median(x.PipelineStages[i])), list(x.PipelineStages[i], sec))
+		}
+	}
+	for i, name := range BareBurstStages {
+		p("| bare: %s | %s | %s |\n", name, sec(stack.Median(x.BareStages[i])), list(x.BareStages[i], sec))
+	}
+	p("\n")
+	if len(x.PipelineCPU) == 0 || cores < 1 {
+		return
+	}
+	p("CPU time from /proc over the same windows, by the process that used it (qemu-img counts once the process that started it has waited for it: convert's runs, or the bare stages'). Medians.\n\n")
+	p("| process | pipeline | bare stages |\n| --- | --- | --- |\n")
+	for _, c := range []struct {
+		name string
+		f    func(burstCPU) time.Duration
+	}{
+		{"qemu-img", func(c burstCPU) time.Duration { return c.qemu }},
+		{"convert replica", func(c burstCPU) time.Duration { return c.convert }},
+		{"ingest and notify", func(c burstCPU) time.Duration { return c.functions }},
+		{"MinIO", func(c burstCPU) time.Duration { return c.minio }},
+		{"bench process (embedded NATS server; for the bare stages also their download and upload)", func(c burstCPU) time.Duration { return c.bench }},
+		{"rest of the machine (other processes and the kernel's own work)", burstCPU.rest},
+		{"whole machine", func(c burstCPU) time.Duration { return c.machine }},
+	} {
+		p("| %s | %s | %s |\n", c.name, sec(medianCPU(x.PipelineCPU, c.f)), sec(medianCPU(x.BareCPU, c.f)))
+	}
+	machine := func(c burstCPU) time.Duration { return c.machine }
+	cpu, bcpu := medianCPU(x.PipelineCPU, machine), medianCPU(x.BareCPU, machine)
+	work := medianCPU(x.PipelineCPU, burstCPU.accounted)
+	floor := work / time.Duration(cores)
+	p("\nThe machine was %.0f%% busy over the pipeline's %s and %.0f%% over the bare stages' %s (%d cores). ",
+		100*cpu.Seconds()/(float64(cores)*pl.Seconds()), sec(pl), 100*bcpu.Seconds()/(float64(cores)*bare.Seconds()), sec(bare), cores)
+	p("The pipeline's processes used %s of CPU, %.2f× the bare stages' %s, so on %d cores no schedule of their work finishes in less than %s: at best %.2f× the bare stages' throughput; it reached %.2f×.\n\n",
+		sec(work), ratio(work, medianCPU(x.BareCPU, burstCPU.accounted)), sec(medianCPU(x.BareCPU, burstCPU.accounted)), cores, sec(floor), ratio(bare, floor), ratio(bare, pl))
+}
+
+func capitalize(s string) string {
+	if s == "" {
+		return s
+	}
+	return strings.ToUpper(s[:1]) + s[1:]
+}
+
+// writeOverhead reports the per-job overhead on small images, and the
+// stages its time goes to.
+func writeOverhead(p func(string, ...any), x *Overhead, reps int) {
+	p("## Per-job overhead on small images\n\n")
+	p("%d images of 16–64 MiB virtual in the formats qemu-img converts (vhdx, vmdk, qcow2, vhd, vdi, streamOptimized vmdk), each sent %s, one job at a time: %d jobs. ", x.Images, times(reps), x.Jobs)
+	p("A job's overhead is its end to end time (upload complete → result event) minus `qemu-img convert` alone on the same file (the median of the runs made after each of its jobs); it includes MinIO's notification delay ")
+	p("(upload complete → its event on NATS), shown apart. Percentiles are over the jobs.\n\n")
+	p("| | median | p95 |\n| --- | --- | --- |\n")
+	for _, row := range []struct {
+		name string
+		ds   []time.Duration
+	}{
+		{"end to end", x.E2E}, {"qemu-img alone", x.Qemu}, {"overhead", x.Overhead},
+		{"MinIO notification delay", x.Notify}, {"overhead without the notification delay", x.Own},
+	} {
+		p("| %s | %s | %s |\n", row.name, ms(stack.Percentile(row.ds, 50)), ms(stack.Percentile(row.ds, 95)))
+	}
+	if len(x.Stages) == len(Stages) {
+		p("\n### Where the time goes\n\n")
+		p("A job's time by stage, from the lines convert logs as it enters each (the convert stage holds qemu-img's run and the upload made while it writes; result is \"ready\" → the result event). The stages' medians need not add up to the end to end median.\n\n")
+		p("| stage | median | p95 |\n| --- | --- | --- |\n")
+		for i, name := range Stages {
+			p("| %s | %s | %s |\n", name, ms(stack.Percentile(x.Stages[i], 50)), ms(stack.Percentile(x.Stages[i], 95)))
+		}
+	}
+	p("\n")
+}
+
+// sizes says how large each part that ran was.
+func (r *Report) sizes() string {
+	c := r.Config
+	var parts []string
+	if r.Large != nil {
+		parts = append(parts, fmt.Sprintf("large sparse image %s virtual with %s of data", mib(c.LargeVirtual), mib(c.LargeData)))
+	}
+	if r.VerySparse != nil {
+		parts = append(parts, fmt.Sprintf("very sparse large image %s virtual with %s of data", mib(c.VerySparseVirtual), mib(c.VerySparseData)))
+	}
+	if r.Overhead != nil {
+		parts = append(parts, fmt.Sprintf("overhead %d small images", c.OverheadImages))
+	}
+	if r.Burst != nil {
+		parts = append(parts, fmt.Sprintf("burst %d images at %d jobs per replica", c.BurstImages, c.BurstConcurrency))
+	}
+	if r.Memory != nil {
+		parts = append(parts, fmt.Sprintf("memory %s of data at %s virtual", mib(c.MemoryData), strings.Join(mapSizes(c.MemorySizes), ", ")))
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return " Sizes: " + strings.Join(parts, "; ") + "."
+}
+
+func times(n int) string {
+	if n == 1 {
+		return "once"
+	}
+	return fmt.Sprintf("%d times", n)
+}

@@ -22,6 +22,49 @@ const (
 	StatusBucket = "imagepipe_status"
 )
 
+// The functions, each a process an operator runs as replicas. Each name is
+// also its durable consumer's, its NATS user's in infra/nats, and the
+// function part of its control subjects.
+const (
+	FunctionIngest  = "ingest"
+	FunctionConvert = "convert"
+	FunctionNotify  = "notify"
+)
+
+// Functions lists the functions in the order tables show them.
+func Functions() []string { return []string{FunctionIngest, FunctionConvert, FunctionNotify} }
+
+// Durable consumers, one per function, named after it: ingest reads
+// S3_EVENTS, convert JOBS, notify RESULTS. Monitoring (the stall watchdog,
+// `imagepipe ctl stats`, KEDA's lag trigger) looks them up by these names.
+const (
+	ConsumerIngest  = FunctionIngest
+	ConsumerConvert = FunctionConvert
+	ConsumerNotify  = FunctionNotify
+)
+
+// Key-value buckets besides StatusBucket. Their names are in the NATS
+// permissions an operator deploys (infra/nats/accounts.conf).
+const (
+	// DedupBucket maps content hashes to the output already made from them.
+	DedupBucket = "imagepipe_dedup"
+	// NotifyLedgerBucket records which result events notify has delivered.
+	NotifyLedgerBucket = "imagepipe_notify_ledger"
+	// WatchdogBucket holds the lease of notify's stall watchdog.
+	WatchdogBucket = "imagepipe_notify_watchdog"
+	// ReconcileLeaseBucket holds the lease of ingest's periodic reconcile.
+	ReconcileLeaseBucket = "imagepipe_reconcile_lease"
+)
+
+// CloudEvents sources of the events each function publishes.
+const (
+	SourceIngest  = "/imagepipe/ingest"
+	SourceConvert = "/imagepipe/convert"
+	// SourceWatchdog is notify's stall watchdog, the source of
+	// TypeStalled and TypeQueueRecover events.
+	SourceWatchdog = "imagepipe/notify/watchdog"
+)
+
 // Event types (the CloudEvents "type" attribute).
 const (
 	TypeConvertJob   = "io.imagepipe.job.convert"

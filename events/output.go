@@ -28,6 +28,21 @@ import (
 // reader refuses duplicates).
 const OVADisksSegment = ".ova-disks"
 
+// ReservedSegment is the folder, right under the output prefix in the
+// output bucket, where imagepipe keeps objects of its own that are not
+// outputs. It is under the output prefix (which ingest skips when both
+// buckets are one), and no input may have it as a segment
+// (HasReservedSegment): no output key falls in it.
+const ReservedSegment = ".imagepipe"
+
+// ZeroObjectKey is where the output bucket keeps its zero object, the
+// source raw outputs' runs of zeros are copied from server-side. prefix
+// is the configured output prefix. It ends in .raw so that a server that
+// compresses raw outputs compresses it too, to almost nothing.
+func ZeroObjectKey(prefix string) string {
+	return prefix + ReservedSegment + "/zeros.raw"
+}
+
 // ErrorPrefix holds the failure reports of inputs, in the input bucket;
 // ingest never takes anything under it in.
 const ErrorPrefix = "errors/"
@@ -53,10 +68,11 @@ func OVADiskKey(prefix, ovaKey, member, format string) string {
 }
 
 // HasReservedSegment reports whether key has a path segment reserved for
-// outputs, which no input may have.
+// outputs (OVADisksSegment) or for imagepipe's own objects
+// (ReservedSegment), which no input may have.
 func HasReservedSegment(key string) bool {
 	for _, seg := range strings.Split(key, "/") {
-		if seg == OVADisksSegment {
+		if seg == OVADisksSegment || seg == ReservedSegment {
 			return true
 		}
 	}

@@ -27,8 +27,17 @@ type Converted struct {
 	OutputFormat string `json:"output_format"`
 	OutputSize   int64  `json:"output_size"`
 	SHA256       string `json:"sha256"`
-	DurationMS   int64  `json:"duration_ms"`
-	Attempt      int    `json:"attempt"`
+	// CRC64NVME is the output's full-object CRC64NVME, base64 as S3
+	// writes it: what `aws s3api head-object --checksum-mode ENABLED`
+	// returns where the server keeps it, and the object's tag
+	// imagepipe-crc64nvme where it does not (an output with parts copied
+	// from the zero object). Empty on outputs made before it was kept.
+	CRC64NVME string `json:"crc64nvme,omitempty"`
+	// ZeroFraction is the fraction of the output's bytes that were runs
+	// of zeros copied server-side instead of sent, 0 to 1.
+	ZeroFraction float64 `json:"zero_fraction,omitempty"`
+	DurationMS   int64   `json:"duration_ms"`
+	Attempt      int     `json:"attempt"`
 	// DuplicateOf names the earlier output this one was copied from when
 	// the same content had already been converted ("bucket/key").
 	DuplicateOf string `json:"duplicate_of,omitempty"`

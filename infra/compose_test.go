@@ -8,13 +8,16 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/caarlos0/env/v11"
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
 
+	"github.com/imagepipe/imagepipe/functions/convert"
 	"github.com/imagepipe/imagepipe/internal/secrets"
 )
 
@@ -276,11 +279,18 @@ func TestComposeWiresEveryFunctionToTheWholeCluster(t *testing.T) {
 			if c := s.DependsOn["setup"].Condition; c != types.ServiceConditionCompletedSuccessfully {
 				t.Errorf("starts on setup %q, want it completed successfully", c)
 			}
-			if s.Restart != types.RestartPolicyOnFailure {
-				t.Errorf("restart %q", s.Restart)
+			// Back after a reboot: Docker restarts an on-failure container
+			// only if it exited non-zero, and a drained function exits 0.
+			if s.Restart != types.RestartPolicyUnlessStopped {
+				t.Errorf("restart %q, want unless-stopped", s.Restart)
 			}
-			if addr := s.Environment["IMAGEPIPE_METRICS_ADDR"]; addr == nil || !strings.Contains(strings.Join(s.HealthCheck.Test, " "), strings.TrimPrefix(*addr, ":")+"/healthz") {
-				t.Errorf("health check %v does not ask the metrics listener %v", s.HealthCheck.Test, addr)
+			// imagepipe healthcheck asks /readyz of IMAGEPIPE_METRICS_ADDR,
+			// which must then be set; the image has no curl.
+			if addr := s.Environment["IMAGEPIPE_METRICS_ADDR"]; addr == nil || *addr == "" {
+				t.Error("IMAGEPIPE_METRICS_ADDR not set: imagepipe healthcheck has nothing to ask")
+			}
+			if want := []string{"CMD", "imagepipe", "healthcheck"}; !slices.Equal(s.HealthCheck.Test, want) {
+				t.Errorf("health check %v, want %v", s.HealthCheck.Test, want)
 			}
 		})
 	}
@@ -407,5 +417,133 @@ func TestComposeMinIOUsersMatchTheFunctionsKeys(t *testing.T) {
 	}
 	if _, hasS3 := p.Services["notify"].Environment["IMAGEPIPE_S3_ACCESS_KEY"]; hasS3 {
 		t.Error("notify has S3 credentials it does not need")
+	}
+}
+
+// systemdBytes reads a systemd size such as 512M or 4G (powers of 1024).
+func systemdBytes(t *testing.T, v string) int64 {
+	t.Helper()
+	mult := map[string]int64{"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+	n, err := strconv.ParseInt(strings.TrimRight(v, "KMGT"), 10, 64)
+	m, ok := mult[v[len(v)-1:]]
+	if err != nil || !ok {
+		t.Fatalf("size %q: want a number and K, M, G or T", v)
+	}
+	return n * m
+}
+
+// systemdDuration reads a systemd time span such as 30min or 2min.
+func systemdDuration(t *testing.T, v string) time.Duration {
+	t.Helper()
+	d, err := time.ParseDuration(strings.ReplaceAll(v, "min", "m"))
+	if err != nil {
+		t.Fatalf("time span %q: %v", v, err)
+	}
+	return d
+}
+
+// TestComposeSandboxesEachImagepipeServiceAsItsSystemdUnit: the containers
+// get what the units of infra/systemd get: a read-only system with a
+// private /tmp, the scratch volume as convert's only other writable path,
+// no capabilities, no privileges to gain, and the same memory cap.
+func TestComposeSandboxesEachImagepipeServiceAsItsSystemdUnit(t *testing.T) {
+	p := loadCompose(t)
+	for _, name := range append(slices.Clone(functions), "setup") {
+		t.Run(name, func(t *testing.T) {
+			s := p.Services[name]
+			u := parseUnit(t, "systemd/imagepipe-"+name+".service")
+			if !s.ReadOnly {
+				t.Error("root file system is writable: want read_only: true")
+			}
+			if !slices.Contains(s.CapDrop, "ALL") || len(s.CapAdd) != 0 {
+				t.Errorf("cap_drop %v, cap_add %v: want every capability dropped", s.CapDrop, s.CapAdd)
+			}
+			if !slices.Contains(s.SecurityOpt, "no-new-privileges:true") {
+				t.Errorf("security_opt %v: want no-new-privileges:true", s.SecurityOpt)
+			}
+			if want := systemdBytes(t, u.get("Service", "MemoryMax")); int64(s.MemLimit) != want {
+				t.Errorf("mem_limit %d bytes, want the unit's MemoryMax, %d", s.MemLimit, want)
+			}
+			if name == "setup" {
+				return
+			}
+			if len(s.Tmpfs) != 1 || !strings.HasPrefix(s.Tmpfs[0], "/tmp:") || !strings.Contains(s.Tmpfs[0], "size=") {
+				t.Errorf("tmpfs %v: want a private /tmp of a bounded size, as PrivateTmp=yes", s.Tmpfs)
+			}
+			var writable []string
+			for _, v := range s.Volumes {
+				if !v.ReadOnly {
+					writable = append(writable, v.Target)
+				}
+			}
+			want := []string{}
+			if name == "convert" {
+				want = []string{*s.Environment["IMAGEPIPE_SCRATCH_DIR"]}
+			}
+			if !slices.Equal(writable, want) && !(len(writable) == 0 && len(want) == 0) {
+				t.Errorf("writable mounts %v, want %v", writable, want)
+			}
+		})
+	}
+}
+
+// TestComposeLetsEachFunctionDrainBeforeItIsKilled: `docker compose stop`
+// and a restart send SIGTERM, which drains; the grace period is the
+// systemd unit's TimeoutStopSec, and convert's covers a conversion of a
+// 25 GiB disk at the default time limit of qemu-img, far more than the
+// AckWait after which a job cut short goes to another replica.
+func TestComposeLetsEachFunctionDrainBeforeItIsKilled(t *testing.T) {
+	p := loadCompose(t)
+	var cfg convert.Config
+	if err := env.ParseWithOptions(&cfg, env.Options{Environment: map[string]string{}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range functions {
+		s := p.Services[name]
+		if s.StopGracePeriod == nil {
+			t.Errorf("%s: no stop_grace_period: Docker kills it 10s after SIGTERM, mid-job", name)
+			continue
+		}
+		grace := time.Duration(*s.StopGracePeriod)
+		u := parseUnit(t, "systemd/imagepipe-"+name+".service")
+		if want := systemdDuration(t, u.get("Service", "TimeoutStopSec")); grace != want {
+			t.Errorf("%s: stop_grace_period %s, want the unit's TimeoutStopSec, %s", name, grace, want)
+		}
+		if grace <= cfg.AckWait {
+			t.Errorf("%s: stop_grace_period %s is within IMAGEPIPE_ACK_WAIT (%s)", name, grace, cfg.AckWait)
+		}
+	}
+	grace := time.Duration(*p.Services["convert"].StopGracePeriod)
+	if limit := cfg.ConvertTimeoutBase + 25*cfg.ConvertTimeoutPerGiB; grace < limit {
+		t.Errorf("convert: stop_grace_period %s, shorter than qemu-img's limit for a 25 GiB disk, %s", grace, limit)
+	}
+}
+
+// TestComposeChecksHealthWithoutCurl: neither the imagepipe image nor
+// MinIO's has curl. MinIO's own image ships mc, whose `mc ready local`
+// asks /minio/health/cluster on the built-in alias for localhost:9000.
+func TestComposeChecksHealthWithoutCurl(t *testing.T) {
+	p := loadCompose(t)
+	for name, s := range p.Services {
+		if s.HealthCheck == nil {
+			continue
+		}
+		if slices.Contains(s.HealthCheck.Test, "curl") {
+			t.Errorf("%s: health check %v runs curl, which the image lacks", name, s.HealthCheck.Test)
+		}
+	}
+	m := p.Services["minio"]
+	if want := []string{"CMD", "mc", "ready", "local"}; !slices.Equal(m.HealthCheck.Test, want) {
+		t.Errorf("minio: health check %v, want %v", m.HealthCheck.Test, want)
+	}
+	if m.HealthCheck.Timeout == nil || m.HealthCheck.Interval == nil || m.HealthCheck.Retries == nil {
+		t.Error("minio: health check without timeout, interval and retries: mc ready waits as long as it is let")
+	}
+	dockerfile, err := os.ReadFile("../Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(dockerfile), " curl ") {
+		t.Error("the Dockerfile installs curl, which nothing needs")
 	}
 }

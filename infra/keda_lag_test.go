@@ -9,16 +9,20 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go/jetstream"
+	"sigs.k8s.io/yaml"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/setup"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // What KEDA's NATS JetStream scaler reads, as kedacore/keda's
@@ -67,8 +71,67 @@ type kedaJSZ struct {
 
 // kedaTrigger is the scaler metadata a ScaledObject gives for one function.
 type kedaTrigger struct {
-	Endpoint, Account, Stream, Consumer string
-	ActivationLagThreshold              int64
+	Endpoint, Account, Stream, Consumer  string
+	LagThreshold, ActivationLagThreshold int64
+}
+
+// scaledObjects is the file whose triggers the tests read, so that a
+// stream, consumer or account renamed there is read here as KEDA would.
+const scaledObjects = "../deploy/kubernetes/base/scaledobjects.yaml"
+
+// scaledObjectTrigger is the nats-jetstream trigger of the named
+// ScaledObject, with its monitoring endpoint pointed at the test's server.
+func scaledObjectTrigger(t *testing.T, name, endpoint string) kedaTrigger {
+	t.Helper()
+	b, err := os.ReadFile(scaledObjects)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for doc := range strings.SplitSeq(string(b), "\n---\n") {
+		var so struct {
+			Kind     string `json:"kind"`
+			Metadata struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+			Spec struct {
+				Triggers []struct {
+					Type     string            `json:"type"`
+					Metadata map[string]string `json:"metadata"`
+				} `json:"triggers"`
+			} `json:"spec"`
+		}
+		if err := yaml.Unmarshal([]byte(doc), &so); err != nil {
+			t.Fatalf("%s: %v", scaledObjects, err)
+		}
+		if so.Kind != "ScaledObject" || so.Metadata.Name != name {
+			continue
+		}
+		for _, tr := range so.Spec.Triggers {
+			if tr.Type != "nats-jetstream" {
+				continue
+			}
+			m := tr.Metadata
+			// The scaler's defaults for what a trigger leaves out.
+			k := kedaTrigger{Endpoint: endpoint, Account: m["account"], Stream: m["stream"], Consumer: m["consumer"], LagThreshold: 10}
+			for key, p := range map[string]*int64{"lagThreshold": &k.LagThreshold, "activationLagThreshold": &k.ActivationLagThreshold} {
+				if v, ok := m[key]; ok {
+					if *p, err = strconv.ParseInt(v, 10, 64); err != nil {
+						t.Fatalf("%s: %s: %s %q: %v", scaledObjects, name, key, v, err)
+					}
+				}
+			}
+			return k
+		}
+		t.Fatalf("%s: %s has no nats-jetstream trigger", scaledObjects, name)
+	}
+	t.Fatalf("%s: no ScaledObject %s", scaledObjects, name)
+	return kedaTrigger{}
+}
+
+// replicas is what the HPA KEDA feeds asks for at a reading, before the
+// ScaledObject's minimum and maximum: ceil(lag / lagThreshold).
+func (k kedaTrigger) replicas(r kedaReading) int64 {
+	return (r.Lag + k.LagThreshold - 1) / k.LagThreshold
 }
 
 // monitoringURL is getNATSJetStreamMonitoringURL with useHttps false.
@@ -142,7 +205,7 @@ func (k kedaTrigger) read(ctx context.Context) (kedaReading, error) {
 // the last reading when it does not within a deadline.
 func (k kedaTrigger) waitFor(t *testing.T, what string, want func(kedaReading) bool) kedaReading {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(20*time.Second))
 	defer cancel()
 	var last kedaReading
 	var lastErr error
@@ -167,6 +230,45 @@ func (k kedaTrigger) waitLag(t *testing.T, what string, pending, ackPending int6
 		func(r kedaReading) bool {
 			return r.Pending == pending && r.AckPending == ackPending && r.Lag == pending+ackPending && r.Active == (r.Lag > k.ActivationLagThreshold)
 		})
+}
+
+// releaseOneByOne lets held jobs finish one at a time, from left down to
+// none, and waits after each until the scaler sees the lag one less.
+func (k kedaTrigger) releaseOneByOne(t *testing.T, what string, release chan<- struct{}, left int64) {
+	t.Helper()
+	for left > 0 {
+		release <- struct{}{}
+		left--
+		k.waitFor(t, fmt.Sprintf("%s: want lag %d", what, left), func(r kedaReading) bool { return r.Lag == left })
+	}
+}
+
+// heldWorker makes the function's durable consumer, as its binding does at
+// start, with a handler that holds each message until the test sends on
+// the returned channel, so that the test decides what is in flight.
+func heldWorker(ctx context.Context, t *testing.T, js jetstream.JetStream, b natsrt.Binding) (*natsrt.Worker, chan<- struct{}) {
+	t.Helper()
+	release := make(chan struct{})
+	w, err := natsrt.NewWorker(ctx, js, b, func(ctx context.Context, _ []byte, _ natsrt.Delivery) ([]events.Message, error) {
+		select {
+		case <-release:
+			return nil, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w, release
+}
+
+// monitoredTrigger runs the project's NATS with its monitoring listener
+// on, and reads the named ScaledObject's trigger pointed at it.
+func monitoredTrigger(t *testing.T, scaledObject string) (*server.Options, kedaTrigger) {
+	t.Helper()
+	opts, endpoint := startMonitoredNATS(t)
+	return opts, scaledObjectTrigger(t, scaledObject, endpoint)
 }
 
 // startMonitoredNATS runs single.conf with its monitoring listener on, on
@@ -195,7 +297,7 @@ func startMonitoredNATS(t *testing.T) (*server.Options, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(30*time.Second))
 	defer cancel()
 	if _, err := setup.JetStream(ctx, js, setup.StreamConfig{}); err != nil {
 		t.Fatal(err)
@@ -233,9 +335,8 @@ func runWorker(t *testing.T, w *natsrt.Worker) {
 // paused replica leaves, one less per finished job, and 0 once drained.
 func TestKEDALagOfTheConvertQueueIsItsJobsWaitingAndInFlight(t *testing.T) {
 	const jobs, concurrency = 6, 2
-	opts, endpoint := startMonitoredNATS(t)
-	keda := kedaTrigger{Endpoint: endpoint, Account: "IMAGEPIPE", Stream: events.StreamJobs, Consumer: "convert"}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	opts, keda := monitoredTrigger(t, "imagepipe-convert")
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(60*time.Second))
 	defer cancel()
 
 	// Before convert first starts there is no consumer to read: the scaler
@@ -246,21 +347,10 @@ func TestKEDALagOfTheConvertQueueIsItsJobsWaitingAndInFlight(t *testing.T) {
 
 	// convert creates its durable consumer at start, as production's
 	// binding does; each job waits for the test to let it finish.
-	finish := make(chan struct{})
-	w, err := natsrt.NewWorker(ctx, userJS(t, opts, "convert"), natsrt.Binding{
+	w, finish := heldWorker(ctx, t, userJS(t, opts, "convert"), natsrt.Binding{
 		Stream: events.StreamJobs, Durable: "convert", FilterSubject: events.SubjectConvertJob,
 		Concurrency: concurrency, AckWait: time.Minute, MaxAttempts: 3,
-	}, func(ctx context.Context, _ []byte, _ natsrt.Delivery) ([]events.Message, error) {
-		select {
-		case <-finish:
-			return nil, nil
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
+	})
 	keda.waitLag(t, "consumer created, nothing queued", 0, 0)
 
 	// ingest queues the jobs while no replica runs: scaled to zero.
@@ -277,7 +367,9 @@ func TestKEDALagOfTheConvertQueueIsItsJobsWaitingAndInFlight(t *testing.T) {
 
 	// A replica takes as many as it runs at once; the lag stays whole.
 	runWorker(t, w)
-	keda.waitLag(t, "replica converting", jobs-concurrency, concurrency)
+	if r := keda.waitLag(t, "replica converting", jobs-concurrency, concurrency); keda.replicas(r) != jobs/concurrency {
+		t.Fatalf("converting: %v asks for %d replicas, want %d: one per IMAGEPIPE_MAX_CONCURRENT_JOBS (%d) jobs", r, keda.replicas(r), jobs/concurrency, concurrency)
+	}
 
 	// Each finished job is one less.
 	finish <- struct{}{}
@@ -296,7 +388,7 @@ func TestKEDALagOfTheConvertQueueIsItsJobsWaitingAndInFlight(t *testing.T) {
 	}
 	// The server has the acks; the worker counts a job done only once its
 	// ack's reply is in, a moment later.
-	for deadline := time.Now().Add(20 * time.Second); w.InFlight() != 0; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(stack.Scaled(20 * time.Second)); w.InFlight() != 0; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("paused: %d jobs in flight after their acks", w.InFlight())
 		}
@@ -305,11 +397,7 @@ func TestKEDALagOfTheConvertQueueIsItsJobsWaitingAndInFlight(t *testing.T) {
 	// Resumed: one less per finished job, down to 0 and inactive, which
 	// lets KEDA scale convert to zero.
 	w.Resume()
-	for left > 0 {
-		finish <- struct{}{}
-		left--
-		keda.waitFor(t, fmt.Sprintf("resumed: want lag %d", left), func(r kedaReading) bool { return r.Lag == left })
-	}
+	keda.releaseOneByOne(t, "resumed", finish, left)
 	r := keda.waitLag(t, "drained", 0, 0)
 	if r.Active || r.StreamMessages != 0 {
 		t.Fatalf("drained: %v; want inactive and the work queue empty", r)
@@ -321,9 +409,8 @@ func TestKEDALagOfTheConvertQueueIsItsJobsWaitingAndInFlight(t *testing.T) {
 // not yet handled.
 func TestKEDALagOfTheIngestQueueIsItsUnhandledNotifications(t *testing.T) {
 	const notifications = 4
-	opts, endpoint := startMonitoredNATS(t)
-	keda := kedaTrigger{Endpoint: endpoint, Account: "IMAGEPIPE", Stream: events.StreamS3Events, Consumer: "ingest"}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	opts, keda := monitoredTrigger(t, "imagepipe-ingest")
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(60*time.Second))
 	defer cancel()
 
 	w, err := natsrt.NewWorker(ctx, userJS(t, opts, "ingest"), natsrt.Binding{
@@ -349,5 +436,47 @@ func TestKEDALagOfTheIngestQueueIsItsUnhandledNotifications(t *testing.T) {
 	r := keda.waitLag(t, "handled", 0, 0)
 	if r.Active || r.StreamMessages != notifications {
 		t.Fatalf("handled: %v; want inactive while the stream still holds all %d", r, notifications)
+	}
+}
+
+// notify's lag is its consumer's on RESULTS: results and alerts it has not
+// yet delivered, plus those it is delivering (a webhook that hangs keeps
+// its message unacknowledged, and counts). The stream keeps the results
+// after notify has sent them, for `imagepipe ctl stats` and users.
+func TestKEDALagOfTheNotifyQueueIsItsUndeliveredResults(t *testing.T) {
+	const results, concurrency = 7, 4
+	opts, keda := monitoredTrigger(t, "imagepipe-notify")
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(60*time.Second))
+	defer cancel()
+
+	// notify's binding: the whole stream, no filter.
+	w, deliver := heldWorker(ctx, t, userJS(t, opts, "notify"), natsrt.Binding{
+		Stream: events.StreamResults, Durable: "notify",
+		Concurrency: concurrency, AckWait: time.Minute, MaxAttempts: 200,
+	})
+	keda.waitLag(t, "consumer created, nothing to send", 0, 0)
+
+	// convert publishes results while no notify replica runs.
+	convert := userJS(t, opts, "convert")
+	for i := range results {
+		subject := events.SubjectConverted
+		if i%3 == 2 {
+			subject = events.SubjectFailed
+		}
+		if _, err := convert.Publish(ctx, subject, []byte(fmt.Sprintf(`{"n":%d}`, i))); err != nil {
+			t.Fatalf("result %d: %v", i, err)
+		}
+	}
+	if r := keda.waitLag(t, "results, no replica", results, 0); !r.Active || keda.replicas(r) != 1 {
+		t.Fatalf("results, no replica: %v asks for %d replicas; want active and 1 (lagThreshold %d)", r, keda.replicas(r), keda.LagThreshold)
+	}
+
+	// A replica delivering as many as it runs at once: the lag stays whole.
+	runWorker(t, w)
+	keda.waitLag(t, "delivering", results-concurrency, concurrency)
+	keda.releaseOneByOne(t, "delivered one", deliver, results)
+	r := keda.waitLag(t, "all sent", 0, 0)
+	if r.Active || r.StreamMessages != results {
+		t.Fatalf("all sent: %v; want inactive while the stream still holds all %d", r, results)
 	}
 }

@@ -24,68 +24,25 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/minioserver"
-	"github.com/imagepipe/imagepipe/internal/natsserver"
 	"github.com/imagepipe/imagepipe/internal/setup"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 const (
-	rootUser   = "infra-test"
-	rootSecret = "infra-test-secret"
+	rootUser   = stack.AccessKey
+	rootSecret = stack.SecretKey
 	// The bucket names the policies in minio/ are written for.
 	inputBucket  = "uploads"
 	outputBucket = "images"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	shared.stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { stack.Main(m) }
 
-// shared is one MinIO, its notification target a plain NATS server, for
-// the policy tests. It starts on first use.
-var shared sharedStack
-
-type sharedStack struct {
-	once  sync.Once
-	err   error
-	dir   string
-	nats  *natsserver.Server
-	minio *minioserver.Server
-}
-
-func (s *sharedStack) start() {
-	if s.dir, s.err = os.MkdirTemp("", "imagepipe-infra-"); s.err != nil {
-		return
-	}
-	if s.nats, s.err = natsserver.Start(natsserver.Options{Port: -1, StoreDir: filepath.Join(s.dir, "nats")}); s.err != nil {
-		return
-	}
-	s.minio, s.err = minioserver.Start(context.Background(), minioserver.Options{
-		DataDir: filepath.Join(s.dir, "minio"), AccessKey: rootUser, SecretKey: rootSecret,
-		NATSAddr: s.nats.Addr(), NATSSubject: events.SubjectS3Events,
-	})
-}
-
-func (s *sharedStack) stop() {
-	if s.minio != nil {
-		s.minio.Stop()
-	}
-	if s.nats != nil {
-		s.nats.Shutdown()
-	}
-	if s.dir != "" {
-		_ = os.RemoveAll(s.dir)
-	}
-}
-
+// sharedMinIO is the package's MinIO, its notification target a plain NATS
+// server, for the policy tests.
 func sharedMinIO(t *testing.T) string {
 	t.Helper()
-	shared.once.Do(shared.start)
-	if shared.err != nil {
-		t.Fatal(shared.err)
-	}
-	return shared.minio.Endpoint
+	return stack.PackageMinIO(t).Endpoint
 }
 
 func rootClient(t *testing.T, endpoint string) *minio.Client {
@@ -244,8 +201,10 @@ func listUploads(bucket string) s3op {
 }
 
 func TestMinIOPoliciesGrantEachFunctionItsWorkAndNothingElse(t *testing.T) {
-	endpoint := sharedMinIO(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	// A fresh MinIO: setup must create everything, and other tests make
+	// the buckets the policies name.
+	endpoint := stack.FreshMinIO(t).Endpoint
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(2*time.Minute))
 	defer cancel()
 
 	// setup.json is enough for `imagepipe setup` on a fresh MinIO.
@@ -397,7 +356,7 @@ func TestMinIOPolicyFilesAreWellFormed(t *testing.T) {
 
 func TestMinIOBucketPolicyLetsAnonymousClientsDownloadOutputsOnly(t *testing.T) {
 	endpoint := sharedMinIO(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(time.Minute))
 	defer cancel()
 	root := rootClient(t, endpoint)
 	if _, err := setup.ObjectStore(ctx, root, setup.ObjectConfig{InputBucket: inputBucket, OutputBucket: outputBucket}); err != nil {
@@ -460,16 +419,17 @@ func TestMinIOLifecycleFileIsTheRuleSetupKeeps(t *testing.T) {
 
 	// MinIO takes it as `mc ilm import` would send it.
 	endpoint := sharedMinIO(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(time.Minute))
 	defer cancel()
 	root := rootClient(t, endpoint)
-	if err := root.MakeBucket(ctx, "lifecycle-check", minio.MakeBucketOptions{}); err != nil {
+	bucket := fmt.Sprintf("lifecycle-check-%d", time.Now().UnixNano())
+	if err := root.MakeBucket(ctx, bucket, minio.MakeBucketOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := root.SetBucketLifecycle(ctx, "lifecycle-check", &cfg); err != nil {
+	if err := root.SetBucketLifecycle(ctx, bucket, &cfg); err != nil {
 		t.Fatalf("MinIO refuses the rule: %v", err)
 	}
-	back, err := root.GetBucketLifecycle(ctx, "lifecycle-check")
+	back, err := root.GetBucketLifecycle(ctx, bucket)
 	if err != nil || len(back.Rules) != 1 || back.Rules[0].Expiration.Days != setup.ErrorReportDays {
 		t.Errorf("rule read back: %+v, %v", back, err)
 	}
@@ -549,7 +509,7 @@ func TestMinIONotifyEnvMatchesTheNATSSide(t *testing.T) {
 // back: MinIO keeps it in its queue directory meanwhile. MinIO signs in as
 // the minio user of accounts.conf, with the credentials of notify.env.
 func TestMinIODeliversUploadsMadeWhileNATSWasDown(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(2*time.Minute))
 	defer cancel()
 	port, err := FreePort()
 	if err != nil {
@@ -608,7 +568,7 @@ func TestMinIODeliversUploadsMadeWhileNATSWasDown(t *testing.T) {
 	}
 	waitForKey := func(key string, within time.Duration) {
 		t.Helper()
-		deadline := time.Now().Add(within)
+		deadline := time.Now().Add(stack.Scaled(within))
 		for time.Now().Before(deadline) {
 			if s, err := js.Stream(ctx, events.StreamS3Events); err == nil {
 				msg, err := s.GetLastMsgForSubject(ctx, events.SubjectS3Events)

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // NATSNode says where a server config from nats/ runs in a test: the same
@@ -32,7 +34,7 @@ type NATSNode struct {
 
 // NATSUsers are the users of nats/accounts.conf; each one's password is
 // the server's environment variable NATSPasswordVar(user).
-var NATSUsers = []string{"sys", "admin", "minio", "ingest", "convert", "notify", "cli", "operator"}
+var NATSUsers = []string{"sys", "admin", "minio", events.FunctionIngest, events.FunctionConvert, events.FunctionNotify, "cli", "operator"}
 
 // NATSPasswordVar is the variable the server configs take user's password
 // from.

@@ -17,7 +17,9 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/fleet"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
+	"github.com/imagepipe/imagepipe/internal/orphan"
 	"github.com/imagepipe/imagepipe/internal/setup"
 )
 
@@ -141,12 +143,11 @@ type cluster struct {
 	ports   []int
 }
 
-func startCluster(t *testing.T) *cluster {
+// clusterPorts picks a client port and a route port on loopback for each
+// of n nodes, and the routes every node of the cluster lists.
+func clusterPorts(t *testing.T, n int) (ports, cports []int, routes []string) {
 	t.Helper()
-	c := &cluster{}
-	var routes []string
-	var cports []int
-	for range 3 {
+	for range n {
 		p, err := FreePort()
 		if err != nil {
 			t.Fatal(err)
@@ -155,10 +156,29 @@ func startCluster(t *testing.T) *cluster {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.ports = append(c.ports, p)
-		cports = append(cports, cp)
+		ports, cports = append(ports, p), append(cports, cp)
 		routes = append(routes, "127.0.0.1:"+strconv.Itoa(cp))
 	}
+	return ports, cports, routes
+}
+
+// startNode starts a server with o, shut down when the test ends.
+func startNode(t *testing.T, o *server.Options) *server.Server {
+	t.Helper()
+	s, err := StartNATS(o, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Shutdown)
+	return s
+}
+
+func startCluster(t *testing.T) *cluster {
+	t.Helper()
+	c := &cluster{}
+	var cports []int
+	var routes []string
+	c.ports, cports, routes = clusterPorts(t, 3)
 	for i := range 3 {
 		o, err := LoadNATS(NATSNode{
 			Config: fmt.Sprintf("nats/cluster-%d.conf", i+1), StoreDir: t.TempDir(),
@@ -167,12 +187,7 @@ func startCluster(t *testing.T) *cluster {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s, err := StartNATS(o, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(s.Shutdown)
-		c.opts, c.servers = append(c.opts, o), append(c.servers, s)
+		c.opts, c.servers = append(c.opts, o), append(c.servers, startNode(t, o))
 	}
 	return c
 }
@@ -456,6 +471,10 @@ func TestNATSUsersCanDoTheirJobs(t *testing.T) {
 	}
 	_, err = status.Put(ctx, "uploads.disk", []byte(`{"state":"QUEUED"}`))
 	must("ingest: write status", err)
+	// An upload whose job was lost long ago, for the watchdog and ctl
+	// stats to count below.
+	_, err = status.Put(ctx, "uploads.lost", []byte(`{"bucket":"uploads","key":"lost","job_id":"lost","state":"QUEUED"}`))
+	must("ingest: write status", err)
 	_, err = ingestJS.Publish(ctx, events.SubjectConvertJob, []byte(`{"job_id":"j1"}`), jetstream.WithMsgID("j1"))
 	must("ingest: publish job", err)
 	_, err = ingestJS.Publish(ctx, events.SubjectFailed, []byte(`{"phase":"intake"}`))
@@ -530,6 +549,9 @@ func TestNATSUsersCanDoTheirJobs(t *testing.T) {
 	must("notify: open the status bucket's stream", err)
 	_, err = statusStream.GetLastMsgForSubject(ctx, "$KV."+events.StatusBucket+".>")
 	must("notify: read the newest status record", err)
+	if c, err := orphan.Find(ctx, notifyJS, time.Now(), time.Minute); err != nil || c.Uploads != 1 {
+		t.Fatalf("notify: count uploads with no job: %+v, %v", c, err)
+	}
 	name, err := notifyJS.StreamNameBySubject(ctx, events.SubjectStalled)
 	must("notify: find the alerts stream", err)
 	_, err = notifyJS.Publish(ctx, events.SubjectStalled, []byte(`{"type":"stalled"}`), jetstream.WithMsgID("stalled.1"))
@@ -572,8 +594,14 @@ func TestNATSUsersCanDoTheirJobs(t *testing.T) {
 	must("cli: read results", err)
 	_, err = oc.Next(jetstream.FetchMaxWait(5 * time.Second))
 	must("cli: fetch a result", err)
+	// ... up to the last result, past the alerts the stream also keeps.
+	_, err = fleet.ReadResults(ctx, cliJS)
+	must("cli: read the fleet's results (ctl stats)", err)
 	_, err = cliJS.Stream(ctx, events.StreamJobs)
 	must("cli: stream state", err)
+	if c, err := orphan.Find(ctx, cliJS, time.Now(), time.Minute); err != nil || c.Uploads != 1 {
+		t.Errorf("cli: count uploads with no job (ctl stats): %+v, %v", c, err)
+	}
 	if v := log.Violations(); len(v) != 0 {
 		t.Errorf("the server refused something on the way:\n%s", strings.Join(v, "\n"))
 	}

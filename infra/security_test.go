@@ -2,21 +2,13 @@ package infra
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/big"
-	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -27,9 +19,9 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/imagepipe/imagepipe/events"
-	"github.com/imagepipe/imagepipe/internal/control"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/secrets"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 const tlsExample = "nats/tls.example.conf"
@@ -57,14 +49,14 @@ func TestNATSOnlyTheOperatorMakesIngestFetchURLsOrStopsReplicas(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	stop := control.Subject("convert", control.VerbStop)
+	stop := events.ReplicaSubject("convert", events.VerbStop)
 	serve("ingest", "imagepipe-intake", events.SubjectImport)
 	serve("convert", "imagepipe-convert", stop)
-	serve("convert", "imagepipe-convert", control.Subject("convert", control.VerbStatus))
+	serve("convert", "imagepipe-convert", events.ReplicaSubject("convert", events.VerbStatus))
 	body := []byte(`{"url":"http://169.254.169.254/latest/meta-data/"}`)
 
 	cli := userConn(t, opts, "cli")
-	for _, subj := range []string{events.SubjectImport, stop, control.Subject("ingest", control.VerbDrain), control.Subject("convert", control.VerbPause)} {
+	for _, subj := range []string{events.SubjectImport, stop, events.ReplicaSubject("ingest", events.VerbDrain), events.ReplicaSubject("convert", events.VerbPause)} {
 		if _, err := cli.Request(subj, body, 500*time.Millisecond); err == nil {
 			t.Errorf("cli: %s was answered", subj)
 		}
@@ -74,7 +66,7 @@ func TestNATSOnlyTheOperatorMakesIngestFetchURLsOrStopsReplicas(t *testing.T) {
 		t.Fatalf("%d of cli's refused requests reached a replica", n)
 	}
 	// What cli is for still works.
-	if _, err := cli.Request(control.Subject("convert", control.VerbStatus), nil, 5*time.Second); err != nil {
+	if _, err := cli.Request(events.ReplicaSubject("convert", events.VerbStatus), nil, 5*time.Second); err != nil {
 		t.Errorf("cli: status: %v", err)
 	}
 
@@ -100,54 +92,10 @@ type certs struct{ dir, ca string }
 
 func makeCerts(t *testing.T) certs {
 	t.Helper()
-	dir := t.TempDir()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "imagepipe test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	writePEM(t, filepath.Join(dir, "ca.pem"), "CERTIFICATE", caDER)
-	leaf := func(name string, serial int64, usage ...x509.ExtKeyUsage) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: usage,
-			DNSNames: []string{"localhost"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		kb, err := x509.MarshalECPrivateKey(key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		writePEM(t, filepath.Join(dir, name+".pem"), "CERTIFICATE", der)
-		writePEM(t, filepath.Join(dir, name+"-key.pem"), "EC PRIVATE KEY", kb)
-	}
-	leaf("server", 2, x509.ExtKeyUsageServerAuth)
-	leaf("route", 3, x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
-	return certs{dir: dir, ca: filepath.Join(dir, "ca.pem")}
-}
-
-func writePEM(t *testing.T, path, typ string, der []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	pki := stack.NewPKI(t)
+	pki.Issue(t, "server", x509.ExtKeyUsageServerAuth)
+	pki.Issue(t, "route", x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
+	return certs{dir: pki.Dir, ca: pki.CA}
 }
 
 // tlsConfig is tls.example.conf as shipped, its certificate paths moved to
@@ -195,20 +143,7 @@ func TestNATSTLSExampleConfigPassesTheCheckAndEncryptsClientsAndRoutes(t *testin
 			opts.TLSConfig != nil, opts.Cluster.TLSConfig, opts.HTTPHost)
 	}
 
-	var ports, cports []int
-	var routes []string
-	for range 2 {
-		p, err := FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cp, err := FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		ports, cports = append(ports, p), append(cports, cp)
-		routes = append(routes, "127.0.0.1:"+strconv.Itoa(cp))
-	}
+	ports, cports, routes := clusterPorts(t, 2)
 	var nodes []*server.Server
 	for i := range 2 {
 		o, err := LoadNATS(NATSNode{Config: conf, StoreDir: t.TempDir(), Port: ports[i], ClusterPort: cports[i], Routes: routes})
@@ -216,12 +151,7 @@ func TestNATSTLSExampleConfigPassesTheCheckAndEncryptsClientsAndRoutes(t *testin
 			t.Fatal(err)
 		}
 		o.ServerName = fmt.Sprintf("nats-%d", i+1)
-		s, err := StartNATS(o, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(s.Shutdown)
-		nodes = append(nodes, s)
+		nodes = append(nodes, startNode(t, o))
 		opts = o
 	}
 	deadline := time.Now().Add(20 * time.Second)

@@ -44,7 +44,7 @@ func newDiscordRecorder(t *testing.T) *discordRecorder {
 // await returns the first payload whose JSON holds s.
 func (r *discordRecorder) await(t *testing.T, s string, timeout time.Duration) []byte {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
+	deadline := time.Now().Add(scaled(timeout))
 	for {
 		r.mu.Lock()
 		for _, p := range r.payloads {

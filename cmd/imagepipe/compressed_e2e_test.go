@@ -11,7 +11,6 @@ import (
 	"regexp"
 	"strconv"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -119,7 +118,7 @@ func watchScratch(dir string) (stop func() int64) {
 		_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
 			if err == nil {
 				if info, ierr := d.Info(); ierr == nil {
-					total += info.Sys().(*syscall.Stat_t).Blocks * 512
+					total += diskBytes(info)
 				}
 			}
 			return nil
@@ -148,11 +147,11 @@ func watchScratch(dir string) (stop func() int64) {
 // fsBytes is the size of the file system holding dir.
 func fsBytes(t *testing.T, dir string) int64 {
 	t.Helper()
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(dir, &st); err != nil {
+	size, err := fileSystemSize(dir)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return int64(st.Blocks) * int64(st.Bsize)
+	return size
 }
 
 func TestCompressedBombIsRefusedByRuleWithoutFillingScratch(t *testing.T) {

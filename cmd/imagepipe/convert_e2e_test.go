@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -289,17 +290,80 @@ func TestHostileImagesAreRefusedAndLeakNothing(t *testing.T) {
 	}
 	// Nothing anywhere in the output bucket carries the host file's bytes.
 	for _, key := range outputsUnder(t, "") {
-		obj, err := e2e.s3.GetObject(context.Background(), "images", key, minio.GetObjectOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		data, err := io.ReadAll(obj)
-		obj.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if bytes.Contains(data, secretPattern) {
+		if outputHolds(t, key, secretPattern) {
 			t.Errorf("output %s contains bytes of the host file", key)
 		}
+	}
+}
+
+// outputHolds reports whether the output at key holds pattern. The output
+// is read as a stream, since some are GiB large, and other tests running
+// beside this one may replace or remove it meanwhile: a read cut short by
+// that is made again, and an output gone holds nothing.
+func outputHolds(t *testing.T, key string, pattern []byte) bool {
+	t.Helper()
+	var err error
+	for range 3 {
+		var obj *minio.Object
+		if obj, err = e2e.s3.GetObject(context.Background(), "images", key, minio.GetObjectOptions{}); err == nil {
+			var found bool
+			found, err = streamHolds(obj, pattern)
+			obj.Close()
+			if err == nil {
+				return found
+			}
+		}
+		if minio.ToErrorResponse(err).Code == "NoSuchKey" {
+			return false
+		}
+	}
+	t.Fatalf("read output %s: %v", key, err)
+	return false
+}
+
+// streamHolds looks for pattern in r, a window at a time, keeping each
+// window's tail so that a pattern across two windows is found too. Only
+// io.EOF ends the stream; a read cut short is the reader's error.
+func streamHolds(r io.Reader, pattern []byte) (bool, error) {
+	const window = 4 << 20
+	buf := make([]byte, 0, window+len(pattern))
+	for {
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		// Only what this read added, with the pattern's length before it.
+		if bytes.Contains(buf[max(0, len(buf)-n-len(pattern)+1):], pattern) {
+			return true, nil
+		}
+		if err == io.EOF {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		if len(buf) == cap(buf) {
+			keep := len(pattern) - 1
+			buf = append(buf[:0], buf[len(buf)-keep:]...)
+		}
+	}
+}
+
+// The output scan must find the host file's bytes wherever they sit:
+// across a window's edge, or at the very end, read in any chunk size.
+func TestStreamHoldsFindsAPatternAcrossWindowsAndChunks(t *testing.T) {
+	pattern := []byte("HOST-FILE-SECRET")
+	for _, at := range []int{0, 4<<20 - 5, 4 << 20, 9<<20 - len(pattern)} {
+		data := make([]byte, 9<<20)
+		copy(data[at:], pattern)
+		for name, r := range map[string]io.Reader{"whole": bytes.NewReader(data), "halves": iotest.HalfReader(bytes.NewReader(data))} {
+			if found, err := streamHolds(r, pattern); err != nil || !found {
+				t.Errorf("pattern at %d read by %s: found %v, err %v", at, name, found, err)
+			}
+		}
+	}
+	if found, err := streamHolds(bytes.NewReader(make([]byte, 9<<20)), pattern); err != nil || found {
+		t.Errorf("zeros: found %v, err %v", found, err)
+	}
+	if _, err := streamHolds(iotest.TimeoutReader(bytes.NewReader(make([]byte, 9<<20))), pattern); err == nil {
+		t.Error("a stream cut short was read as complete")
 	}
 }

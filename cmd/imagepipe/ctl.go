@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -17,85 +16,41 @@ import (
 	"github.com/dustin/go-humanize"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/control"
+	"github.com/imagepipe/imagepipe/internal/fleet"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
+	"github.com/imagepipe/imagepipe/internal/orphan"
 )
 
-const ctlUsage = `Usage: imagepipe ctl VERB [--function NAME] [--instance ID] [--json] [--timeout D] [BUCKET/KEY]
-
-Asks every running replica of every function over NATS, gathers the
+const ctlLong = `Asks every running replica of every function over NATS, gathers the
 answers for --timeout, and prints one table. Replicas are found by asking,
 so nothing needs to know where they run.
-
-Verbs:
-  status   state, jobs in flight, uptime, version and settings of each replica
-  stats    fleet statistics from the results stream (they survive any
-           restart), the queue, jobs in flight, and each replica's counts
-  pause    stop fetching new jobs; jobs in flight finish
-  resume   fetch again after a pause
-  drain    finish the jobs in flight, then exit 0
-  stop     stop now; jobs in flight go back to the queue at once, for
-           another replica
-  cancel   stop the conversion of BUCKET/KEY, running or still queued
-
-Flags:
-  --function NAME   only ingest, convert or notify replicas (default: all;
-                    cancel always asks convert)
-  --instance ID     only the replica with this instance id (see ctl status);
-                    it is asked again until it answers, for up to
-                    IMAGEPIPE_CONNECT_TIMEOUT (default 20s) or --timeout,
-                    whichever is longer
-  --json            print JSON instead of a table
-  --timeout D       how long to gather answers (default 1s)
-
-Examples:
-  imagepipe ctl status
-  imagepipe ctl pause --function convert
-  imagepipe ctl drain --instance NDWsUwoEz3u4Ad5oRaZ0Wv
-  imagepipe ctl stats --json
-  imagepipe ctl cancel uploads/disks/win11.vhdx
 
 The same requests are NATS requests on imagepipe.ctl.<function>.<verb>,
 and each replica is a NATS micro service: nats micro ls, nats micro stats
 imagepipe-convert.
+
+--instance waits for the replica named, asking again until it answers, for
+up to four times IMAGEPIPE_CONNECT_TIMEOUT (default 20s) or --timeout,
+whichever is longer.
 
 Exit codes: 0 done, 1 no replica answered (with --instance: not that one,
 within the wait above) or one answered with an error
 (or, for cancel, nothing to cancel), 2 usage error.
 `
 
-// parseArgs parses flags wherever they stand among the arguments, so that
-// "ctl cancel uploads/a.vhdx --json" works, and turns a bad flag into a
-// usage error. --help prints usage to stdout.
-func parseArgs(fs *flag.FlagSet, usage string, args []string, stdout io.Writer) ([]string, error) {
-	fs.SetOutput(io.Discard)
-	fs.Usage = func() {}
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				fmt.Fprint(stdout, usage)
-				return nil, err
-			}
-			return nil, usageError{fmt.Sprintf("%s %v (see imagepipe %s --help)", fs.Name(), err, fs.Name())}
-		}
-		args = fs.Args()
-		if len(args) == 0 {
-			return pos, nil
-		}
-		pos = append(pos, args[0])
-		args = args[1:]
-	}
-}
-
 // connectCLI connects a command-line tool to NATS.
 func connectCLI(ctx context.Context) (*nats.Conn, settings, error) {
-	s, err := loadSettings()
-	if err != nil {
+	// ctl stats counts lost jobs by reconcile's bound.
+	var s settings
+	bound, finish := s.staleBoundParts()
+	if err := loadCommandSettings(append([]any{&s.NATS}, bound...)...); err != nil {
 		return nil, s, err
 	}
+	finish()
 	nc, err := natsrt.Connect(ctx, s.NATS, "cli", slog.New(slog.DiscardHandler))
 	if err != nil {
 		return nil, s, err
@@ -103,77 +58,118 @@ func connectCLI(ctx context.Context) (*nats.Conn, settings, error) {
 	return nc, s, nil
 }
 
-// runCtl steers and inspects the running replicas.
-func runCtl(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) == 0 {
-		return usageError{"ctl needs a verb: " + strings.Join(control.Verbs, ", ") + " (see imagepipe ctl --help)"}
+const ctlExample = `  imagepipe ctl status
+  imagepipe ctl pause --function convert
+  imagepipe ctl drain --instance NDWsUwoEz3u4Ad5oRaZ0Wv
+  imagepipe ctl stats --json
+  imagepipe ctl cancel uploads/disks/win11.vhdx`
+
+// ctlVerbs says what each verb does, for its help.
+var ctlVerbs = map[string]string{
+	events.VerbStatus: "state, jobs in flight, uptime, version and settings of each replica",
+	events.VerbStats:  "fleet statistics from the results stream (they survive any restart), the queue, jobs in flight, and each replica's counts",
+	events.VerbPause:  "stop fetching new jobs; jobs in flight finish",
+	events.VerbResume: "fetch again after a pause",
+	events.VerbDrain:  "finish the jobs in flight, then exit 0",
+	events.VerbStop:   "stop now; jobs in flight go back to the queue at once, for another replica",
+	events.VerbCancel: "stop the conversion of BUCKET/KEY, running or still queued",
+}
+
+// ctlOptions are the flags every ctl verb takes.
+type ctlOptions struct {
+	function string
+	instance string
+	asJSON   bool
+	timeout  time.Duration
+}
+
+func newCtlCmd(e *cliEnv) *cobra.Command {
+	var o ctlOptions
+	c := &cobra.Command{
+		Use:     "ctl VERB",
+		Short:   "status, stats, pause, resume, drain, stop or cancel the running replicas",
+		Long:    ctlLong,
+		Example: ctlExample,
+		Args:    cobra.ArbitraryArgs,
+		// Only a missing or unknown verb lands here.
+		RunE: func(_ *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return usageError{"ctl needs a verb: " + strings.Join(events.Verbs(), ", ") + " (see imagepipe ctl --help)"}
+			}
+			return usageError{fmt.Sprintf("ctl: unknown verb %q; want one of %s", args[0], strings.Join(events.Verbs(), ", "))}
+		},
 	}
-	verb := args[0]
-	if verb == "-h" || verb == "--help" || verb == "help" {
-		fmt.Fprint(stdout, ctlUsage)
-		return flag.ErrHelp
-	}
-	if !slices.Contains(control.Verbs, verb) {
-		return usageError{fmt.Sprintf("ctl: unknown verb %q; want one of %s", verb, strings.Join(control.Verbs, ", "))}
-	}
-	fs := flag.NewFlagSet("ctl", flag.ContinueOnError)
-	function := fs.String("function", "", "")
-	instance := fs.String("instance", "", "")
-	asJSON := fs.Bool("json", false, "")
-	timeout := fs.Duration("timeout", control.DefaultTimeout, "")
-	pos, err := parseArgs(fs, ctlUsage, args[1:], stdout)
-	if err != nil {
-		return err
-	}
-	functions := control.Functions
-	if *function != "" {
-		if !slices.Contains(control.Functions, *function) {
-			return usageError{fmt.Sprintf("ctl: unknown function %q; want one of %s", *function, strings.Join(control.Functions, ", "))}
+	f := c.PersistentFlags()
+	f.StringVar(&o.function, "function", "", "only ingest, convert or notify replicas (default: all; cancel always asks convert)")
+	f.StringVar(&o.instance, "instance", "", "only the replica with this instance id (see ctl status)")
+	f.BoolVar(&o.asJSON, "json", false, "print JSON instead of a table")
+	f.DurationVar(&o.timeout, "timeout", control.DefaultTimeout, "how long to gather answers")
+	for _, verb := range events.Verbs() {
+		use, args := verb, noArgs
+		if verb == events.VerbCancel {
+			use, args = verb+" BUCKET/KEY", argsBetween(1, 1, "one BUCKET/KEY")
 		}
-		functions = []string{*function}
+		c.AddCommand(&cobra.Command{
+			Use:   use,
+			Short: ctlVerbs[verb],
+			Args:  args,
+			RunE: func(cmd *cobra.Command, args []string) error {
+				return runCtl(cmd.Context(), verb, o, args, e.stdout)
+			},
+		})
+	}
+	return c
+}
+
+// runCtl steers and inspects the running replicas.
+func runCtl(ctx context.Context, verb string, o ctlOptions, pos []string, stdout io.Writer) error {
+	functions := events.Functions()
+	if o.function != "" {
+		if !slices.Contains(events.Functions(), o.function) {
+			return usageError{fmt.Sprintf("ctl: --function %q is not a function; want one of %s", o.function, strings.Join(events.Functions(), ", "))}
+		}
+		functions = []string{o.function}
+	}
+	if o.timeout <= 0 {
+		return usageError{fmt.Sprintf("ctl: --timeout %s is not positive; want a duration such as 2s", o.timeout)}
 	}
 	var bucket, key string
-	switch {
-	case verb == control.VerbCancel && len(pos) != 1:
-		return usageError{"ctl cancel takes one BUCKET/KEY"}
-	case verb == control.VerbCancel:
+	if verb == events.VerbCancel {
+		var err error
 		if bucket, key, err = splitObject(pos[0]); err != nil {
 			return err
 		}
-		if *function != "" && *function != "convert" {
+		if o.function != "" && o.function != events.FunctionConvert {
 			return usageError{"ctl cancel: only convert runs jobs that can be cancelled"}
 		}
-	case len(pos) != 0:
-		return usageError{fmt.Sprintf("ctl %s takes no arguments", verb)}
 	}
-
 	nc, s, err := connectCLI(ctx)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
 	// A replica named by --instance exists, so its silence is more likely a
-	// slow machine than its absence: look for it as long as connecting may
-	// take, and never less than the gathering window.
-	client := control.NewClient(nc, *timeout).FindWithin(max(s.NATS.Timeout(), *timeout))
+	// slow machine than its absence: look for it several times as long as
+	// connecting may take, and never less than the gathering window.
+	client := control.NewClient(nc, o.timeout).FindWithin(max(4*s.NATS.Timeout(), o.timeout))
 
 	switch verb {
-	case control.VerbStatus:
-		sts, err := client.Status(ctx, functions, *instance)
+	case events.VerbStatus:
+		sts, err := client.Status(ctx, functions, o.instance)
 		if len(sts) > 0 {
-			if perr := printStatuses(stdout, sts, *asJSON, true); perr != nil {
+			if perr := printStatuses(stdout, sts, o.asJSON, true); perr != nil {
 				return perr
 			}
 		}
 		return err
-	case control.VerbStats:
-		return ctlStats(ctx, nc, client, functions, *instance, *asJSON, stdout)
-	case control.VerbCancel:
-		return ctlCancel(ctx, nc, client, bucket, key, *asJSON, stdout)
+	case events.VerbStats:
+		return ctlStats(ctx, nc, client, functions, o.instance, o.asJSON, reconcileStaleAfter(s), stdout)
+	case events.VerbCancel:
+		return ctlCancel(ctx, nc, client, bucket, key, o.asJSON, stdout)
 	}
-	sts, err := client.Steer(ctx, functions, verb, *instance)
+	sts, err := client.Steer(ctx, functions, verb, o.instance)
 	if len(sts) > 0 {
-		if perr := printStatuses(stdout, sts, *asJSON, false); perr != nil {
+		if perr := printStatuses(stdout, sts, o.asJSON, false); perr != nil {
 			return perr
 		}
 	}
@@ -186,7 +182,7 @@ func writeJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-func printStatuses(w io.Writer, sts []control.Status, asJSON, details bool) error {
+func printStatuses(w io.Writer, sts []events.ReplicaStatus, asJSON, details bool) error {
 	if asJSON {
 		return writeJSON(w, sts)
 	}
@@ -236,10 +232,13 @@ func printStatuses(w io.Writer, sts []control.Status, asJSON, details bool) erro
 
 // fleetReport is what `ctl stats` prints.
 type fleetReport struct {
-	Results  control.ResultStats    `json:"results"`
-	Queue    queueDepth             `json:"queue"`
-	InFlight int64                  `json:"in_flight"`
-	Replicas []control.ReplicaStats `json:"replicas"`
+	Results  fleet.ResultStats     `json:"results"`
+	Queue    queueDepth            `json:"queue"`
+	InFlight int64                 `json:"in_flight"`
+	Replicas []events.ReplicaStats `json:"replicas"`
+	// Orphaned counts the uploads that wait with no job behind them (see
+	// package orphan); nil when they could not be counted.
+	Orphaned *orphan.Count `json:"orphaned,omitempty"`
 }
 
 // queueDepth is the convert consumer's backlog: messages waiting plus
@@ -250,7 +249,7 @@ type queueDepth struct {
 	Depth      uint64 `json:"depth"`
 }
 
-func ctlStats(ctx context.Context, nc *nats.Conn, client *control.Client, functions []string, instance string, asJSON bool, w io.Writer) error {
+func ctlStats(ctx context.Context, nc *nats.Conn, client *control.Client, functions []string, instance string, asJSON bool, staleAfter time.Duration, w io.Writer) error {
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return err
@@ -259,21 +258,28 @@ func ctlStats(ctx context.Context, nc *nats.Conn, client *control.Client, functi
 	// The durable numbers come first: they need no replica at all.
 	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	if rep.Results, err = control.ReadResults(rctx, js); err != nil {
+	if rep.Results, err = fleet.ReadResults(rctx, js); err != nil {
 		return err
 	}
-	if cons, err := js.Consumer(rctx, events.StreamJobs, "convert"); err == nil {
+	if cons, err := js.Consumer(rctx, events.StreamJobs, events.ConsumerConvert); err == nil {
 		if info, err := cons.Info(rctx); err == nil {
 			rep.Queue = queueDepth{Pending: info.NumPending, AckPending: info.NumAckPending, Depth: info.NumPending + uint64(info.NumAckPending)}
 		}
 	}
+	// Uploads whose job was lost: a stall the queue's depth cannot show.
+	// Counted if the user may read the status bucket and JOBS, and soon.
+	octx, ocancel := context.WithTimeout(rctx, 15*time.Second)
+	if c, err := orphan.Find(octx, js, time.Now(), staleAfter); err == nil {
+		rep.Orphaned = &c
+	}
+	ocancel()
 	replicas, gerr := client.Stats(ctx, functions, instance)
 	if errors.Is(gerr, control.ErrNoReplica) {
 		gerr = nil
 	}
 	rep.Replicas = replicas
 	for _, r := range replicas {
-		if r.Function == "convert" {
+		if r.Function == events.FunctionConvert {
 			rep.InFlight += r.InFlight
 		}
 	}
@@ -302,6 +308,12 @@ func printFleet(w io.Writer, rep fleetReport) {
 	fmt.Fprintf(tw, "  bytes\tin %s\tout %s\n", humanize.IBytes(uint64(r.BytesIn)), humanize.IBytes(uint64(r.BytesOut)))
 	fmt.Fprintf(tw, "  queue\t%d\t(%d waiting, %d held by replicas)\n", rep.Queue.Depth, rep.Queue.Pending, rep.Queue.AckPending)
 	fmt.Fprintf(tw, "  in flight\t%d\tacross convert replicas\n", rep.InFlight)
+	if o := rep.Orphaned; o != nil {
+		fmt.Fprintf(tw, "  no job\t%d\tuploads standing still with no job in the queue; imagepipe reconcile queues them again\n", o.Uploads)
+		for _, k := range o.Keys {
+			fmt.Fprintf(tw, "  \t\t%s\n", k)
+		}
+	}
 	_ = tw.Flush()
 
 	if len(r.ByFormat) > 0 {

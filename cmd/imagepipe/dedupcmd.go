@@ -2,39 +2,61 @@ package main
 
 import (
 	"context"
-	"flag"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
+	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/dedup"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 )
 
-// runDedup manages the content de-duplication records.
-func runDedup(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) == 0 || args[0] != "prune" {
-		return usageError{"usage: imagepipe dedup prune [--older-than 90d]"}
+func newDedupCmd(e *cliEnv) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "dedup prune",
+		Short: "remove old de-duplication records (--older-than 90d)",
+		Long: `Manages the content de-duplication records convert keeps, so that the same
+content uploaded again is not converted again.`,
 	}
-	s, err := loadSettings()
+	var olderThan dedup.Age
+	prune := &cobra.Command{
+		Use:   "prune",
+		Short: "remove de-duplication records older than an age",
+		Long: `Removes de-duplication records older than --older-than (default
+IMAGEPIPE_DEDUP_MAX_AGE): content uploaded again after that is converted
+again. The records' bucket must exist: imagepipe setup creates it.`,
+		Example: "  imagepipe dedup prune\n  imagepipe dedup prune --older-than 30d",
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var age *dedup.Age
+			if cmd.Flags().Changed("older-than") {
+				age = &olderThan
+			}
+			return runDedupPrune(cmd.Context(), age, e.stdout)
+		},
+	}
+	prune.Flags().TextVar(&olderThan, "older-than", dedup.Age(0), "remove records made longer ago than this: days (90d) or a Go duration (36h) (default IMAGEPIPE_DEDUP_MAX_AGE)")
+	c.AddCommand(prune)
+	needsSubcommand(c)
+	return c
+}
+
+// runDedupPrune removes old records. It opens the bucket as it is: a tool
+// that created it would hide a NATS that imagepipe was never set up on.
+func runDedupPrune(ctx context.Context, age *dedup.Age, stdout io.Writer) error {
+	var s settings
+	err := loadCommandSettings(&s.NATS, &s.Convert.Dedup)
 	if err != nil {
 		return err
 	}
-	fs := flag.NewFlagSet("dedup prune", flag.ContinueOnError)
 	olderThan := s.Convert.Dedup.MaxAge
-	fs.TextVar(&olderThan, "older-than", s.Convert.Dedup.MaxAge, "remove records made longer ago than this: days (90d) or a Go duration (36h)")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "Usage: imagepipe dedup prune [--older-than 90d]\n\nRemoves de-duplication records older than the age (default IMAGEPIPE_DEDUP_MAX_AGE):\ncontent uploaded again after that is converted again.")
-		fs.PrintDefaults()
-	}
-	if err := parseFlags(fs, args[1:], stdout); err != nil {
-		return err
-	}
-	if fs.NArg() != 0 {
-		return usageError{"dedup prune takes no arguments"}
+	if age != nil {
+		olderThan = *age
 	}
 	nc, err := natsrt.Connect(ctx, s.NATS, "cli", slog.New(slog.DiscardHandler))
 	if err != nil {
@@ -45,7 +67,10 @@ func runDedup(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	store, err := dedup.Open(ctx, js, s.Convert.Dedup.MaxAge.Duration(), dedup.WithReplicas(s.Streams.Replicas))
+	store, err := dedup.Existing(ctx, js)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return fmt.Errorf("the key-value bucket %s does not exist on this NATS: run imagepipe setup first (or check IMAGEPIPE_NATS_URL)", events.DedupBucket)
+	}
 	if err != nil {
 		return err
 	}

@@ -70,7 +70,7 @@ func TestServicesRefuseToStartWithThePlaceholderSecretsOfTheExamples(t *testing.
 			var r cmdResult
 			select {
 			case r = <-done:
-			case <-time.After(60 * time.Second):
+			case <-time.After(scaled(60 * time.Second)):
 				t.Fatalf("imagepipe %v started with a placeholder secret and is still running", tt.args)
 			}
 			if r.code != 1 || !strings.Contains(r.stderr, tt.variable) || !strings.Contains(r.stderr, "openssl rand -hex 32") {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/control"
@@ -91,6 +91,12 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 		return nil, err
 	}
 	logReport(log, r)
+	// As setup does: the functions only create their buckets if missing,
+	// and a changed setting must reach a data directory kept from before.
+	if r, err = provisionFunctionKV(ctx, js, d.s); err != nil {
+		return nil, err
+	}
+	logReport(log, r)
 
 	d.minio, err = minioserver.Start(ctx, minioserver.Options{
 		Binary:      bin,
@@ -119,7 +125,7 @@ func startDev(ctx context.Context, o devOptions, log *slog.Logger) (_ *devStack,
 	logReport(log, r)
 
 	m := metrics.New(version, nc)
-	for _, name := range []string{"ingest", "convert", "notify"} {
+	for _, name := range events.Functions() {
 		fnc, err := natsrt.Connect(ctx, d.s.NATS, name, log)
 		if err != nil {
 			return nil, err
@@ -168,15 +174,45 @@ func (d *devStack) Close() {
 	}
 }
 
-func runDev(ctx, jobCtx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
-	fs := flag.NewFlagSet("dev", flag.ContinueOnError)
-	dataDir := fs.String("data", "./.imagepipe", "where NATS and MinIO keep their data; reuse it to pick up where the last run stopped")
-	natsPort := fs.Int("nats-port", 4222, "NATS client port on 127.0.0.1")
-	s3Addr := fs.String("s3-addr", "127.0.0.1:9000", "MinIO S3 API address")
-	consoleAddr := fs.String("console-addr", "127.0.0.1:9001", "MinIO console address")
-	if err := fs.Parse(args); err != nil {
-		return err
+// devFlags are dev's flags.
+type devFlags struct {
+	dataDir     string
+	natsPort    int
+	s3Addr      string
+	consoleAddr string
+}
+
+const devLong = `Runs the whole system on this machine: an embedded NATS JetStream server, a
+MinIO server child process with the bucket notification wired to NATS, the
+buckets, and all three functions, with notifications to the log. Data lives
+under --data; reuse it to pick up where the last run stopped. Ctrl-C stops
+everything cleanly; a second Ctrl-C aborts running jobs. Needs qemu-img and
+the minio binary on PATH.`
+
+func newDevCmd(e *cliEnv) *cobra.Command {
+	var f devFlags
+	c := &cobra.Command{
+		Use:     "dev",
+		Short:   "run the whole system on this machine",
+		Long:    devLong,
+		Example: "  imagepipe dev\n  imagepipe dev --data /tmp/imagepipe --nats-port 4223 --s3-addr 127.0.0.1:9100",
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := requireLinux("dev"); err != nil {
+				return err
+			}
+			return runDev(cmd.Context(), e.jobCtx, f, e.stdout, e.log)
+		},
 	}
+	fs := c.Flags()
+	fs.StringVar(&f.dataDir, "data", "./.imagepipe", "where NATS and MinIO keep their data; reuse it to pick up where the last run stopped")
+	fs.IntVar(&f.natsPort, "nats-port", 4222, "NATS client port on 127.0.0.1 (-1 picks a free one)")
+	fs.StringVar(&f.s3Addr, "s3-addr", "127.0.0.1:9000", "MinIO S3 API address")
+	fs.StringVar(&f.consoleAddr, "console-addr", "127.0.0.1:9001", "MinIO console address")
+	return c
+}
+
+func runDev(ctx, jobCtx context.Context, f devFlags, stdout io.Writer, log *slog.Logger) error {
 	s, err := loadSettings()
 	if err != nil {
 		return err
@@ -189,11 +225,11 @@ func runDev(ctx, jobCtx context.Context, args []string, stdout io.Writer, log *s
 	if s.S3.SecretKey == "" {
 		s.S3.SecretKey = secrets.MinIODefault
 	}
-	if err := secrets.CheckS3(*s3Addr, s.S3.AccessKey, s.S3.SecretKey); err != nil {
-		return fmt.Errorf("--s3-addr %s: %w", *s3Addr, err)
+	if err := secrets.CheckS3(f.s3Addr, s.S3.AccessKey, s.S3.SecretKey); err != nil {
+		return fmt.Errorf("--s3-addr %s: %w", f.s3Addr, err)
 	}
 	d, err := startDev(ctx, devOptions{
-		DataDir: *dataDir, NATSPort: *natsPort, S3Addr: *s3Addr, ConsoleAddr: *consoleAddr, Settings: s,
+		DataDir: f.dataDir, NATSPort: f.natsPort, S3Addr: f.s3Addr, ConsoleAddr: f.consoleAddr, Settings: s,
 	}, log)
 	if err != nil {
 		return err
@@ -215,11 +251,11 @@ Watch results and state:
   imagepipe status %s/disks/disk.vhdx
 
 The converted image appears as %s/disks/disk.vhdx.%s
-`, *dataDir, d.s.NATS.URL, d.s.S3.Endpoint, d.s.S3.AccessKey, *consoleAddr,
+`, f.dataDir, d.s.NATS.URL, d.s.S3.Endpoint, d.s.S3.AccessKey, f.consoleAddr,
 		d.s.S3.Endpoint, d.s.S3.AccessKey, d.s.Ingest.InputBucket,
 		d.s.Ingest.InputBucket, d.s.Convert.OutputBucket, d.s.Convert.OutputFormat)
 	var svcs []*control.Service
-	for _, name := range []string{"ingest", "convert", "notify"} {
+	for _, name := range events.Functions() {
 		svcs = append(svcs, d.controls[name])
 	}
 	defer logStatsOnSignal(d.conns[0], svcs, log)()

@@ -121,6 +121,11 @@ func runE2E(m *testing.M) int {
 	return code
 }
 
+// scaled is a test deadline as written for an idle machine, stretched by
+// IMAGEPIPE_TEST_SCALE (see stack.Scaled), which `go tool task stress`
+// raises while it keeps every core busy.
+func scaled(d time.Duration) time.Duration { return stack.Scaled(d) }
+
 // makeImage builds a disk image of the given format in dir with qemu-img
 // and fills it with distinct patterns with qemu-io, so a conversion that
 // loses or moves data changes the output's checksum.
@@ -173,8 +178,18 @@ type results struct {
 
 func subscribeResults(t *testing.T) *results {
 	t.Helper()
-	r := &results{ch: make(chan *nats.Msg, 256)}
-	sub, err := e2e.nc.ChanSubscribe(events.SubjectResults, r.ch)
+	r := &results{}
+	r.ch, r.sub = subscribeUntilEnd(t, events.SubjectResults, 256)
+	return r
+}
+
+// subscribeUntilEnd delivers every message on subject, to a channel that
+// holds buffer of them, from the time it returns (the server has the
+// subscription) until the test ends.
+func subscribeUntilEnd(t *testing.T, subject string, buffer int) (chan *nats.Msg, *nats.Subscription) {
+	t.Helper()
+	ch := make(chan *nats.Msg, buffer)
+	sub, err := e2e.nc.ChanSubscribe(subject, ch)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,8 +197,7 @@ func subscribeResults(t *testing.T) *results {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = sub.Unsubscribe() })
-	r.sub = sub
-	return r
+	return ch, sub
 }
 
 // await returns the first final result event whose subject is key; events
@@ -196,7 +210,7 @@ func (r *results) await(t *testing.T, key string, timeout time.Duration) events.
 			return ev
 		}
 	}
-	deadline := time.After(timeout)
+	deadline := time.After(scaled(timeout))
 	for {
 		select {
 		case m := <-r.ch:
@@ -465,22 +479,28 @@ func TestJobForVanishedObjectFailsSayingSo(t *testing.T) {
 func ingestSettled(t *testing.T) {
 	t.Helper()
 	ctx := context.Background()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(scaled(30 * time.Second))
 	for time.Now().Before(deadline) {
-		c, err := e2e.js.Consumer(ctx, events.StreamS3Events, "ingest")
-		if err != nil {
-			t.Fatal(err)
-		}
-		info, err := c.Info(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if info.NumPending == 0 && info.NumAckPending == 0 {
+		if info := ingestConsumer(ctx, t); info.NumPending == 0 && info.NumAckPending == 0 {
 			return
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Fatal("ingest did not settle within 30s")
+}
+
+// ingestConsumer is where ingest's consumer of S3_EVENTS stands now.
+func ingestConsumer(ctx context.Context, t *testing.T) *jetstream.ConsumerInfo {
+	t.Helper()
+	c, err := e2e.js.Consumer(ctx, events.StreamS3Events, "ingest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info
 }
 
 func jobsLastSeq(t *testing.T) uint64 {
@@ -520,7 +540,7 @@ func TestRepeatedNotificationMakesOneJob(t *testing.T) {
 			if n, err := events.ParseNotification(m.Data); err == nil && n.Records[0].Key == key {
 				original = m.Data
 			}
-		case <-time.After(30 * time.Second):
+		case <-time.After(scaled(30 * time.Second)):
 			t.Fatal("no notification from MinIO")
 		}
 	}
@@ -563,7 +583,7 @@ func TestMalformedNotificationIsAcknowledgedNotRedelivered(t *testing.T) {
 func TestScratchFilesNeverOutliveTheirJob(t *testing.T) {
 	// Runs after the conversions above (tests run in file order); give any
 	// job still finishing a moment.
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(scaled(20 * time.Second))
 	for {
 		entries, err := os.ReadDir(e2e.scratch)
 		if err != nil {
@@ -591,16 +611,8 @@ type jobCapture struct{ ch chan *nats.Msg }
 
 func captureJobs(t *testing.T) *jobCapture {
 	t.Helper()
-	c := &jobCapture{ch: make(chan *nats.Msg, 64)}
-	sub, err := e2e.nc.ChanSubscribe(events.SubjectConvertJob, c.ch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := e2e.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sub.Unsubscribe() })
-	return c
+	ch, _ := subscribeUntilEnd(t, events.SubjectConvertJob, 64)
+	return &jobCapture{ch: ch}
 }
 
 // republish queues the first captured job for key again, as a new message.
@@ -622,7 +634,7 @@ func (c *jobCapture) republish(t *testing.T, key string) {
 			}
 			c.ch <- m // for the next republish
 			return
-		case <-time.After(10 * time.Second):
+		case <-time.After(scaled(10 * time.Second)):
 			t.Fatalf("no job for %s was published", key)
 		}
 	}

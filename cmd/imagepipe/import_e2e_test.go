@@ -3,14 +3,12 @@ package main
 import (
 	"context"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"os"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,6 +21,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/internal/status"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // allowLoopbackImports is the explicit opt-in the e2e stack's ingest runs
@@ -69,40 +68,6 @@ func ingestWith(t *testing.T, cfg ingest.Config) *ingest.Handler {
 	return h
 }
 
-// diskServer serves body at any path on a listener of its own address
-// (127.0.0.1:0, [::1]:0, 127.0.0.2:0) and counts the requests it answers.
-func diskServer(t *testing.T, network, addr string, body []byte, h http.HandlerFunc) (*httptest.Server, *atomic.Int32) {
-	t.Helper()
-	var hits atomic.Int32
-	l, err := net.Listen(network, addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hits.Add(1)
-		if h != nil {
-			h(w, r)
-			return
-		}
-		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
-		w.Write(body)
-	}))
-	srv.Listener.Close()
-	srv.Listener = l
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return srv, &hits
-}
-
-func urlOn(t *testing.T, srv *httptest.Server, host, file string) string {
-	t.Helper()
-	_, port, err := net.SplitHostPort(srv.Listener.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return "http://" + net.JoinHostPort(host, port) + "/files/" + file
-}
-
 // assertNothingArrives checks that key is not in the input bucket, nothing
 // is under it in the output bucket, and no job was queued.
 func assertNothingArrives(t *testing.T, key string, jobsBefore uint64) {
@@ -120,10 +85,18 @@ func assertNothingArrives(t *testing.T, key string, jobsBefore uint64) {
 	}
 }
 
-func TestImportRefusesLoopbackAddressesWithoutTheOptIn(t *testing.T) {
+// secretDisks serves a disk that no import may fetch on a tcp4 address
+// (v4Addr) and on [::1]; hits says how many requests each answered.
+func secretDisks(t *testing.T, v4Addr string) (v4, v6 *httptest.Server, hits func() (int32, int32)) {
+	t.Helper()
 	body := []byte("QFI\xfb internal secret disk bytes")
-	v4, hits4 := diskServer(t, "tcp4", "127.0.0.1:0", body, nil)
-	v6, hits6 := diskServer(t, "tcp6", "[::1]:0", body, nil)
+	v4, hits4 := stack.DiskServer(t, "tcp4", v4Addr, body, nil)
+	v6, hits6 := stack.DiskServer(t, "tcp6", "[::1]:0", body, nil)
+	return v4, v6, func() (int32, int32) { return hits4.Load(), hits6.Load() }
+}
+
+func TestImportRefusesLoopbackAddressesWithoutTheOptIn(t *testing.T) {
+	v4, v6, hits := secretDisks(t, "127.0.0.1:0")
 	before := settledJobs(t)
 
 	// Every port open, so the address rule alone is what refuses.
@@ -131,14 +104,14 @@ func TestImportRefusesLoopbackAddressesWithoutTheOptIn(t *testing.T) {
 	cfg.ImportAllowedPorts = []ingest.PortRange{{Lo: 1, Hi: 65535}}
 	h := ingestWith(t, cfg)
 	for i, u := range []string{
-		urlOn(t, v4, "127.0.0.1", "a.qcow2"),
-		urlOn(t, v4, "localhost", "a.qcow2"),
-		urlOn(t, v6, "::1", "a.qcow2"),
-		urlOn(t, v6, "::ffff:127.0.0.1", "a.qcow2"),
+		stack.FileURL(t, v4, "127.0.0.1", "a.qcow2"),
+		stack.FileURL(t, v4, "localhost", "a.qcow2"),
+		stack.FileURL(t, v6, "::1", "a.qcow2"),
+		stack.FileURL(t, v6, "::ffff:127.0.0.1", "a.qcow2"),
 	} {
 		key := "e2e/import/address/" + strconv.Itoa(i) + ".qcow2"
 		_, err := h.Import(context.Background(), events.ImportRequest{URL: u, Key: key})
-		if !ingest.IsRequestError(err) || !strings.Contains(err.Error(), "refused by rule "+ingest.RuleImportAddress) {
+		if !ingest.IsRequestError(err) || !strings.Contains(err.Error(), "refused by rule "+events.RuleImportAddress) {
 			t.Errorf("import %s: %v, want a refusal by rule import-address", u, err)
 		}
 		assertNothingArrives(t, key, before)
@@ -146,40 +119,38 @@ func TestImportRefusesLoopbackAddressesWithoutTheOptIn(t *testing.T) {
 
 	// The shipped defaults alone refuse it too, by the port first.
 	key := "e2e/import/address/defaults.qcow2"
-	_, err := ingestWith(t, shippedIngestConfig(t)).Import(context.Background(), events.ImportRequest{URL: urlOn(t, v4, "127.0.0.1", "a.qcow2"), Key: key})
-	if !ingest.IsRequestError(err) || !strings.Contains(err.Error(), "refused by rule "+ingest.RuleImportPort) {
+	_, err := ingestWith(t, shippedIngestConfig(t)).Import(context.Background(), events.ImportRequest{URL: stack.FileURL(t, v4, "127.0.0.1", "a.qcow2"), Key: key})
+	if !ingest.IsRequestError(err) || !strings.Contains(err.Error(), "refused by rule "+events.RuleImportPort) {
 		t.Errorf("with the shipped defaults: %v, want a refusal by rule import-port", err)
 	}
 	assertNothingArrives(t, key, before)
-	if hits4.Load() != 0 || hits6.Load() != 0 {
-		t.Errorf("the loopback servers answered %d and %d requests", hits4.Load(), hits6.Load())
+	if h4, h6 := hits(); h4 != 0 || h6 != 0 {
+		t.Errorf("the loopback servers answered %d and %d requests", h4, h6)
 	}
 }
 
 // The first hop is allowed by the narrowest opt-in (its one address); the
 // redirect to another loopback address is dialled under the same rule.
 func TestImportRefusesARedirectToLoopback(t *testing.T) {
-	body := []byte("QFI\xfb internal secret disk bytes")
-	inner, innerHits := diskServer(t, "tcp4", "127.0.0.2:0", body, nil)
-	inner6, inner6Hits := diskServer(t, "tcp6", "[::1]:0", body, nil)
+	inner, inner6, hits := secretDisks(t, "127.0.0.2:0")
 	before := settledJobs(t)
 	cfg := shippedIngestConfig(t)
 	cfg.ImportAllowedNetworks = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
 	cfg.ImportAllowedPorts = []ingest.PortRange{{Lo: 1, Hi: 65535}}
 	h := ingestWith(t, cfg)
-	for i, target := range []string{urlOn(t, inner, "127.0.0.2", "a.qcow2"), urlOn(t, inner6, "::1", "a.qcow2")} {
-		public, _ := diskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
+	for i, target := range []string{stack.FileURL(t, inner, "127.0.0.2", "a.qcow2"), stack.FileURL(t, inner6, "::1", "a.qcow2")} {
+		public, _ := stack.DiskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
 			http.Redirect(w, r, target, http.StatusFound)
 		})
 		key := "e2e/import/redirect/" + strconv.Itoa(i) + ".qcow2"
-		_, err := h.Import(context.Background(), events.ImportRequest{URL: urlOn(t, public, "127.0.0.1", "a.qcow2"), Key: key})
-		if !ingest.IsRequestError(err) || !strings.Contains(err.Error(), "refused by rule "+ingest.RuleImportAddress) || !strings.Contains(err.Error(), "redirected to") {
+		_, err := h.Import(context.Background(), events.ImportRequest{URL: stack.FileURL(t, public, "127.0.0.1", "a.qcow2"), Key: key})
+		if !ingest.IsRequestError(err) || !strings.Contains(err.Error(), "refused by rule "+events.RuleImportAddress) || !strings.Contains(err.Error(), "redirected to") {
 			t.Errorf("redirect to %s: %v, want a refusal by rule import-address at the redirect", target, err)
 		}
 		assertNothingArrives(t, key, before)
 	}
-	if innerHits.Load() != 0 || inner6Hits.Load() != 0 {
-		t.Errorf("the redirect targets answered %d and %d requests", innerHits.Load(), inner6Hits.Load())
+	if h4, h6 := hits(); h4 != 0 || h6 != 0 {
+		t.Errorf("the redirect targets answered %d and %d requests", h4, h6)
 	}
 }
 
@@ -205,7 +176,7 @@ func TestImportReplacesAnExistingUploadOnlyWithReplace(t *testing.T) {
 		w.Write(b)
 	}))
 	defer srv.Close()
-	key := "e2e/import/replace/disk.qcow2"
+	key := runPrefix("e2e/import/replace/") + "disk.qcow2"
 
 	if code, _, stderr := cli(t, "import", srv.URL+"/files/first.qcow2", "uploads/"+key); code != 0 {
 		t.Fatalf("first import: exit %d, %s", code, stderr)
@@ -243,7 +214,7 @@ func TestImportsOverTheReplicaCapAreRefusedNotQueued(t *testing.T) {
 	body := []byte("QFI\xfb slow disk bytes")
 	release := make(chan struct{})
 	started := make(chan struct{}, 2)
-	srv, _ := diskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
+	srv, _ := stack.DiskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		w.WriteHeader(http.StatusOK)
 		w.(http.Flusher).Flush()
@@ -259,21 +230,22 @@ func TestImportsOverTheReplicaCapAreRefusedNotQueued(t *testing.T) {
 	cfg.ImportMaxConcurrent = 1
 	h := ingestWith(t, cfg)
 	before := settledJobs(t)
+	busy := runPrefix("e2e/import/busy/")
 
-	if _, err := h.Import(context.Background(), events.ImportRequest{URL: urlOn(t, srv, "127.0.0.1", "a.qcow2"), Key: "e2e/import/busy/1.qcow2"}); err != nil {
+	if _, err := h.Import(context.Background(), events.ImportRequest{URL: stack.FileURL(t, srv, "127.0.0.1", "a.qcow2"), Key: busy + "1.qcow2"}); err != nil {
 		t.Fatal(err)
 	}
 	<-started
-	_, err := h.Import(context.Background(), events.ImportRequest{URL: urlOn(t, srv, "127.0.0.1", "a.qcow2"), Key: "e2e/import/busy/2.qcow2"})
-	if !ingest.IsRequestError(err) || !strings.Contains(err.Error(), "refused by rule "+ingest.RuleImportBusy) || !strings.Contains(err.Error(), "try again later") {
+	_, err := h.Import(context.Background(), events.ImportRequest{URL: stack.FileURL(t, srv, "127.0.0.1", "a.qcow2"), Key: busy + "2.qcow2"})
+	if !ingest.IsRequestError(err) || !strings.Contains(err.Error(), "refused by rule "+events.RuleImportBusy) || !strings.Contains(err.Error(), "try again later") {
 		t.Errorf("second import over a cap of 1: %v, want a refusal by rule import-busy", err)
 	}
 	close(release)
 	h.WaitImports()
-	if got, n := downloadSum(t, "uploads", "e2e/import/busy/1.qcow2"); n != int64(len(body)) {
+	if got, n := downloadSum(t, "uploads", busy+"1.qcow2"); n != int64(len(body)) {
 		t.Errorf("first import stored %d bytes (%s), want %d", n, got, len(body))
 	}
-	if objectExists(t, "uploads", "e2e/import/busy/2.qcow2") {
+	if objectExists(t, "uploads", busy+"2.qcow2") {
 		t.Error("the import refused as busy was stored later: it was queued")
 	}
 	// The first one is a real upload and becomes a (failed: not really a
@@ -288,7 +260,7 @@ func TestAnIdleImportSourceIsCutOffAndNothingStored(t *testing.T) {
 	half := make([]byte, 256<<10)
 	stop := make(chan struct{})
 	defer close(stop)
-	srv, _ := diskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
+	srv, _ := stack.DiskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", strconv.Itoa(2*len(half)))
 		w.WriteHeader(http.StatusOK)
 		w.Write(half)
@@ -306,11 +278,11 @@ func TestAnIdleImportSourceIsCutOffAndNothingStored(t *testing.T) {
 	key := "e2e/import/idle/disk.qcow2"
 
 	start := time.Now()
-	if _, err := h.Import(context.Background(), events.ImportRequest{URL: urlOn(t, srv, "127.0.0.1", "a.qcow2"), Key: key}); err != nil {
+	if _, err := h.Import(context.Background(), events.ImportRequest{URL: stack.FileURL(t, srv, "127.0.0.1", "a.qcow2"), Key: key}); err != nil {
 		t.Fatal(err)
 	}
 	f := awaitFailure(t, res, key)
-	if f.Rule != ingest.RuleImportIdle || f.Phase != events.PhaseIntake || !strings.Contains(f.Message, "IMAGEPIPE_IMPORT_IDLE_TIMEOUT") {
+	if f.Rule != events.RuleImportIdle || f.Phase != events.PhaseIntake || !strings.Contains(f.Message, "IMAGEPIPE_IMPORT_IDLE_TIMEOUT") {
 		t.Errorf("failure %+v, want rule import-idle naming the setting", f)
 	}
 	if d := time.Since(start); d > 30*time.Second {
@@ -337,7 +309,7 @@ func TestAnUploadThatLandsWhileAnImportRunsIsKept(t *testing.T) {
 		t.Fatal(err)
 	}
 	halfSent, resume := make(chan struct{}), make(chan struct{})
-	srv, _ := diskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
+	srv, _ := stack.DiskServer(t, "tcp4", "127.0.0.1:0", nil, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		w.WriteHeader(http.StatusOK)
 		w.Write(body[:len(body)/2])
@@ -352,9 +324,9 @@ func TestAnUploadThatLandsWhileAnImportRunsIsKept(t *testing.T) {
 	cfg := shippedIngestConfig(t)
 	allowLoopbackImports(&cfg)
 	h := ingestWith(t, cfg)
-	key := "e2e/import/race/disk.qcow2"
+	key := runPrefix("e2e/import/race/") + "disk.qcow2"
 
-	if _, err := h.Import(context.Background(), events.ImportRequest{URL: urlOn(t, srv, "127.0.0.1", "a.qcow2"), Key: key}); err != nil {
+	if _, err := h.Import(context.Background(), events.ImportRequest{URL: stack.FileURL(t, srv, "127.0.0.1", "a.qcow2"), Key: key}); err != nil {
 		t.Fatal(err)
 	}
 	<-halfSent
@@ -375,7 +347,7 @@ func TestAnUploadThatLandsWhileAnImportRunsIsKept(t *testing.T) {
 		refused = &f
 		break
 	}
-	if refused == nil || refused.Rule != ingest.RuleImportExists || !strings.Contains(refused.Message, "kept") {
+	if refused == nil || refused.Rule != events.RuleImportExists || !strings.Contains(refused.Message, "kept") {
 		t.Fatalf("import failure %+v, want a refusal by rule import-exists saying the upload was kept", refused)
 	}
 	if got, _ := downloadSum(t, "uploads", key); got != fileSum(t, uploaded) {

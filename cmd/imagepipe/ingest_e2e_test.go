@@ -29,6 +29,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/internal/status"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // The intake tests run on the e2e stack; each uses its own keys under
@@ -62,7 +63,7 @@ func awaitConverted(t *testing.T, res *results, key string) events.Converted {
 // STATS answer of its micro service.
 func intakeStats(t *testing.T) map[string]uint64 {
 	t.Helper()
-	msg, err := e2e.nc.Request("$SRV.STATS."+ingestControlService, nil, 2*time.Second)
+	msg, err := e2e.nc.Request("$SRV.STATS."+events.ServiceIntake, nil, 2*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +84,7 @@ func intakeStats(t *testing.T) map[string]uint64 {
 // still be behind.
 func awaitStats(t *testing.T, before map[string]uint64, done func(map[string]uint64) bool) map[string]uint64 {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(scaled(10 * time.Second))
 	for {
 		d := statsDelta(before, intakeStats(t))
 		if done(d) || time.Now().After(deadline) {
@@ -161,16 +162,8 @@ type notifications struct{ ch chan *nats.Msg }
 
 func watchNotifications(t *testing.T) *notifications {
 	t.Helper()
-	n := &notifications{ch: make(chan *nats.Msg, 256)}
-	sub, err := e2e.nc.ChanSubscribe(events.SubjectS3Events, n.ch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := e2e.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sub.Unsubscribe() })
-	return n
+	ch, _ := subscribeUntilEnd(t, events.SubjectS3Events, 256)
+	return &notifications{ch: ch}
 }
 
 // await waits for a notification of event (any event when "") for each key.
@@ -180,7 +173,7 @@ func (n *notifications) await(t *testing.T, event string, keys ...string) {
 	for _, k := range keys {
 		missing[k] = true
 	}
-	deadline := time.After(20 * time.Second)
+	deadline := time.After(scaled(20 * time.Second))
 	for len(missing) > 0 {
 		select {
 		case m := <-n.ch:
@@ -294,7 +287,7 @@ func TestTaggingAnUploadDoesNotConvertItAgain(t *testing.T) {
 		if ev, err := events.Decode(m.Data); err == nil && ev.Subject == key {
 			t.Errorf("a second result for %s: %s", key, ev.Data)
 		}
-	case <-time.After(300 * time.Millisecond):
+	case <-time.After(stack.Scaled(300 * time.Millisecond)):
 	}
 }
 
@@ -317,7 +310,7 @@ func TestOutputsNeverFeedBackInEvenInTheInputBucket(t *testing.T) {
 		t.Fatal(err)
 	}
 	written := "e2e/intake/loop/written.qcow2"
-	putBody(t, written, []byte("QFI\xfb pretend output"), map[string]string{ingest.OutputMarker: "true"})
+	putBody(t, written, []byte("QFI\xfb pretend output"), map[string]string{events.MetaOutput: "true"})
 	notes.await(t, "", copied, written)
 
 	if got := settledJobs(t) - before; got != 0 {
@@ -389,7 +382,7 @@ func TestUploadOverTheSizeLimitIsRefusedWithTheLimit(t *testing.T) {
 func TestMultipartUploadInProgressMakesNoJob(t *testing.T) {
 	res := subscribeResults(t)
 	ctx := context.Background()
-	key := "e2e/intake/multipart/disk.qcow2"
+	key := runPrefix("e2e/intake/multipart/") + "disk.qcow2"
 	path := filepath.Join(t.TempDir(), "disk.qcow2")
 	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", path, "16M")
 	runTool(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x73 0 6M", path)
@@ -467,8 +460,11 @@ func TestOverwrittenKeyIsConvertedAgain(t *testing.T) {
 
 func TestSameContentUnderTwoNamesIsConvertedOnce(t *testing.T) {
 	res := subscribeResults(t)
-	path := smallQcow2(t, "disk.qcow2", 0x76)
-	a, b := "e2e/intake/twice/first.qcow2", "e2e/intake/twice/second name.qcow2"
+	// Content of its own: an earlier run's conversion would answer for
+	// the first name too.
+	path := runImage(t, "disk.qcow2", 0x76)
+	dir := runPrefix("e2e/intake/twice/")
+	a, b := dir+"first.qcow2", dir+"second name.qcow2"
 	upload(t, a, path, false)
 	ca := awaitConverted(t, res, a)
 	upload(t, b, path, false)
@@ -528,14 +524,15 @@ func TestReconvertQueuesAFreshJobThatBypassesDeduplication(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
 		want string
+		code int // a bad flag value is a usage error, refused before connecting
 	}{
-		{[]string{"reconvert", "uploads/e2e/intake/reconvert/missing.qcow2"}, "no object uploads/e2e/intake/reconvert/missing.qcow2 exists"},
-		{[]string{"reconvert", "images/" + key + ".raw"}, `"images" is not the input bucket`},
-		{[]string{"reconvert", "--format", "vmdk", "uploads/" + key}, "not raw or qcow2"},
+		{[]string{"reconvert", "uploads/e2e/intake/reconvert/missing.qcow2"}, "no object uploads/e2e/intake/reconvert/missing.qcow2 exists", 1},
+		{[]string{"reconvert", "images/" + key + ".raw"}, `"images" is not the input bucket`, 1},
+		{[]string{"reconvert", "--format", "vmdk", "uploads/" + key}, "not raw or qcow2", 2},
 	} {
 		code, stdout, stderr := cli(t, tc.args...)
-		if code != 1 || stdout != "" || !strings.Contains(stderr, tc.want) || strings.Count(stderr, "\n") != 1 {
-			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit 1 and one line saying %q", tc.args, code, stdout, stderr, tc.want)
+		if code != tc.code || stdout != "" || !strings.Contains(stderr, tc.want) || strings.Count(stderr, "\n") != 1 {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit %d and one line saying %q", tc.args, code, stdout, stderr, tc.code, tc.want)
 		}
 	}
 
@@ -553,7 +550,7 @@ func TestReconvertQueuesAFreshJobThatBypassesDeduplication(t *testing.T) {
 func TestReconcilePicksUpAnUploadWhoseNotificationWasLostExactlyOnce(t *testing.T) {
 	res := subscribeResults(t)
 	ctx := context.Background()
-	prefix := "e2e/intake/reconcile/"
+	prefix := runPrefix("e2e/intake/reconcile/")
 	key := prefix + "lost.qcow2"
 	v1, v2 := smallQcow2(t, "v1.qcow2", 0x78), smallQcow2(t, "v2.qcow2", 0x79)
 
@@ -588,7 +585,7 @@ func TestReconcilePicksUpAnUploadWhoseNotificationWasLostExactlyOnce(t *testing.
 					t.Fatal("MinIO notified although the bucket notification was removed")
 				}
 				seen = n.Records[0].Key == marker
-			case <-time.After(20 * time.Second):
+			case <-time.After(scaled(20 * time.Second)):
 				t.Fatal("no notification after the bucket notification was restored")
 			}
 		}
@@ -646,7 +643,7 @@ func TestReconcilePicksUpAnUploadWhoseNotificationWasLostExactlyOnce(t *testing.
 		if ev, err := events.Decode(m.Data); err == nil && ev.Subject == key {
 			t.Errorf("a further result for %s: %s", key, ev.Data)
 		}
-	case <-time.After(500 * time.Millisecond):
+	case <-time.After(stack.Scaled(500 * time.Millisecond)):
 	}
 }
 
@@ -672,8 +669,9 @@ func TestImportStreamsAURLIntoTheInputBucketAndConvertsIt(t *testing.T) {
 	}))
 	defer srv.Close()
 
+	dir := runPrefix("e2e/intake/import/")
 	t.Run("known length", func(t *testing.T) {
-		key := "e2e/intake/import/disk.qcow2"
+		key := dir + "disk.qcow2"
 		code, stdout, stderr := cli(t, "import", srv.URL+"/files/disk.qcow2", "uploads/"+key, "--sha256", sum)
 		if code != 0 || strings.TrimSpace(stdout) != "uploads/"+key {
 			t.Fatalf("import: exit %d, stdout %q, stderr %q", code, stdout, stderr)
@@ -688,8 +686,10 @@ func TestImportStreamsAURLIntoTheInputBucketAndConvertsIt(t *testing.T) {
 		}
 	})
 	t.Run("unknown length, default key", func(t *testing.T) {
-		code, stdout, stderr := cli(t, "import", srv.URL+"/files/chunked.qcow2?chunked=1")
-		key := ingest.ImportPrefix + "chunked.qcow2"
+		// The default key is the URL's file name: one of this run's own.
+		name := fmt.Sprintf("chunked-%d.qcow2", time.Now().UnixNano())
+		code, stdout, stderr := cli(t, "import", srv.URL+"/files/"+name+"?chunked=1")
+		key := ingest.ImportPrefix + name
 		if code != 0 || strings.TrimSpace(stdout) != "uploads/"+key {
 			t.Fatalf("import: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 		}
@@ -700,14 +700,14 @@ func TestImportStreamsAURLIntoTheInputBucketAndConvertsIt(t *testing.T) {
 	})
 	t.Run("wrong digest", func(t *testing.T) {
 		before := settledJobs(t)
-		key := "e2e/intake/import/tampered.qcow2"
+		key := dir + "tampered.qcow2"
 		wrong := strings.Repeat("0", 64)
 		code, _, stderr := cli(t, "import", srv.URL+"/files/disk.qcow2", "uploads/"+key, "--sha256", wrong)
 		if code != 0 {
 			t.Fatalf("import: exit %d, %s", code, stderr)
 		}
 		f := awaitFailure(t, res, key)
-		if f.Rule != ingest.RuleSHA256Mismatch || f.Phase != events.PhaseIntake || !strings.Contains(f.Message, sum) {
+		if f.Rule != events.RuleSHA256Mismatch || f.Phase != events.PhaseIntake || !strings.Contains(f.Message, sum) {
 			t.Errorf("failure %+v, want rule sha256-mismatch naming the real digest", f)
 		}
 		if objectExists(t, "uploads", key) {
@@ -737,14 +737,7 @@ func TestImportStreamsAURLIntoTheInputBucketAndConvertsIt(t *testing.T) {
 func TestBadNotificationsAreCountedAcknowledgedAndMakeNoJob(t *testing.T) {
 	ctx := context.Background()
 	before, statsBefore := settledJobs(t), intakeStats(t)
-	c, err := e2e.js.Consumer(ctx, events.StreamS3Events, "ingest")
-	if err != nil {
-		t.Fatal(err)
-	}
-	infoBefore, err := c.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	infoBefore := ingestConsumer(ctx, t)
 	full := forgedNotification("s3:ObjectCreated:Put", "uploads", "e2e/intake/bad/a.qcow2", 100)
 	for _, p := range [][]byte{
 		full[:len(full)/2], // truncated
@@ -761,10 +754,7 @@ func TestBadNotificationsAreCountedAcknowledgedAndMakeNoJob(t *testing.T) {
 	if d := awaitStats(t, statsBefore, func(d map[string]uint64) bool { return fmt.Sprint(d) == fmt.Sprint(want) }); fmt.Sprint(d) != fmt.Sprint(want) {
 		t.Errorf("counters moved by %v, want %v", d, want)
 	}
-	infoAfter, err := c.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	infoAfter := ingestConsumer(ctx, t)
 	if infoAfter.NumRedelivered != infoBefore.NumRedelivered {
 		t.Errorf("bad notifications were redelivered %d times", infoAfter.NumRedelivered-infoBefore.NumRedelivered)
 	}
@@ -798,6 +788,26 @@ func TestDedupPruneRemovesOnlyRecordsOlderThanTheAge(t *testing.T) {
 	}
 }
 
+// acquireWithin takes l, trying until within has passed; failing, the
+// test ends saying why.
+func acquireWithin(ctx context.Context, t *testing.T, l *kvLease, within time.Duration, why string) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		ok, err := l.Acquire(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(why)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func TestReconcileLeaseGoesToOneReplicaPerPeriod(t *testing.T) {
 	ctx := context.Background()
 	every := e2e.stack.s.Ingest.ReconcileEvery
@@ -818,42 +828,15 @@ func TestReconcileLeaseGoesToOneReplicaPerPeriod(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b.holder = []byte("replica-b")
 	// Whatever a previous period left must expire first.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		ok, err := a.Acquire(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("lease never free")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	acquireWithin(ctx, t, a, scaled(5*time.Second), "lease never free")
 	for _, l := range []*kvLease{b, a} {
 		if ok, err := l.Acquire(ctx); ok || err != nil {
 			t.Errorf("second acquire in the same period = %v, %v", ok, err)
 		}
 	}
 	// The next period is anyone's, once.
-	deadline = time.Now().Add(5 * time.Second)
-	for {
-		ok, err := b.Acquire(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("lease not free after its period")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	acquireWithin(ctx, t, b, scaled(5*time.Second), "lease not free after its period")
 	if ok, _ := a.Acquire(ctx); ok {
 		t.Error("two replicas hold the lease")
 	}

@@ -3,17 +3,16 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 
 	"github.com/dustin/go-humanize"
+	"github.com/spf13/cobra"
 
 	"github.com/imagepipe/imagepipe/functions/convert"
 	"github.com/imagepipe/imagepipe/internal/decompress"
@@ -22,9 +21,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
 )
 
-const inspectUsage = `Usage: imagepipe inspect [--key KEY] [--json] FILE
-
-Inspects a disk image on this machine, with no service running, and says
+const inspectLong = `Inspects a disk image on this machine, with no service running, and says
 what the convert function would decide about it: the format its header
 shows, its virtual size, its size, and whether the safety rules accept it,
 with the reasons. It runs the same inspector as convert, then qemu-img
@@ -35,17 +32,6 @@ A gzip, xz or zstd file is decompressed first, as convert decompresses an
 upload: into a temporary directory under IMAGEPIPE_SCRATCH_DIR, refused
 once it expands past IMAGEPIPE_MAX_VIRTUAL_SIZE or its data past the free
 space beyond IMAGEPIPE_SCRATCH_RESERVE; runs of zeros are written as holes.
-
-Flags:
-  --key KEY   judge the extension by this object key instead of the file's
-              name, e.g. the key you mean to upload it as
-  --json      print the report as JSON
-
-Examples:
-  imagepipe inspect win11.vhdx
-  imagepipe inspect --json disk.qcow2
-  imagepipe inspect disk.qcow2.xz
-  imagepipe inspect --key disks/web.vmdk ./export/web-disk1.vmdk
 
 Exit codes: 0 convert would accept the image, 1 it would refuse it (or the
 file cannot be read), 2 usage error.
@@ -72,36 +58,53 @@ type inspection struct {
 	ExpandedSize int64  `json:"expanded_size,omitempty"`
 }
 
-// runInspect judges a local image as convert would.
-func runInspect(ctx context.Context, args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("inspect", flag.ContinueOnError)
-	key := fs.String("key", "", "")
-	asJSON := fs.Bool("json", false, "")
-	pos, err := parseArgs(fs, inspectUsage, args, stdout)
-	if err != nil {
-		return err
+const inspectExample = `  imagepipe inspect win11.vhdx
+  imagepipe inspect disk.qcow2 --json
+  imagepipe inspect disk.qcow2.xz
+  imagepipe inspect appliance.ova
+  imagepipe inspect --key disks/web.vmdk ./export/web-disk1.vmdk`
+
+func newInspectCmd(e *cliEnv) *cobra.Command {
+	var (
+		key    string
+		asJSON bool
+	)
+	c := &cobra.Command{
+		Use:     "inspect FILE",
+		Short:   "judge a local image as convert would (--json)",
+		Long:    inspectLong,
+		Example: inspectExample,
+		Args:    argsBetween(1, 1, "one FILE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runInspect(cmd.Context(), args[0], key, asJSON, e.stdout)
+		},
 	}
-	if len(pos) != 1 {
-		return usageError{"inspect takes one FILE"}
-	}
-	s, err := loadSettings()
-	if err != nil {
+	c.Flags().StringVar(&key, "key", "", "judge the extension by this object key instead of the file's name")
+	c.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
+	return c
+}
+
+// runInspect judges a local image as convert would. The verdict is the
+// report, on stdout; a refusal is exit code 1 with nothing on stderr.
+func runInspect(ctx context.Context, file, key string, asJSON bool, stdout io.Writer) error {
+	var s settings
+	if err := loadCommandSettings(&s.Convert); err != nil {
 		return err
 	}
 	// qemu-img reads "proto:" and "json:" names as other things than a
 	// file; an absolute path is always the file.
-	path, err := filepath.Abs(pos[0])
+	path, err := filepath.Abs(file)
 	if err != nil {
 		return err
 	}
-	rep := inspection{File: pos[0], Key: *key, Checks: []string{}}
+	rep := inspection{File: file, Key: key, Checks: []string{}}
 	if rep.Key == "" {
 		rep.Key = filepath.Base(path)
 	}
 	if err := judge(ctx, path, s.Convert, &rep); err != nil {
 		return err
 	}
-	if *asJSON {
+	if asJSON {
 		if err := writeJSON(stdout, rep); err != nil {
 			return err
 		}
@@ -109,7 +112,7 @@ func runInspect(ctx context.Context, args []string, stdout io.Writer) error {
 		printInspection(stdout, rep)
 	}
 	if rep.Verdict != "accepted" {
-		return fmt.Errorf("refused by rule %s: %s", rep.Rule, rep.Reason)
+		return errSilent
 	}
 	return nil
 }
@@ -133,10 +136,7 @@ func judge(ctx context.Context, path string, cfg convert.Config, rep *inspection
 		return fmt.Errorf("inspect: %w", err)
 	}
 	rep.FileSize = st.Size()
-	rep.ActualSize = st.Size()
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-		rep.ActualSize = sys.Blocks * 512
-	}
+	rep.ActualSize = allocatedBytes(st)
 	if codec := decompress.Detect(head[:n]); codec != decompress.None {
 		return judgeCompressed(ctx, path, codec, cfg, rep)
 	}

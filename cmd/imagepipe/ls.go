@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"slices"
@@ -12,50 +11,87 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
 	"github.com/imagepipe/imagepipe/events"
 )
 
-const lsUsage = `Usage: imagepipe ls [--state STATE] [--limit N] [--json]
-
-Lists recent jobs, newest first, from the status bucket: when each image
+const lsLong = `Lists recent jobs, newest first, from the status bucket: when each image
 last changed, its state, and its output or error.
 
-Flags:
-  --state STATE   only images in this state, e.g. failed, converting, ready
-                  (several: failed,cancelled)
-  --limit N       at most N images (default 50; 0 for all)
-  --json          print the status records as a JSON array
+--state takes one or more of uploaded, queued, downloading, inspecting,
+converting, uploading, ready, failed, duplicate, cancelled, comma-separated.
+--prefix keeps the images whose BUCKET/KEY, or whose KEY alone, starts with
+it. Exit codes: 0 listed (even none), 1 failure, 2 usage error.`
 
-Examples:
-  imagepipe ls
+const lsExample = `  imagepipe ls
   imagepipe ls --state failed
-  imagepipe ls --state queued,converting --json
+  imagepipe ls --prefix uploads/disks/
+  imagepipe ls --state queued,converting --json`
 
-Exit codes: 0 listed (even none), 1 failure, 2 usage error.
-`
+// lsOptions are ls's flags.
+type lsOptions struct {
+	state  string
+	prefix string
+	limit  int
+	asJSON bool
+}
+
+// allStates are the states --state accepts, in the order an image passes
+// them.
+var allStates = []events.State{
+	events.StateUploaded, events.StateQueued, events.StateDownloading, events.StateInspecting, events.StateConverting,
+	events.StateUploading, events.StateReady, events.StateFailed, events.StateDuplicate, events.StateCancelled,
+}
+
+func newLsCmd(e *cliEnv) *cobra.Command {
+	var o lsOptions
+	c := &cobra.Command{
+		Use:     "ls",
+		Short:   "list recent jobs (--state, --prefix, --json)",
+		Long:    lsLong,
+		Example: lsExample,
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runLs(cmd.Context(), o, e.stdout)
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&o.state, "state", "", "only images in these states, e.g. failed or queued,converting")
+	f.StringVar(&o.prefix, "prefix", "", "only images whose BUCKET/KEY or KEY starts with this")
+	f.IntVar(&o.limit, "limit", 50, "at most this many images; 0 for all")
+	f.BoolVar(&o.asJSON, "json", false, "print the status records as a JSON array")
+	return c
+}
+
+// parseStates reads --state: names of states in any case, comma-separated.
+func parseStates(list string) ([]events.State, error) {
+	var states []events.State
+	for s := range strings.SplitSeq(list, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		st := events.State(strings.ToUpper(s))
+		if !slices.Contains(allStates, st) {
+			names := make([]string, len(allStates))
+			for i, a := range allStates {
+				names[i] = strings.ToLower(string(a))
+			}
+			return nil, usageError{fmt.Sprintf("ls: --state %q is not a state; want one or more of %s, comma-separated", s, strings.Join(names, ", "))}
+		}
+		states = append(states, st)
+	}
+	return states, nil
+}
 
 // runLs lists recent jobs.
-func runLs(ctx context.Context, args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("ls", flag.ContinueOnError)
-	state := fs.String("state", "", "")
-	limit := fs.Int("limit", 50, "")
-	asJSON := fs.Bool("json", false, "")
-	pos, err := parseArgs(fs, lsUsage, args, stdout)
+func runLs(ctx context.Context, o lsOptions, stdout io.Writer) error {
+	if o.limit < 0 {
+		return usageError{fmt.Sprintf("ls: --limit %d is negative; want 0 (all) or more", o.limit)}
+	}
+	states, err := parseStates(o.state)
 	if err != nil {
 		return err
-	}
-	if len(pos) != 0 {
-		return usageError{"ls takes no arguments"}
-	}
-	if *limit < 0 {
-		return usageError{"ls: --limit must not be negative"}
-	}
-	var states []events.State
-	for s := range strings.SplitSeq(*state, ",") {
-		if s = strings.TrimSpace(s); s != "" {
-			states = append(states, events.State(strings.ToUpper(s)))
-		}
 	}
 	kv, closeFn, err := openStatusKV(ctx)
 	if err != nil {
@@ -68,15 +104,15 @@ func runLs(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	var out []events.Status
 	for _, st := range all {
-		if len(states) == 0 || slices.Contains(states, st.State) {
+		if (len(states) == 0 || slices.Contains(states, st.State)) && underPrefix(st, o.prefix) {
 			out = append(out, st)
 		}
 	}
 	slices.SortFunc(out, func(a, b events.Status) int { return b.UpdatedAt.Compare(a.UpdatedAt) })
-	if *limit > 0 && len(out) > *limit {
-		out = out[:*limit]
+	if o.limit > 0 && len(out) > o.limit {
+		out = out[:o.limit]
 	}
-	if *asJSON {
+	if o.asJSON {
 		if out == nil {
 			out = []events.Status{}
 		}

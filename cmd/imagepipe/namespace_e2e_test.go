@@ -116,7 +116,7 @@ func TestFailureReportOfAKeyNearS3sLimitIsWritten(t *testing.T) {
 		ReportKeyShortened bool   `json:"report_key_shortened"`
 	}
 	// The report is written just before the failure is published.
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(scaled(10 * time.Second))
 	for {
 		obj, err := e2e.s3.GetObject(context.Background(), "uploads", reportKey, minio.GetObjectOptions{})
 		if err == nil {
@@ -192,7 +192,7 @@ func startSideStack(t *testing.T, configure func(*settings)) *sideStack {
 // await returns the first final result whose subject is key.
 func (s *sideStack) await(t *testing.T, ch <-chan *nats.Msg, key string, timeout time.Duration) events.Event {
 	t.Helper()
-	deadline := time.After(timeout)
+	deadline := time.After(scaled(timeout))
 	for {
 		select {
 		case m := <-ch:
@@ -254,7 +254,7 @@ func (s *sideStack) sum(t *testing.T, bucket, key string) string {
 func (s *sideStack) reconcile(t *testing.T) events.ReconcileResult {
 	t.Helper()
 	body, _ := json.Marshal(events.ReconcileRequest{})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), scaled(30*time.Second))
 	defer cancel()
 	msg, err := s.nc.RequestWithContext(ctx, events.SubjectReconcile, body)
 	if err != nil {
@@ -270,7 +270,7 @@ func (s *sideStack) reconcile(t *testing.T) events.ReconcileResult {
 // ingestIdle waits until ingest has settled every notification MinIO sent.
 func (s *sideStack) ingestIdle(t *testing.T) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(scaled(30 * time.Second))
 	for {
 		c, err := s.js.Consumer(context.Background(), events.StreamS3Events, "ingest")
 		if err != nil {

@@ -58,7 +58,7 @@ func TestSlackWebhookHearsOfEachResultOnceThroughDev(t *testing.T) {
 	upload(t, key, path, false)
 	c := converted(t, res.await(t, key, 60*time.Second))
 
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(scaled(20 * time.Second))
 	for len(e2e.slack.mentioning("slack-demo.qcow2")) == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("Slack webhook got no message for the conversion")

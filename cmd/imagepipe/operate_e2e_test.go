@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -11,38 +12,22 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/control"
-	"github.com/imagepipe/imagepipe/internal/natsrt"
+	"github.com/imagepipe/imagepipe/internal/fleet"
+	"github.com/imagepipe/imagepipe/internal/natstest"
 	"github.com/imagepipe/imagepipe/internal/setup"
 )
 
 // lockedBuffer collects what a command writes from several goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
+type lockedBuffer = natstest.LogBuffer
 
 // stackEnv points commands run in the test at the e2e stack, the way an
 // operator's environment points them at a deployment. t.Setenv rules out
@@ -122,27 +107,17 @@ func startConvertReplica(t *testing.T, env map[string]string) *replicaRun {
 	before := convertInstances(t)
 	r := &replicaRun{done: make(chan int, 1), logs: &lockedBuffer{}}
 	go func() { r.done <- run([]string{"convert"}, io.Discard, r.logs) }()
-	deadline := time.Now().Add(30 * time.Second)
-	for r.id == "" {
-		for _, id := range convertInstances(t) {
-			if !slices.Contains(before, id) {
-				r.id = id
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the second convert replica did not answer ctl:\n%s", r.logs.String())
-		}
-	}
+	r.id = awaitNewConvert(t, before, scaled(30*time.Second), func() bool { return len(r.done) > 0 }, r.logs.String)
 	t.Cleanup(func() {
 		select {
 		case <-r.done:
 			return
 		default:
 		}
-		_, _ = control.NewClient(e2e.nc, time.Second).Steer(context.Background(), []string{"convert"}, control.VerbStop, r.id)
+		_, _ = control.NewClient(e2e.nc, time.Second).Steer(context.Background(), []string{"convert"}, events.VerbStop, r.id)
 		select {
 		case <-r.done:
-		case <-time.After(30 * time.Second):
+		case <-time.After(scaled(30 * time.Second)):
 			t.Errorf("replica %s did not stop", r.id)
 		}
 	})
@@ -156,7 +131,7 @@ func (r *replicaRun) exit(t *testing.T) int {
 	case code := <-r.done:
 		r.done <- code
 		return code
-	case <-time.After(60 * time.Second):
+	case <-time.After(scaled(60 * time.Second)):
 		t.Fatalf("replica %s did not exit:\n%s", r.id, r.logs.String())
 	}
 	return -1
@@ -167,8 +142,8 @@ func (r *replicaRun) exit(t *testing.T) int {
 func pauseStackConvert(t *testing.T) {
 	t.Helper()
 	id := e2e.stack.controls["convert"].ID()
-	sts := ctlJSON[[]control.Status](t, "pause", "--instance", id)
-	if len(sts) != 1 || sts[0].Instance != id || sts[0].State != natsrt.StatePaused {
+	sts := ctlJSON[[]events.ReplicaStatus](t, "pause", "--instance", id)
+	if len(sts) != 1 || sts[0].Instance != id || sts[0].State != events.WorkerPaused {
 		t.Fatalf("pause of the stack's convert answered %+v", sts)
 	}
 	t.Cleanup(e2e.stack.workers["convert"].Resume)
@@ -177,29 +152,13 @@ func pauseStackConvert(t *testing.T) {
 // watchState reports the states of one input's status record.
 func watchState(t *testing.T, key string) <-chan events.State {
 	t.Helper()
-	kv, err := setup.StatusKV(context.Background(), e2e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w, err := kv.Watch(context.Background(), events.StatusKey("uploads", key), jetstream.UpdatesOnly())
-	if err != nil {
-		t.Fatal(err)
-	}
 	ch := make(chan events.State, 64)
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		defer close(ch)
-		for e := range w.Updates() {
-			var st events.Status
-			if e != nil && json.Unmarshal(e.Value(), &st) == nil {
-				select {
-				case ch <- st.State:
-				default:
-				}
-			}
+	onStatus(t, key, func(st events.Status) {
+		select {
+		case ch <- st.State:
+		default:
 		}
 	})
-	t.Cleanup(func() { _ = w.Stop(); wg.Wait() })
 	return ch
 }
 
@@ -212,7 +171,7 @@ func awaitStarted(t *testing.T, states <-chan events.State) {
 			if s != events.StateQueued && s != events.StateUploaded {
 				return
 			}
-		case <-time.After(30 * time.Second):
+		case <-time.After(scaled(30 * time.Second)):
 			t.Fatal("no replica took the job")
 		}
 	}
@@ -268,11 +227,11 @@ func TestCtlSeesEveryConvertReplicaAndMetricsMoveWhenAJobRuns(t *testing.T) {
 	r := startConvertReplica(t, map[string]string{"IMAGEPIPE_METRICS_ADDR": addr})
 	stackID := e2e.stack.controls["convert"].ID()
 
-	sts := ctlJSON[[]control.Status](t, "status", "--function", "convert")
+	sts := ctlJSON[[]events.ReplicaStatus](t, "status", "--function", "convert")
 	var ids []string
 	for _, s := range sts {
 		ids = append(ids, s.Instance)
-		if s.Function != "convert" || s.State != natsrt.StateRunning || s.Config["output_bucket"] != "images" {
+		if s.Function != "convert" || s.State != events.WorkerRunning || s.Config["output_bucket"] != "images" {
 			t.Errorf("replica status = %+v", s)
 		}
 		for k, v := range s.Config {
@@ -301,15 +260,16 @@ func TestCtlSeesEveryConvertReplicaAndMetricsMoveWhenAJobRuns(t *testing.T) {
 
 	pauseStackConvert(t)
 	res := subscribeResults(t)
-	key := "e2e/ops/metrics/disk.qcow2"
-	upload(t, key, makeImage(t, t.TempDir(), "disk.qcow2", "qcow2", "write -P 0xb1 5M 1M"), false)
+	// A key and content of this run's own, as in the fleet stats test.
+	key := runPrefix("e2e/ops/metrics/") + "disk.qcow2"
+	upload(t, key, makeImage(t, t.TempDir(), "disk.qcow2", "qcow2", "write -P 0xb1 5M 1M", fmt.Sprintf("write -P 0x%02x 1M 64k", byte(runs.Add(1)))), false)
 	if ev := res.await(t, key, 90*time.Second); ev.Type != events.TypeConverted {
 		t.Fatalf("result %s: %s", ev.Type, ev.Data)
 	}
 	// The result is out a moment before the runtime has settled the
 	// message and counted it.
 	var fams map[string]*dto.MetricFamily
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(scaled(10 * time.Second))
 	for {
 		fams = scrapeMetrics(t, addr)
 		if got := counter(fams, "imagepipe_jobs_total", converted); got == before+1 {
@@ -338,8 +298,8 @@ func TestPauseHoldsNewJobsWhileTheRunningOneCompletesAndResumeContinues(t *testi
 	states := watchState(t, first)
 	upload(t, first, makeImage(t, dir, "first.vhdx", "vhdx", "write -P 0xc1 0 4M"), false)
 	awaitStarted(t, states)
-	for _, s := range ctlJSON[[]control.Status](t, "pause", "--function", "convert") {
-		if s.State != natsrt.StatePaused {
+	for _, s := range ctlJSON[[]events.ReplicaStatus](t, "pause", "--function", "convert") {
+		if s.State != events.WorkerPaused {
 			t.Errorf("after pause %s is %s", s.Instance, s.State)
 		}
 	}
@@ -350,7 +310,7 @@ func TestPauseHoldsNewJobsWhileTheRunningOneCompletesAndResumeContinues(t *testi
 	}
 	// The second job is queued and must stay so while every replica is
 	// paused, though the replica has a free slot.
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(scaled(30 * time.Second))
 	for {
 		kv, _ := setup.StatusKV(context.Background(), e2e.js, 1)
 		if e, err := kv.Get(context.Background(), events.StatusKey("uploads", second)); err == nil && strings.Contains(string(e.Value()), `"QUEUED"`) {
@@ -366,8 +326,8 @@ func TestPauseHoldsNewJobsWhileTheRunningOneCompletesAndResumeContinues(t *testi
 		t.Fatalf("a job started while every convert replica was paused: %+v", st)
 	}
 
-	for _, s := range ctlJSON[[]control.Status](t, "resume", "--function", "convert") {
-		if s.State != natsrt.StateRunning {
+	for _, s := range ctlJSON[[]events.ReplicaStatus](t, "resume", "--function", "convert") {
+		if s.State != events.WorkerRunning {
 			t.Errorf("after resume %s is %s", s.Instance, s.State)
 		}
 	}
@@ -388,8 +348,8 @@ func TestDrainLetsAReplicaFinishItsJobAndExitZeroWithNothingLost(t *testing.T) {
 	upload(t, first, makeImage(t, dir, "first.vmdk", "vmdk", "write -P 0xd1 0 4M"), false)
 	upload(t, second, makeImage(t, dir, "second.vmdk", "vmdk", "write -P 0xd2 0 4M"), false)
 	awaitStarted(t, states)
-	sts := ctlJSON[[]control.Status](t, "drain", "--instance", r.id)
-	if len(sts) != 1 || sts[0].State != natsrt.StateDraining {
+	sts := ctlJSON[[]events.ReplicaStatus](t, "drain", "--instance", r.id)
+	if len(sts) != 1 || sts[0].State != events.WorkerDraining {
 		t.Errorf("drain answered %+v", sts)
 	}
 	if code := r.exit(t); code != 0 {
@@ -409,8 +369,8 @@ func TestDrainLetsAReplicaFinishItsJobAndExitZeroWithNothingLost(t *testing.T) {
 func TestFleetStatsStillCountJobsAfterTheReplicaThatRanThemIsGone(t *testing.T) {
 	stackEnv(t)
 	type report struct {
-		Results  control.ResultStats    `json:"results"`
-		Replicas []control.ReplicaStats `json:"replicas"`
+		Results  fleet.ResultStats     `json:"results"`
+		Replicas []events.ReplicaStats `json:"replicas"`
 	}
 	before := ctlJSON[report](t, "stats").Results
 
@@ -418,8 +378,11 @@ func TestFleetStatsStillCountJobsAfterTheReplicaThatRanThemIsGone(t *testing.T) 
 	r := startConvertReplica(t, nil)
 	res := subscribeResults(t)
 	dir := t.TempDir()
-	good, bad := "e2e/ops/stats/good.vdi", "e2e/ops/stats/bad.vhdx"
-	upload(t, good, makeImage(t, dir, "good.vdi", "vdi", "write -P 0xe1 0 1M"), false)
+	// Keys and content of this run's own, so that a repeated run (-count)
+	// neither meets the last one's results nor is answered by de-duplication.
+	prefix := runPrefix("e2e/ops/stats/")
+	good, bad := prefix+"good.vdi", prefix+"bad.vhdx"
+	upload(t, good, makeImage(t, dir, "good.vdi", "vdi", "write -P 0xe1 0 1M", fmt.Sprintf("write -P 0x%02x 1M 64k", byte(runs.Add(1)))), false)
 	notes := filepath.Join(dir, "bad.vhdx")
 	if err := os.WriteFile(notes, bytes.Repeat([]byte("stats test notes, not a disk\n"), 50), 0o600); err != nil {
 		t.Fatal(err)
@@ -430,7 +393,7 @@ func TestFleetStatsStillCountJobsAfterTheReplicaThatRanThemIsGone(t *testing.T) 
 	}
 	awaitFailure(t, res, bad)
 
-	if got := ctlJSON[[]control.Status](t, "drain", "--instance", r.id); len(got) != 1 {
+	if got := ctlJSON[[]events.ReplicaStatus](t, "drain", "--instance", r.id); len(got) != 1 {
 		t.Fatalf("drain answered %+v", got)
 	}
 	if code := r.exit(t); code != 0 {
@@ -523,7 +486,8 @@ func TestInspectRefusesQcow2WithBackingFileAndAcceptsAGoodVhdx(t *testing.T) {
 	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "16M")
 	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
 	r := imagepipe(t, "inspect", top)
-	if r.code != 1 || !strings.Contains(r.stdout, "backing-file") || !strings.Contains(r.stderr, "refused by rule backing-file") {
+	// The verdict is the command's output: on stdout, once; stderr stays empty.
+	if r.code != 1 || !strings.Contains(r.stdout, "refused by rule backing-file") || r.stderr != "" {
 		t.Errorf("inspect of a qcow2 with a backing file exited %d:\n%s%s", r.code, r.stdout, r.stderr)
 	}
 

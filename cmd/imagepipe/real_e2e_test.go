@@ -100,7 +100,7 @@ func TestRealImagesFromOtherToolsGetTheirVerdict(t *testing.T) {
 	for _, ri := range images {
 		t.Run(ri.File, func(t *testing.T) {
 			key := keys[ri.File]
-			ev := res.await(t, key, 3*time.Minute)
+			ev := res.await(t, key, scaled(3*time.Minute))
 			switch ri.Verdict {
 			case "convert":
 				var want map[string]string
@@ -110,7 +110,7 @@ func TestRealImagesFromOtherToolsGetTheirVerdict(t *testing.T) {
 						t.Fatal(o.err)
 					}
 					want = o.sums
-				case <-time.After(3 * time.Minute):
+				case <-time.After(scaled(3 * time.Minute)):
 					t.Fatal("local qemu-img conversion did not finish")
 				}
 				got := map[string]string{}
@@ -121,7 +121,7 @@ func TestRealImagesFromOtherToolsGetTheirVerdict(t *testing.T) {
 					if len(got) == len(want) {
 						break
 					}
-					ev = res.await(t, key, time.Minute)
+					ev = res.await(t, key, scaled(time.Minute))
 				}
 				for k, sum := range want {
 					if got[k] != sum {

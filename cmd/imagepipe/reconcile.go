@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -13,41 +11,62 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/functions/ingest"
+	"github.com/imagepipe/imagepipe/internal/control"
+	"github.com/imagepipe/imagepipe/internal/orphan"
 )
+
+const reconcileLong = `Asks an ingest replica to list the input bucket and heal every upload that
+would otherwise never end: it queues every eligible object that has no
+status record, as if its lost notification had arrived; writes READY back
+for one whose output is complete; and queues again the job of every upload
+whose status stood still in a non-final state while the job queue no longer
+holds it. It prints what it did.`
+
+// reconcileOptions are reconcile's flags.
+type reconcileOptions struct {
+	prefix     string
+	staleAfter string
+	timeout    time.Duration
+}
+
+func newReconcileCmd(e *cliEnv) *cobra.Command {
+	var o reconcileOptions
+	c := &cobra.Command{
+		Use:     "reconcile",
+		Short:   "queue uploads whose notification was lost (--prefix P)",
+		Long:    reconcileLong,
+		Example: "  imagepipe reconcile\n  imagepipe reconcile --prefix disks/ --stale-after 20m",
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runReconcile(cmd.Context(), o, e.stdout)
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&o.prefix, "prefix", "", "reconcile only keys under this prefix")
+	f.StringVar(&o.staleAfter, "stale-after", os.Getenv("IMAGEPIPE_RECONCILE_STALE_AFTER"),
+		"how long a non-final status may stand still, its job gone from the queue, before the job is queued again (default: the replica's IMAGEPIPE_RECONCILE_STALE_AFTER)")
+	f.DurationVar(&o.timeout, "timeout", 10*time.Minute, "how long to wait for the pass to finish (it goes on if this runs out)")
+	return c
+}
 
 // runReconcile asks an ingest replica to list the input bucket and heal
 // every upload that would otherwise never end, and prints what it did.
-func runReconcile(ctx context.Context, args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("reconcile", flag.ContinueOnError)
-	prefix := fs.String("prefix", "", "reconcile only keys under this prefix")
-	staleAfter := fs.String("stale-after", os.Getenv("IMAGEPIPE_RECONCILE_STALE_AFTER"),
-		"how long a non-final status may stand still, its job gone from the queue, before the job is queued again (default: the replica's IMAGEPIPE_RECONCILE_STALE_AFTER)")
-	timeout := fs.Duration("timeout", 10*time.Minute, "how long to wait for the pass to finish (it goes on if this runs out)")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "Usage: imagepipe reconcile [--prefix P] [--stale-after D]\n\n"+
-			"Queues every eligible object in the input bucket that has no status record,\n"+
-			"as if its lost notification had arrived; writes READY back for one whose\n"+
-			"output is complete; and queues again the job of every upload whose status\n"+
-			"stood still in a non-final state while the job queue no longer holds it.")
-		fs.PrintDefaults()
-	}
-	if err := parseFlags(fs, args, stdout); err != nil {
-		return err
-	}
-	if fs.NArg() != 0 {
-		return usageError{"reconcile takes no arguments"}
-	}
-	if *staleAfter != "" {
-		if d, err := time.ParseDuration(*staleAfter); err != nil || d < 0 {
-			return usageError{fmt.Sprintf("--stale-after (IMAGEPIPE_RECONCILE_STALE_AFTER) %q is not a duration of zero or more, such as 20m", *staleAfter)}
+func runReconcile(ctx context.Context, o reconcileOptions, stdout io.Writer) error {
+	if o.staleAfter != "" {
+		if d, err := time.ParseDuration(o.staleAfter); err != nil || d < 0 {
+			return usageError{fmt.Sprintf("reconcile: --stale-after (IMAGEPIPE_RECONCILE_STALE_AFTER) %q is not a duration of zero or more, such as 20m", o.staleAfter)}
 		}
 	}
-	var res events.ReconcileResult
-	req := events.ReconcileRequest{Prefix: *prefix, StaleAfter: *staleAfter}
-	if err := ctlRequest(ctx, events.SubjectReconcile, req, &res, *timeout); err != nil {
+	if err := checkTimeout("reconcile", o.timeout); err != nil {
+		return err
+	}
+	req := events.ReconcileRequest{Prefix: o.prefix, StaleAfter: o.staleAfter}
+	res, err := askIngest(ctx, o.timeout, (*control.Client).Reconcile, req)
+	if err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "listed %d, queued %d, refused %d\n", res.Listed, res.Queued, res.Refused)
@@ -71,47 +90,9 @@ func reconcileStaleAfter(s settings) time.Duration {
 // jobQueue is the JOBS stream as reconcile reads and feeds it.
 type jobQueue struct{ js jetstream.JetStream }
 
-// JobIDs reads every message the stream holds. JOBS is a work queue: it
-// holds exactly the jobs not yet acknowledged, waiting or on a replica,
-// and no consumer beside convert's may read it, so messages are fetched by
-// sequence, each get skipping the gaps acknowledged jobs left.
+// JobIDs reads every message the stream holds (see orphan.JobIDs).
 func (q jobQueue) JobIDs(ctx context.Context) (map[string]bool, error) {
-	stream, err := q.js.Stream(ctx, events.StreamJobs)
-	if err != nil {
-		return nil, fmt.Errorf("stream %s: %w", events.StreamJobs, err)
-	}
-	info, err := stream.Info(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("stream %s: %w", events.StreamJobs, err)
-	}
-	ids := map[string]bool{}
-	for seq := info.State.FirstSeq; seq > 0 && seq <= info.State.LastSeq; {
-		m, err := stream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(events.SubjectConvertJob))
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			break
-		}
-		if err != nil {
-			return nil, fmt.Errorf("stream %s message %d: %w", events.StreamJobs, seq, err)
-		}
-		if id := jobIDOf(m.Data); id != "" {
-			ids[id] = true
-		}
-		seq = m.Sequence + 1
-	}
-	return ids, nil
-}
-
-// jobIDOf is the job id of a job message, "" if it is not one.
-func jobIDOf(data []byte) string {
-	ev, err := events.Decode(data)
-	if err != nil {
-		return ""
-	}
-	var job events.ConvertJob
-	if err := ev.DecodeData(events.TypeConvertJob, &job); err != nil {
-		return ""
-	}
-	return job.JobID
+	return orphan.JobIDs(ctx, q.js)
 }
 
 // Requeue publishes the job with its event id as Nats-Msg-Id.

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,18 +16,13 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/functions/ingest"
 	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/orphan"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/internal/status"
 )
 
 func TestUploadWhoseQueuedJobIsLostEndsReadyOnceAfterReconcile(t *testing.T) {
-	stackEnv(t)
-	res := subscribeResults(t)
-	// A folder of its own each run: a repeated run (-count) must not find
-	// the last run's READY for the same content.
-	prefix := runPrefix("e2e/reconcile-heal/queued/")
-	key := prefix + "lost.qcow2"
-	path := runImage(t, "lost.qcow2", 0x5a)
+	res, prefix, key, path := healCase(t, "queued", "lost.qcow2", 0x5a)
 	want, _ := localRaw(t, path, "qcow2")
 	readies := countReady(t, key)
 
@@ -46,14 +40,24 @@ func TestUploadWhoseQueuedJobIsLostEndsReadyOnceAfterReconcile(t *testing.T) {
 		t.Fatalf("status %s with no job in the queue, want QUEUED", got.State)
 	}
 
+	reconcileHealsOnce(t, res, readies, prefix, key, st.JobID, want)
+}
+
+// reconcileHealsOnce runs reconcile over an upload whose job was lost and
+// asserts the whole story: reconcile re-queues that one job, it converts
+// under the same job id to the bytes qemu-img makes here, a second pass
+// finds nothing to heal, and the upload became READY once with one
+// result. It returns the converted event.
+func reconcileHealsOnce(t *testing.T, res *results, readies *atomic.Int64, prefix, key, jobID, want string) events.Converted {
+	t.Helper()
 	t.Setenv("IMAGEPIPE_RECONCILE_STALE_AFTER", "1s")
 	code, stdout, stderr := cli(t, "reconcile", "--prefix", prefix)
 	if code != 0 || !strings.Contains(stdout, "healed: requeued 1 (") || !strings.Contains(stdout, key) {
 		t.Fatalf("reconcile: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
 	c := awaitConverted(t, res, key)
-	if c.SHA256 != want || c.JobID != st.JobID {
-		t.Errorf("converted job %s sha256 %s; want job %s, sha256 %s", c.JobID, c.SHA256, st.JobID, want)
+	if c.SHA256 != want || c.JobID != jobID {
+		t.Errorf("converted job %s sha256 %s; want job %s, sha256 %s", c.JobID, c.SHA256, jobID, want)
 	}
 	if got, _ := downloadSum(t, c.OutputBucket, c.OutputKey); got != want {
 		t.Errorf("stored output sha256 %s, want %s", got, want)
@@ -64,6 +68,7 @@ func TestUploadWhoseQueuedJobIsLostEndsReadyOnceAfterReconcile(t *testing.T) {
 	if code != 0 || !strings.Contains(stdout, "healed: requeued 0 (") || !strings.Contains(stdout, "restored 0 (") {
 		t.Errorf("second reconcile: exit %d, %q; want nothing healed", code, stdout)
 	}
+	// A wait that proves nothing more comes: not scaled.
 	time.Sleep(3 * time.Second)
 	if n := readies.Load(); n != 1 {
 		t.Errorf("%d READY transitions, want exactly 1", n)
@@ -75,18 +80,15 @@ func TestUploadWhoseQueuedJobIsLostEndsReadyOnceAfterReconcile(t *testing.T) {
 		}
 	default:
 	}
-	if got := statusOf(t, "uploads", key); got.State != events.StateReady || got.JobID != st.JobID {
-		t.Errorf("final status %+v, want READY of job %s", got, st.JobID)
+	if got := statusOf(t, "uploads", key); got.State != events.StateReady || got.JobID != jobID || got.OutputKey != c.OutputKey {
+		t.Errorf("final status %+v, want READY of job %s at %s", got, jobID, c.OutputKey)
 	}
+	return c
 }
 
 func TestReconcileRestoresALostReadyFromItsOutputWithoutConvertingAgain(t *testing.T) {
-	stackEnv(t)
 	ctx := context.Background()
-	res := subscribeResults(t)
-	prefix := runPrefix("e2e/reconcile-heal/restore/")
-	key := prefix + "done.qcow2"
-	path := runImage(t, "done.qcow2", 0x5b)
+	res, prefix, key, path := healCase(t, "restore", "done.qcow2", 0x5b)
 	upload(t, key, path, false)
 	c := awaitConverted(t, res, key)
 
@@ -121,12 +123,8 @@ func TestReconcileRestoresALostReadyFromItsOutputWithoutConvertingAgain(t *testi
 // must leave its job alone even with the job's message out of sight, and
 // take it up only once the status stands still.
 func TestReconcileNeverRequeuesASlowConversionWhoseStatusKeepsMoving(t *testing.T) {
-	stackEnv(t)
 	ctx := context.Background()
-	res := subscribeResults(t)
-	prefix := runPrefix("e2e/reconcile-heal/slow/")
-	key := prefix + "slow.qcow2"
-	path := runImage(t, "slow.qcow2", 0x5c)
+	res, prefix, key, path := healCase(t, "slow", "slow.qcow2", 0x5c)
 	want, _ := localRaw(t, path, "qcow2")
 
 	pauseStackConvert(t)
@@ -205,7 +203,7 @@ func TestReconcileNeverRequeuesASlowConversionWhoseStatusKeepsMoving(t *testing.
 // awaitState waits until the input's status says state, and returns it.
 func awaitState(t *testing.T, key string, state events.State) events.Status {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(scaled(30 * time.Second))
 	for {
 		if hasStatus(t, "uploads", key) {
 			if st := statusOf(t, "uploads", key); st.State == state {
@@ -229,7 +227,7 @@ func deleteJob(t *testing.T, jobID string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(scaled(10 * time.Second))
 	for {
 		for seq := uint64(1); ; {
 			m, err := stream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(events.SubjectConvertJob))
@@ -239,7 +237,7 @@ func deleteJob(t *testing.T, jobID string) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if jobIDOf(m.Data) == jobID {
+			if orphan.JobIDOf(m.Data) == jobID {
 				if err := stream.DeleteMsg(ctx, m.Sequence); err != nil {
 					t.Fatal(err)
 				}
@@ -257,29 +255,28 @@ func deleteJob(t *testing.T, jobID string) {
 // countReady counts the READY records written for the input from now on.
 func countReady(t *testing.T, key string) *atomic.Int64 {
 	t.Helper()
-	kv, err := setup.StatusKV(context.Background(), e2e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w, err := kv.Watch(context.Background(), events.StatusKey("uploads", key), jetstream.UpdatesOnly())
-	if err != nil {
-		t.Fatal(err)
-	}
 	var n atomic.Int64
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for e := range w.Updates() {
-			var st events.Status
-			if e != nil && e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &st) == nil && st.State == events.StateReady {
-				n.Add(1)
-			}
+	onStatus(t, key, func(st events.Status) {
+		if st.State == events.StateReady {
+			n.Add(1)
 		}
 	})
-	t.Cleanup(func() { _ = w.Stop(); wg.Wait() })
 	return &n
 }
 
 // runPrefix is a folder under base of this run's own.
+// healCase is what a reconcile test on the stack starts from: the results
+// as they come, a folder of its own each run (a repeated run, -count, must
+// not find the last run's READY for the same content), the key of its
+// upload there, and the image to upload, of content no other run has.
+func healCase(t *testing.T, folder, name string, pattern byte) (res *results, prefix, key, path string) {
+	t.Helper()
+	stackEnv(t)
+	res = subscribeResults(t)
+	prefix = runPrefix("e2e/reconcile-heal/" + folder + "/")
+	return res, prefix, prefix + name, runImage(t, name, pattern)
+}
+
 func runPrefix(base string) string {
 	return fmt.Sprintf("%s%d/", base, time.Now().UnixNano())
 }

@@ -2,12 +2,12 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
 	"github.com/imagepipe/imagepipe/internal/dedup"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
@@ -15,9 +15,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/setup"
 )
 
-const setupUsage = `Usage: imagepipe setup
-
-Creates or updates, without losing data, everything imagepipe needs: the
+const setupLong = `Creates or updates, without losing data, everything imagepipe needs: the
 streams S3_EVENTS, JOBS and RESULTS (IMAGEPIPE_STREAM_REPLICAS replicas), the
 status, de-duplication and reconcile-lease buckets, the input and output
 buckets, the lifecycle rule that expires error reports, and MinIO's bucket
@@ -30,18 +28,24 @@ create buckets and set their notification and lifecycle; see README.md,
 "Running in production".
 `
 
+func newSetupCmd(e *cliEnv) *cobra.Command {
+	return &cobra.Command{
+		Use:   "setup",
+		Short: "create or update streams, buckets and the bucket notification",
+		Long:  setupLong,
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runSetup(cmd.Context(), e.stdout, e.log)
+		},
+	}
+}
+
 // runSetup provisions the streams and buckets and prints what it changed.
-func runSetup(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
-	fs := flag.NewFlagSet("setup", flag.ContinueOnError)
-	fs.Usage = func() { fmt.Fprint(fs.Output(), setupUsage) }
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() != 0 {
-		return usageError{"setup takes no arguments"}
-	}
-	s, err := loadSettings()
-	if err != nil {
+func runSetup(ctx context.Context, stdout io.Writer, log *slog.Logger) error {
+	// Everything but notify's settings: setup provisions what ingest and
+	// convert use.
+	var s settings
+	if err := loadCommandSettings(&s.NATS, &s.S3, &s.Streams, &s.Buckets, &s.Ingest, &s.Convert); err != nil {
 		return err
 	}
 	if err := s.checkOutputLayout(); err != nil {
@@ -82,26 +86,20 @@ func runSetup(ctx context.Context, args []string, stdout io.Writer, log *slog.Lo
 }
 
 // provisionFunctionKV creates or updates the buckets functions configure
-// themselves, with the functions' own code and settings, so that both
-// always agree on what the bucket should be.
+// themselves, from the functions' own settings, so that both always agree
+// on what the bucket should be. The functions only create them if missing.
 func provisionFunctionKV(ctx context.Context, js jetstream.JetStream, s settings) (setup.Report, error) {
-	type owned struct {
-		bucket string
-		open   func(context.Context) error
+	dd, err := dedup.BucketConfig(s.Convert.Dedup.MaxAge.Duration(), dedup.WithReplicas(s.Streams.Replicas))
+	if err != nil {
+		return nil, err
 	}
-	buckets := []owned{{dedup.Bucket, func(ctx context.Context) error {
-		_, err := dedup.Open(ctx, js, s.Convert.Dedup.MaxAge.Duration(), dedup.WithReplicas(s.Streams.Replicas))
-		return err
-	}}}
+	buckets := []jetstream.KeyValueConfig{dd}
 	if s.Ingest.ReconcileEvery > 0 {
-		buckets = append(buckets, owned{reconcileLeaseBucket, func(ctx context.Context) error {
-			_, err := openReconcileLease(ctx, js, s.Ingest.ReconcileEvery, s.Streams.Replicas)
-			return err
-		}})
+		buckets = append(buckets, s.Ingest.ReconcileLease(s.Streams.Replicas).KeyValueConfig())
 	}
 	var r setup.Report
 	for _, b := range buckets {
-		c, err := setup.OwnedKV(ctx, js, b.bucket, b.open)
+		c, err := setup.ApplyKV(ctx, js, b)
 		if err != nil {
 			return r, err
 		}

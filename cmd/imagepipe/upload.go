@@ -4,9 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
+	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,18 +15,18 @@ import (
 	"time"
 
 	"github.com/dustin/go-humanize"
+	"github.com/minio/minio-go/v7"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
 	"github.com/imagepipe/imagepipe/events"
-	"github.com/imagepipe/imagepipe/functions/convert"
 	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 )
 
-const uploadUsage = `Usage: imagepipe upload [--no-wait] [--format raw|qcow2] [--timeout D] [--json] FILE [BUCKET/KEY]
-
-Uploads FILE to the input bucket with a progress bar, then follows its
+const uploadLong = `Uploads FILE to the input bucket with a progress bar, then follows its
 conversion (state and percent) until it is READY or FAILED, and prints
 where the output is or what went wrong and what to do about it.
 
@@ -34,46 +35,57 @@ and the file's name; a KEY ending in "/" is a folder the file goes into.
 Storage is reached with the IMAGEPIPE_S3_* settings, the job followed over
 NATS (IMAGEPIPE_NATS_URL).
 
-Flags:
-  --no-wait        stop once the upload is done
-  --format F       output format for this upload: raw or qcow2 (default:
-                   the converter's IMAGEPIPE_OUTPUT_FORMAT)
-  --timeout D      give up following after D (default: never)
-  --json           print the final status record as JSON
-
-Examples:
-  imagepipe upload win11.vhdx
-  imagepipe upload win11.vhdx uploads/disks/
-  imagepipe upload --format qcow2 web.vmdk uploads/vm/web.vmdk
-  imagepipe upload --no-wait big.vhdx
-
 Exit codes: 0 converted (READY, or a duplicate of an earlier upload), 1
-upload failed, conversion failed or was cancelled, 2 usage error.
-`
+upload failed, conversion failed or was cancelled, 2 usage error.`
+
+const uploadExample = `  imagepipe upload win11.vhdx
+  imagepipe upload win11.vhdx uploads/disks/
+  imagepipe upload web.vmdk uploads/vm/web.vmdk --format qcow2
+  imagepipe upload --no-wait big.vhdx`
+
+// uploadOptions are upload's flags.
+type uploadOptions struct {
+	noWait  bool
+	format  string
+	timeout time.Duration
+	asJSON  bool
+}
+
+func newUploadCmd(e *cliEnv) *cobra.Command {
+	var o uploadOptions
+	c := &cobra.Command{
+		Use:     "upload FILE [BUCKET/KEY]",
+		Short:   "upload an image and follow its conversion",
+		Long:    uploadLong,
+		Example: uploadExample,
+		Args:    argsBetween(1, 2, "FILE and an optional BUCKET/KEY"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runUpload(cmd.Context(), o, args, e.stdout, e.stderr)
+		},
+	}
+	f := c.Flags()
+	f.BoolVar(&o.noWait, "no-wait", false, "stop once the upload is done")
+	f.StringVar(&o.format, "format", "", "output format for this upload: raw or qcow2 (default: the converter's IMAGEPIPE_OUTPUT_FORMAT)")
+	f.DurationVar(&o.timeout, "timeout", 0, "give up following after this long (default: never)")
+	f.BoolVar(&o.asJSON, "json", false, "print the final status record as JSON")
+	return c
+}
 
 // runUpload uploads a file and follows its job.
-func runUpload(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("upload", flag.ContinueOnError)
-	noWait := fs.Bool("no-wait", false, "")
-	format := fs.String("format", "", "")
-	timeout := fs.Duration("timeout", 0, "")
-	asJSON := fs.Bool("json", false, "")
-	pos, err := parseArgs(fs, uploadUsage, args, stdout)
-	if err != nil {
+func runUpload(ctx context.Context, o uploadOptions, pos []string, stdout, stderr io.Writer) error {
+	if err := checkFormat("upload", o.format); err != nil {
 		return err
 	}
-	if len(pos) < 1 || len(pos) > 2 {
-		return usageError{"upload takes FILE and an optional BUCKET/KEY"}
-	}
-	if *format != "" && *format != "raw" && *format != "qcow2" {
-		return usageError{fmt.Sprintf("upload: --format %q is not raw or qcow2", *format)}
+	if o.timeout < 0 {
+		return usageError{fmt.Sprintf("upload: --timeout %s is negative; want a duration such as 30m", o.timeout)}
 	}
 	path := pos[0]
-	s, err := loadSettings()
-	if err != nil {
+	var s settings
+	var in uploadBucket
+	if err := loadCommandSettings(&s.S3, &in); err != nil {
 		return err
 	}
-	bucket, key := s.Ingest.InputBucket, filepath.Base(path)
+	bucket, key := in.Name, filepath.Base(path)
 	if len(pos) == 2 {
 		b, k, ok := strings.Cut(pos[1], "/")
 		if !ok || b == "" {
@@ -92,9 +104,9 @@ func runUpload(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if !st.Mode().IsRegular() {
 		return fmt.Errorf("upload: %s is not a regular file", path)
 	}
-	if *timeout > 0 {
+	if o.timeout > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, *timeout)
+		ctx, cancel = context.WithTimeout(ctx, o.timeout)
 		defer cancel()
 	}
 
@@ -102,10 +114,13 @@ func runUpload(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	if err := checkReachable(ctx, store, s.S3, bucket); err != nil {
+		return err
+	}
 	// Watching starts before the upload, so the record of an earlier
 	// upload of the same key is known and a quick conversion is not missed.
 	var follow *jobFollower
-	if !*noWait {
+	if !o.noWait {
 		if follow, err = newJobFollower(ctx, bucket, key); err != nil {
 			return err
 		}
@@ -113,18 +128,25 @@ func runUpload(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 
 	var meta map[string]string
-	if *format != "" {
-		meta = map[string]string{convert.MetaFormat: *format}
+	if o.format != "" {
+		meta = map[string]string{events.MetaFormat: o.format}
+	}
+	// Read as convert reads its outputs: past the page cache, holes from
+	// memory.
+	f, err := scratch.Open(path)
+	if err != nil {
+		return fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	bar := newByteProgress(stderr, st.Size(), "uploading "+filepath.Base(path))
-	obj, err := store.UploadFile(ctx, bucket, key, path, meta, bar)
+	obj, err := store.Upload(ctx, bucket, key, f, meta, bar, objstore.Guard{})
+	f.Close()
 	bar.finish()
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(stderr, "uploaded %s to %s/%s (%s)\n", path, bucket, key, humanize.IBytes(uint64(st.Size())))
-	if *noWait {
-		if *asJSON {
+	if o.noWait {
+		if o.asJSON {
 			return writeJSON(stdout, map[string]any{"bucket": bucket, "key": key, "size": st.Size(), "etag": obj.ETag})
 		}
 		fmt.Fprintf(stdout, "%s/%s\n", bucket, key)
@@ -135,35 +157,23 @@ func runUpload(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	final, err := follow.until(ctx, jobID, stderr)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
-			return fmt.Errorf("%s/%s is not converted within %s; follow it with: imagepipe status %s/%s", bucket, key, *timeout, bucket, key)
+			return fmt.Errorf("%s/%s is not converted within %s; follow it with: imagepipe status %s/%s --wait", bucket, key, o.timeout, bucket, key)
 		}
 		return err
 	}
-	if *asJSON {
+	if o.asJSON {
 		if err := writeJSON(stdout, final); err != nil {
 			return err
 		}
 	}
 	switch final.State {
 	case events.StateReady, events.StateDuplicate:
-		if !*asJSON {
+		if !o.asJSON {
 			fmt.Fprintf(stdout, "%s/%s\n", final.OutputBucket, final.OutputKey)
 		}
 		return nil
-	case events.StateCancelled:
-		return fmt.Errorf("%s/%s was cancelled by an operator", bucket, key)
 	}
-	msg := fmt.Sprintf("%s/%s failed", bucket, key)
-	if final.Phase != "" {
-		msg += " in " + string(final.Phase)
-	}
-	if final.Message != "" {
-		msg += ": " + final.Message
-	}
-	if final.Suggestion != "" {
-		msg += "; suggestion: " + final.Suggestion
-	}
-	return errors.New(msg)
+	return finalError(final)
 }
 
 // jobFollower watches one input's status record.
@@ -352,4 +362,47 @@ func (p *stateProgress) finish() {
 		_ = p.bar.Finish()
 		fmt.Fprintln(p.w)
 	}
+}
+
+// s3ProbeTimeout bounds how long upload waits for S3 to answer at all
+// before it says nothing did; minio-go retries a refused connection, so a
+// dead endpoint would otherwise surface only deep inside the upload.
+const s3ProbeTimeout = 10 * time.Second
+
+// checkReachable asks S3 about the bucket before anything is sent, so that
+// an endpoint where nothing answers, or a missing bucket, is reported as
+// such rather than as the failure of some later step of the upload.
+func checkReachable(ctx context.Context, store *objstore.Store, cfg objstore.Config, bucket string) error {
+	scheme := "http"
+	if cfg.Secure {
+		scheme = "https"
+	}
+	where := scheme + "://" + cfg.Endpoint
+	pctx, cancel := context.WithTimeout(ctx, s3ProbeTimeout)
+	defer cancel()
+	found, err := store.Client().BucketExists(pctx, bucket)
+	var resp minio.ErrorResponse
+	switch {
+	case err == nil && !found:
+		return fmt.Errorf("bucket %q does not exist at %s: run imagepipe setup, or check IMAGEPIPE_INPUT_BUCKET and the BUCKET of BUCKET/KEY", bucket, where)
+	case errors.As(err, &resp) && resp.StatusCode == http.StatusForbidden:
+		// Without keys the AWS credential chain may have found none, and
+		// the request went unsigned: say which settings sign it.
+		return fmt.Errorf("S3 at %s refused access to bucket %q (%s): set IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY (or their _FILE forms, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) to keys allowed to write there", where, bucket, resp.Code)
+	case err == nil, errors.As(err, &resp) && resp.StatusCode != 0:
+		// S3 answered; what it thinks of the credentials is the upload's
+		// to report.
+		return nil
+	case ctx.Err() != nil:
+		return ctx.Err()
+	}
+	var cause error = err
+	var uerr *url.Error
+	if errors.As(err, &uerr) {
+		cause = uerr.Err
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		cause = fmt.Errorf("no answer within %s", s3ProbeTimeout)
+	}
+	return fmt.Errorf("nothing answered at S3 endpoint %s (IMAGEPIPE_S3_ENDPOINT): %v; is MinIO running there, and is IMAGEPIPE_S3_SECURE right?", where, cause)
 }

@@ -17,7 +17,6 @@ import (
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
 	"github.com/imagepipe/imagepipe/internal/setup"
-	"github.com/imagepipe/imagepipe/internal/sparse"
 	"github.com/imagepipe/imagepipe/internal/status"
 )
 
@@ -44,7 +43,7 @@ func (s *heldStore) hold(ctx context.Context) error {
 	}
 }
 
-func (s *heldStore) Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader, guard objstore.Guard) (objstore.Object, error) {
+func (s *heldStore) Upload(ctx context.Context, bucket, key string, f objstore.File, meta map[string]string, progress io.Reader, guard objstore.Guard) (objstore.Object, error) {
 	if err := s.hold(ctx); err != nil {
 		return objstore.Object{}, err
 	}
@@ -82,6 +81,47 @@ func heldConverter(t *testing.T) (*convert.Handler, *heldStore) {
 	held := newHeldStore(real)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	return convert.New(cfg, held, qemuimg.New(log), status.New(kv, e2e.nc), nil, log), held
+}
+
+// heldOutcome is how a held job ended.
+type heldOutcome struct {
+	out []events.Message
+	err error
+}
+
+// reconvertHeld uploads v1 as key and waits for its conversion, then runs
+// a second conversion of that first version, as `imagepipe reconvert`
+// queues one, on a replica whose output write waits. It returns once that
+// job reached the write: the test lets it go on by closing held.release
+// and reads how it ended from done.
+func reconvertHeld(t *testing.T, res *results, key, v1 string) (older events.ConvertJob, held *heldStore, done <-chan heldOutcome) {
+	t.Helper()
+	upload(t, key, v1, false)
+	if ev := res.await(t, key, 120*time.Second); ev.Type != events.TypeConverted {
+		t.Fatalf("first version: %s %s", ev.Type, ev.Data)
+	}
+	first, err := e2e.s3.StatObject(context.Background(), "uploads", key, minio.StatObjectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, held := heldConverter(t)
+	older = events.ConvertJob{JobID: uuid.NewString(), Bucket: "uploads", Key: key,
+		VersionID: first.VersionID, ETag: first.ETag, Size: first.Size, Reason: "reconvert", NoDedup: true}
+	ended := make(chan heldOutcome, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), scaled(5*time.Minute))
+	t.Cleanup(cancel)
+	go func() {
+		out, err := h.Handle(ctx, older, 1, 4)
+		ended <- heldOutcome{out, err}
+	}()
+	select {
+	case <-held.reached:
+	case o := <-ended:
+		t.Fatalf("the older job ended before writing its output: %v %v", o.out, o.err)
+	case <-time.After(scaled(120 * time.Second)):
+		t.Fatal("the older job never reached its output write")
+	}
+	return older, held, ended
 }
 
 func writeFile(t *testing.T, dir, name string, data []byte) string {
@@ -130,39 +170,7 @@ func TestOlderVersionFinishingLastLeavesTheNewerVersionsOutput(t *testing.T) {
 			want1, _ := localRaw(t, v1, rawFormat)
 			want2, _ := localRaw(t, v2, rawFormat)
 
-			upload(t, key, v1, false)
-			if ev := res.await(t, key, 120*time.Second); ev.Type != events.TypeConverted {
-				t.Fatalf("first version: %s %s", ev.Type, ev.Data)
-			}
-			first, err := e2e.s3.StatObject(context.Background(), "uploads", key, minio.StatObjectOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-
-			// A second conversion of the first version, as `imagepipe
-			// reconvert` queues one, runs on a replica whose output write
-			// waits.
-			h, held := heldConverter(t)
-			older := events.ConvertJob{JobID: uuid.NewString(), Bucket: "uploads", Key: key,
-				VersionID: first.VersionID, ETag: first.ETag, Size: first.Size, Reason: "reconvert", NoDedup: true}
-			type outcome struct {
-				out []events.Message
-				err error
-			}
-			done := make(chan outcome, 1)
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-			defer cancel()
-			go func() {
-				out, err := h.Handle(ctx, older, 1, 4)
-				done <- outcome{out, err}
-			}()
-			select {
-			case <-held.reached:
-			case o := <-done:
-				t.Fatalf("the older job ended before writing its output: %v %v", o.out, o.err)
-			case <-time.After(120 * time.Second):
-				t.Fatal("the older job never reached its output write")
-			}
+			_, held, done := reconvertHeld(t, res, key, v1)
 
 			upload(t, key, v2, false)
 			ev := res.await(t, key, 120*time.Second)
@@ -206,7 +214,7 @@ func TestOlderVersionFinishingLastLeavesTheNewerVersionsOutput(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if sum := tags.ToMap()[convert.TagSHA256]; sum != want2 {
+			if sum := tags.ToMap()[events.TagSHA256]; sum != want2 {
 				t.Errorf("output tagged sha256 %q, want %s", sum, want2)
 			}
 			if st := statusOf(t, "uploads", key); st.State != events.StateReady || st.JobID != newer.JobID || st.OutputKey != newer.OutputKey {

@@ -43,7 +43,7 @@ func classifyQemu(phase events.Phase, err error, format inspect.Format) error {
 	var ee *qemuimg.ExitError
 	if errors.As(err, &ee) {
 		if ee.LimitExceeded() {
-			return failure.Refused(phase, "resource-limit", fmt.Errorf("qemu-img exceeded its memory or CPU limit on this image: %w", err),
+			return failure.Refused(phase, events.RuleResourceLimit, fmt.Errorf("qemu-img exceeded its memory or CPU limit on this image: %w", err),
 				"the image header asks for more memory or CPU than a sane image needs; re-export the disk")
 		}
 		return failure.Permanent(phase, fmt.Errorf("qemu-img cannot read this %s image: %w", format, err), suggestion(format))

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strconv"
 	"syscall"
 	"time"
 
@@ -21,39 +20,16 @@ import (
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
-	"github.com/imagepipe/imagepipe/internal/sparse"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 	"github.com/imagepipe/imagepipe/internal/status"
 )
-
-// Source is the CloudEvents source of convert's results.
-const Source = "/imagepipe/convert"
-
-// Metadata keys set on every output object, and read from uploads.
-const (
-	MetaOutput = "imagepipe-output" // marks outputs so ingest never takes them in
-	MetaJob    = "imagepipe-job"
-	MetaSource = "imagepipe-source"
-	MetaSHA256 = "imagepipe-sha256" // on an upload: the sha256 its bytes must have
-	MetaInput  = "imagepipe-input-format"
-	MetaVSize  = "imagepipe-virtual-size"
-	MetaFormat = "imagepipe-format" // on an upload: the output format wanted
-	// The version and ETag of the upload an output was made from, so
-	// that anyone can tell which version of the input it holds.
-	MetaSourceVersion = "imagepipe-source-version"
-	MetaSourceETag    = "imagepipe-source-etag"
-)
-
-// TagSHA256 is the object tag holding an output's sha256. A tag, not
-// metadata: metadata is fixed when an upload starts, and the hash is
-// computed while the output uploads.
-const TagSHA256 = "imagepipe-sha256"
 
 // Storage is the part of object storage convert uses.
 type Storage interface {
 	Open(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
 	// Upload, UploadGrowing and Copy write an output only if guard, run
 	// just before the write completes, allows it (see objstore/commit.go).
-	Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader, guard objstore.Guard) (objstore.Object, error)
+	Upload(ctx context.Context, bucket, key string, f objstore.File, meta map[string]string, progress io.Reader, guard objstore.Guard) (objstore.Object, error)
 	UploadGrowing(ctx context.Context, bucket, key string, src objstore.Growing, size int64, meta map[string]string, progress io.Reader, guard objstore.Guard) (objstore.Object, error)
 	Stat(ctx context.Context, bucket, key string) (objstore.Object, error)
 	ReaderAt(ctx context.Context, bucket, key, versionID string) (objstore.RangeReader, error)
@@ -96,24 +72,27 @@ type Handler struct {
 	streamAbove int64
 }
 
-// New returns a handler. dd may be nil: content de-duplication is then off.
+// New returns a handler. dd may be nil: content de-duplication is then
+// off. New does no I/O; the runtime calls Sweep once at start.
 func New(cfg Config, store Storage, qemu QemuImg, report Reporter, dd Deduper, log *slog.Logger) *Handler {
 	cfg.ScratchDir = cfg.Scratch()
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	h := &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now,
+	return &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now,
 		streamAbove: objstore.PartSize}
-	// A replica killed mid-job left its scratch behind; starting up is the
-	// first chance to reclaim it.
-	h.sweep(context.Background(), log)
-	return h
 }
 
-// sweep reclaims what the jobs of processes that died left behind: their
-// scratch, and the output uploads they started and never finished.
+// Sweep reclaims what the jobs of processes that died left behind: their
+// scratch, and the output uploads they started and never finished. A
+// replica killed mid-job left its scratch behind; starting up is the first
+// chance to reclaim it, and every job sweeps again before it starts.
+func (h *Handler) Sweep(ctx context.Context) {
+	h.sweep(ctx, h.log)
+}
+
 func (h *Handler) sweep(ctx context.Context, log *slog.Logger) {
-	removed, uploads, unnamed := sweepScratch(h.cfg.ScratchDir, h.now())
+	removed, uploads, unnamed := scratch.SweepJobDirs(h.cfg.ScratchDir, h.now())
 	if len(removed) > 0 {
 		log.Info("removed scratch of jobs whose process died", "dirs", removed)
 	}
@@ -137,10 +116,10 @@ func (h *Handler) sweep(ctx context.Context, log *slog.Logger) {
 // a replica on another host began in those moments would be taken too; a
 // job whose upload is aborted under it fails its completion and is
 // retried, so the only cost is that retry.
-func (h *Handler) unnamedUploads(ctx context.Context, unnamed []notedUpload, log *slog.Logger) []notedUpload {
+func (h *Handler) unnamedUploads(ctx context.Context, unnamed []scratch.NotedUpload, log *slog.Logger) []scratch.NotedUpload {
 	const skew = 2 * time.Second
-	live := liveUploadIDs(h.cfg.ScratchDir)
-	var out []notedUpload
+	live := scratch.LiveUploadIDs(h.cfg.ScratchDir)
+	var out []scratch.NotedUpload
 	for _, u := range unnamed {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		pending, err := h.store.Pending(lctx, u.Bucket, u.Key)
@@ -151,31 +130,71 @@ func (h *Handler) unnamedUploads(ctx context.Context, unnamed []notedUpload, log
 		}
 		for _, p := range pending {
 			if !p.Initiated.Before(u.Since.Add(-skew)) && !live[p.UploadID] {
-				out = append(out, notedUpload{Bucket: u.Bucket, Key: u.Key, UploadID: p.UploadID})
+				out = append(out, scratch.NotedUpload{Bucket: u.Bucket, Key: u.Key, UploadID: p.UploadID})
 			}
 		}
 	}
 	return out
 }
 
-// job is one conversion in flight: the queued job plus what the stages
-// learn along the way.
+// job is one delivery of a queued job: what it is, and the views of
+// storage, status and de-duplication through which its requests are
+// counted. What the stages learn they return as values; the job itself
+// is only told, once each, the plan's output format and its scratch dir.
 type job struct {
 	events.ConvertJob
 	attempt, maxAttempts int
 	started              time.Time
 	log                  *slog.Logger
-	dir                  string
-	input                string // the download, decompressed
-	inputSize            int64
-	sha256In             string // of the object as uploaded
-	codec                string // compression the upload came in
-	meta                 map[string]string
-	outFormat            string
-	format               inspect.Format // of the upload (ova for an appliance)
-	disks                []*disk
-	duplicateOf          string // "bucket/key" of the earlier output this one copies
-	upload               *objstore.Object
+	reqs                 *requests
+	store                Storage
+	report               Reporter
+	dedup                Deduper // nil when de-duplication is off
+	outFormat            string  // decided by the plan
+	dir                  string  // the job's scratch dir, once work made it
+	last                 lastStatus
+}
+
+// newJob starts a delivery, the attempt-th of maxAttempts.
+func (h *Handler) newJob(cj events.ConvertJob, attempt, maxAttempts int) *job {
+	reqs := &requests{}
+	j := &job{
+		ConvertJob:  cj,
+		attempt:     attempt,
+		maxAttempts: maxAttempts,
+		started:     h.now(),
+		log:         h.log.With("job", cj.JobID, "bucket", cj.Bucket, "key", cj.Key),
+		reqs:        reqs,
+		store:       countedStore{h.store, reqs},
+		report:      countedReporter{h.report, reqs},
+	}
+	if h.dedup != nil {
+		j.dedup = countedDeduper{h.dedup, reqs}
+	}
+	return j
+}
+
+// ended logs the job's requests, the results it hands the runtime to
+// publish among them.
+func (j *job) ended(published int) {
+	for range published {
+		j.reqs.add(reqPublish)
+	}
+	j.reqs.log(j.log)
+}
+
+// outcome is what a job produced: what its result events and its status
+// record say. A stage that fails returns what was learnt before it failed
+// (the upload's format, once inspected), for the failure to report.
+type outcome struct {
+	format      inspect.Format // of the upload (ova for an appliance)
+	inputSize   int64
+	sha256In    string // of the object as uploaded, where it was read
+	disks       []disk
+	duplicateOf string // "bucket/key" of the earlier output this one copies
+	// earlier: an earlier delivery of this job made the outputs; this one
+	// only records and reports them, and must not log a conversion.
+	earlier bool
 }
 
 // disk is one image to convert: the upload itself, or one disk of an OVA.
@@ -189,57 +208,49 @@ type disk struct {
 	outKey      string
 	outSize     int64
 	sha256      string
+	crc64nvme   string // base64, as S3 writes it
+	zeroBytes   int64  // copied from the zero object instead of sent
 }
 
 // Handle runs a job through every stage and returns its result events. On
 // failure it returns the failed event and the classified error together:
 // the event says whether the runtime will retry.
-func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, maxAttempts int) ([]events.Message, error) {
+func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, maxAttempts int) (out []events.Message, err error) {
 	// A job queued again after its message was lost counts on from the
 	// deliveries it had, and has a fresh set of its own.
-	j := &job{
-		ConvertJob:  cj,
-		attempt:     cj.PriorAttempts + attempt,
-		maxAttempts: cj.PriorAttempts + maxAttempts,
-		started:     h.now(),
-		log:         h.log.With("job", cj.JobID, "bucket", cj.Bucket, "key", cj.Key),
-		outFormat:   cj.OutputFormat,
+	j := h.newJob(cj, cj.PriorAttempts+attempt, cj.PriorAttempts+maxAttempts)
+	defer func() { j.ended(len(out)) }()
+	var cur *events.Status
+	if st, err := j.report.Get(ctx, j.Bucket, j.Key); err == nil {
+		cur = &st
 	}
-	if j.outFormat == "" {
-		j.outFormat = h.cfg.OutputFormat
-	}
-	if j.outFormat != "raw" && j.outFormat != "qcow2" {
-		return h.fail(ctx, j, failure.Permanent(events.PhaseConvert, fmt.Errorf("output format %q is not raw or qcow2", j.outFormat), "set IMAGEPIPE_OUTPUT_FORMAT to raw or qcow2"))
-	}
-	cur, err := h.report.Get(ctx, j.Bucket, j.Key)
-	if err == nil && cur.JobID == j.JobID && cur.State == events.StateCancelled {
+	if cur != nil && cur.JobID == j.JobID && cur.State == events.StateCancelled {
 		j.log.Info("cancelled by an operator before it started", "stage", "cancelled")
-		return h.fail(ctx, j, failure.Refused(events.PhaseDownload, RuleCancelled, failure.ErrCancelled, ""))
+		return h.fail(ctx, j, "", failure.Refused(events.PhaseDownload, events.RuleCancelled, failure.ErrCancelled, ""))
 	}
-	h.applyUploadFormat(ctx, j)
-	if d, ok := h.alreadyDone(ctx, j); ok {
-		j.log.Info("output of this job already uploaded; reporting it again", "stage", "ready", "output_key", d.outKey)
-		j.disks = []*disk{d}
-		return h.succeed(ctx, j)
-	}
-	if err == nil && h.earlierDeliveryRunning(j, cur) {
+	p := h.plan(ctx, j, cur)
+	j.outFormat = p.outFormat
+	switch p.action {
+	case actDone:
+		j.log.Info("output of this job already uploaded; reporting it again", "stage", "ready", "output_key", p.outKey)
+		return h.succeed(ctx, j, p.done)
+	case actLeave:
 		// Not through fail: a status written now would take the record
 		// over from the delivery that is doing the work.
 		j.log.Info("an earlier delivery of this job is still running; leaving the job to it", "stage", "queued",
 			"running_attempt", cur.Attempt, "running_state", cur.State)
-		return nil, failure.Retryable(events.PhaseDownload,
-			fmt.Errorf("delivery %d of this job is still %s", cur.Attempt, cur.State), "")
+		return nil, p.err
 	}
-	err = h.work(ctx, j)
+	res, err := h.work(ctx, j, p)
 	if errors.Is(err, errSuperseded) {
 		j.log.Info("object changed since it was queued; its newer upload has its own job", "stage", "download")
 		h.handBack(ctx, j)
 		return nil, nil
 	}
 	if err != nil {
-		return h.fail(ctx, j, err)
+		return h.fail(ctx, j, res.format, err)
 	}
-	return h.succeed(ctx, j)
+	return h.succeed(ctx, j, res)
 }
 
 var errSuperseded = errors.New("object superseded")
@@ -248,163 +259,108 @@ var errSuperseded = errors.New("object superseded")
 // replica gone (killed, out of memory), so no attempt could say why. It
 // fails for good; `imagepipe reconvert` starts it again.
 func (h *Handler) Exhausted(ctx context.Context, cj events.ConvertJob, deliveries int) []events.Message {
-	j := &job{
-		ConvertJob:  cj,
-		attempt:     deliveries,
-		maxAttempts: deliveries,
-		started:     h.now(),
-		log:         h.log.With("job", cj.JobID, "bucket", cj.Bucket, "key", cj.Key),
-	}
-	out, _ := h.fail(ctx, j, failure.Permanent(events.PhaseConvert,
+	j := h.newJob(cj, deliveries, deliveries)
+	out, _ := h.fail(ctx, j, "", failure.Permanent(events.PhaseConvert,
 		fmt.Errorf("the converter stopped %d times while working on this upload and never finished it", deliveries),
 		"look for convert replicas that were killed or ran out of memory during its attempts; once that is fixed, run `imagepipe reconvert "+cj.Bucket+"/"+cj.Key+"`"))
+	j.ended(len(out))
 	return out
 }
 
-// applyUploadFormat honours x-amz-meta-imagepipe-format on the upload when
-// the job itself names no format. A bad value is refused at download.
-func (h *Handler) applyUploadFormat(ctx context.Context, j *job) {
-	if j.ConvertJob.OutputFormat != "" {
-		return
+// work does what the plan says in a scratch dir of its own. Even a copy
+// needs the dir: its upload is noted there, for the sweep that follows a
+// process's death.
+func (h *Handler) work(ctx context.Context, j *job, p plan) (outcome, error) {
+	if p.action == actRefuse {
+		return outcome{}, p.err
 	}
-	if obj, err := h.store.Stat(ctx, j.Bucket, j.Key); err == nil {
-		j.upload = &obj
-		if f := obj.Metadata[MetaFormat]; f == "raw" || f == "qcow2" {
-			j.outFormat = f
-		}
-	}
-}
-
-// alreadyDone reports whether a previous delivery of this job uploaded its
-// output but died before the result was published: the output is then
-// reported again instead of converted again.
-func (h *Handler) alreadyDone(ctx context.Context, j *job) (*disk, bool) {
-	key := h.outputKey(j)
-	obj, err := h.store.Stat(ctx, h.cfg.OutputBucket, key)
-	// The job id names the input's version and ETag (or is a reconvert's
-	// own), so an output of another version never counts as this job's.
-	if err != nil || obj.Metadata[MetaJob] != j.JobID {
-		return nil, false
-	}
-	vsize, err := strconv.ParseInt(obj.Metadata[MetaVSize], 10, 64)
-	if err != nil {
-		return nil, false
-	}
-	// The hash is tagged last: without it the upload may not have
-	// finished, and converting again is the safe answer.
-	sum := h.outputSHA256(ctx, obj)
-	if sum == "" {
-		return nil, false
-	}
-	j.format = inspect.Format(obj.Metadata[MetaInput])
-	j.inputSize = j.Size
-	return &disk{outKey: key, sha256: sum, outSize: obj.Size, virtualSize: vsize, format: j.format}, true
-}
-
-// earlierDeliveryRunning reports whether cur says an earlier delivery of
-// this job is still at work: the server hands a job out again when its
-// keep-alives were lost (to a NATS leader change, say), not only when its
-// replica died. A live delivery moves the record every few hundred
-// milliseconds while it downloads, converts or uploads; a dead one's record
-// is at least two thirds of AckWait old by the time the job comes again
-// (keep-alives go every third of it), so half of AckWait tells them apart.
-func (h *Handler) earlierDeliveryRunning(j *job, cur events.Status) bool {
-	switch cur.State {
-	case events.StateDownloading, events.StateInspecting, events.StateConverting, events.StateUploading:
-	default:
-		return false
-	}
-	return cur.JobID == j.JobID && cur.Attempt > 0 && cur.Attempt < j.attempt &&
-		h.now().Sub(cur.UpdatedAt) < h.cfg.AckWait/2
-}
-
-// outputSHA256 is the sha256 recorded on an output, "" if none is. Outputs
-// written before the hash moved to a tag carry it as metadata.
-func (h *Handler) outputSHA256(ctx context.Context, obj objstore.Object) string {
-	if v := obj.Metadata[MetaSHA256]; v != "" {
-		return v
-	}
-	tags, err := h.store.Tags(ctx, obj.Bucket, obj.Key)
-	if err != nil {
-		return ""
-	}
-	return tags[TagSHA256]
-}
-
-// work does the job in a scratch dir of its own: a copy of an earlier
-// output of the same content, a server-side copy of a raw upload, or a
-// download and conversion. Even a copy needs the dir: its upload is noted
-// there, for the sweep that follows a process's death.
-func (h *Handler) work(ctx context.Context, j *job) error {
 	h.sweep(ctx, j.log)
-	dir, release, err := newJobDir(h.cfg.ScratchDir)
+	dir, release, err := scratch.NewJobDir(h.cfg.ScratchDir)
 	if err != nil {
-		return failure.Retryable(events.PhaseDownload, fmt.Errorf("create scratch dir: %w", err), "check IMAGEPIPE_SCRATCH_DIR exists and is writable")
+		return outcome{}, failure.Retryable(events.PhaseDownload, fmt.Errorf("create scratch dir: %w", err), "check IMAGEPIPE_SCRATCH_DIR exists and is writable")
 	}
 	// Scratch paths never derive from the object key, which the uploader
 	// chose; and they never outlive the job, even one whose process died.
 	defer release()
 	j.dir = dir
-	j.input = filepath.Join(dir, "input")
-	if done, err := h.reuse(ctx, j); done {
-		return err
+	switch p.action {
+	case actDuplicate:
+		res, err := h.copyEarlier(ctx, j, p.outKey, p.earlier)
+		if !errors.Is(err, errStale) {
+			return res, err
+		}
+		// The earlier output went: on the way the job would have taken
+		// without it.
+		if rep, ok := h.rawUpload(ctx, j, p); ok {
+			p.header = rep
+			return h.copyRaw(ctx, j, p)
+		}
+	case actCopy:
+		return h.copyRaw(ctx, j, p)
 	}
-	if done, err := h.copyRaw(ctx, j); done {
-		return err
-	}
-	return h.run(ctx, j)
+	return h.convertUpload(ctx, j, p)
 }
 
-// run downloads, inspects and converts the upload.
-func (h *Handler) run(ctx context.Context, j *job) error {
-	if err := h.download(ctx, j); err != nil {
-		return err
+// convertUpload is the full way: download, inspect, then convert, verify
+// and upload each disk.
+func (h *Handler) convertUpload(ctx context.Context, j *job, p plan) (outcome, error) {
+	in, err := h.download(ctx, j, h.track(j, ""))
+	if err != nil {
+		return outcome{}, err
 	}
 	if h.cfg.Dedup.Hash == dedup.HashSHA256 {
 		// Only now is the content's hash known.
-		if done, err := h.reuse(ctx, j); done || err != nil {
-			return err
+		if earlier, ok := h.findEarlier(ctx, j, p, h.contentKey(j, in.sha256)); ok {
+			res, err := h.copyEarlier(ctx, j, p.outKey, earlier)
+			res.sha256In = in.sha256
+			if !errors.Is(err, errStale) {
+				return res, err
+			}
 		}
 	}
-	h.setState(ctx, j, events.StateInspecting, 0)
-	j.log.Info("inspecting", "stage", events.PhaseInspect)
-	rep, err := inspect.InspectFile(j.input, h.limits())
+	rep, err := h.inspectUpload(ctx, j, in)
+	res := outcome{format: rep.Format, inputSize: in.size, sha256In: in.sha256}
 	if err != nil {
-		return classifyInspect(err)
+		return res, err
 	}
-	j.format = rep.Format
+	tr := h.track(j, rep.Format)
 	if rep.Format == inspect.OVA {
-		return h.convertOVA(ctx, j)
+		res.disks, err = h.convertOVA(ctx, j, tr, in)
+		return res, err
 	}
-	d := &disk{
-		input:  j.input,
+	d := disk{
+		input:  in.path,
 		output: filepath.Join(j.dir, "output."+j.outFormat),
-		extKey: keyForExtension(j.Key, j.codec),
+		extKey: keyForExtension(j.Key, in.codec),
 		format: rep.Format,
-		outKey: h.outputKey(j),
+		outKey: p.outKey,
 	}
-	j.disks = append(j.disks, d)
-	return h.convertDisk(ctx, j, d, rep)
+	d, err = h.convertDisk(ctx, j, tr, d, rep)
+	res.disks = []disk{d}
+	return res, err
 }
 
-// outputKey is where a plain upload's output is written (events.OutputKey).
-func (h *Handler) outputKey(j *job) string {
-	return events.OutputKey(h.cfg.OutputPrefix, j.Key, j.outFormat)
+// inspectUpload reads the download's header and decides its format,
+// never trusting the name or qemu-img's probing.
+func (h *Handler) inspectUpload(ctx context.Context, j *job, in downloaded) (inspect.Report, error) {
+	h.track(j, "").set(ctx, events.StateInspecting, 0)
+	j.log.Info("inspecting", "stage", events.PhaseInspect)
+	rep, err := inspect.InspectFile(in.path, h.limits())
+	if err != nil {
+		return inspect.Report{}, classifyInspect(err)
+	}
+	return rep, nil
 }
 
 func (h *Handler) limits() inspect.Limits {
 	return h.cfg.InspectLimits()
 }
 
-func (h *Handler) setState(ctx context.Context, j *job, state events.State, percent float64) {
-	h.record(ctx, j, h.status(j, state, percent))
-}
-
 // record writes a status that is a hint: a failure to record is logged,
 // never the job's failure. A write the record refused as not forward means
 // another delivery of this job is ahead, which is nothing to warn about.
 func (h *Handler) record(ctx context.Context, j *job, st events.Status) {
-	err := h.report.Set(ctx, st)
+	err := j.report.Set(ctx, st)
 	switch {
 	case errors.Is(err, status.ErrNotForward):
 		j.log.Debug("status not moved: another delivery of this job is ahead", "state", st.State, "err", err)
@@ -413,68 +369,84 @@ func (h *Handler) record(ctx context.Context, j *job, st events.Status) {
 	}
 }
 
-func (h *Handler) status(j *job, state events.State, percent float64) events.Status {
+// finalStatus is the record of a job that succeeded.
+func (h *Handler) finalStatus(j *job, res outcome) events.Status {
 	st := events.Status{
-		Bucket: j.Bucket, Key: j.Key, JobID: j.JobID, State: state, Percent: percent,
-		InputFormat: string(j.format), Attempt: j.attempt, UpdatedAt: h.now().UTC(),
+		Bucket: j.Bucket, Key: j.Key, JobID: j.JobID, State: events.StateReady, Percent: 100,
+		InputFormat: string(res.format), Attempt: j.attempt, UpdatedAt: h.now().UTC(),
 	}
-	if (state == events.StateReady || state == events.StateDuplicate) && len(j.disks) > 0 {
-		st.OutputBucket, st.OutputKey = h.cfg.OutputBucket, j.disks[0].outKey
-		if j.duplicateOf != "" {
-			st.Message = "same content as " + j.duplicateOf
+	if res.duplicateOf != "" {
+		st.State = events.StateDuplicate
+	}
+	if len(res.disks) > 0 {
+		st.OutputBucket, st.OutputKey = h.cfg.OutputBucket, res.disks[0].outKey
+		if res.duplicateOf != "" {
+			st.Message = "same content as " + res.duplicateOf
 		}
 	}
 	return st
 }
 
-func (h *Handler) succeed(ctx context.Context, j *job) ([]events.Message, error) {
-	state := events.StateReady
-	if j.duplicateOf != "" {
-		state = events.StateDuplicate
-	}
-	st := h.status(j, state, 100)
+func (h *Handler) succeed(ctx context.Context, j *job, res outcome) ([]events.Message, error) {
+	st := h.finalStatus(j, res)
 	// The final state is what `imagepipe status` and `upload` wait for: if
 	// it cannot be recorded, the job is delivered again, finds its output
-	// in place and records it then. A record that already holds this job
+	// in place and records it then.
+	//
+	// Write order: output, then its sha256 tag (complete), then READY here,
+	// then the de-duplication record (remember), then the result event
+	// (published by the runtime, which acknowledges the job last). Each
+	// write only ever points at what the ones before it completed, so a
+	// crash between any two leaves a state that heals: a tagged output
+	// with no READY is reported again by the redelivery (alreadyDone) or,
+	// if the job message is lost too, restored by reconcile from the
+	// output; a lost de-duplication record costs one conversion; a result
+	// lost before the ack is published again by the redelivery under the
+	// same id. READY before the output would announce what may never
+	// exist, and a de-duplication record before the tag would let another
+	// upload copy an output that may be incomplete. A record that already holds this job
 	// as finished (an earlier delivery whose ack was lost wrote it) stays
 	// as it is: watchers see the image finish once.
-	statusErr := h.report.Set(ctx, st)
+	statusErr := j.report.Set(ctx, st)
 	again := errors.Is(statusErr, status.ErrNotForward)
 	if again {
 		statusErr = nil
 	}
-	h.remember(ctx, j)
+	h.remember(ctx, j, res)
 	took := h.now().Sub(j.started)
 	var out []events.Message
-	for _, d := range j.disks {
+	for _, d := range res.disks {
 		data := events.Converted{
 			JobID: j.JobID, InputBucket: j.Bucket, InputKey: j.Key, InputFormat: string(d.format),
-			InputSize: j.inputSize, VirtualSize: d.virtualSize,
+			InputSize: res.inputSize, VirtualSize: d.virtualSize,
 			OutputBucket: h.cfg.OutputBucket, OutputKey: d.outKey, OutputFormat: j.outFormat,
 			OutputSize: d.outSize, SHA256: d.sha256, DurationMS: took.Milliseconds(), Attempt: j.attempt,
-			DuplicateOf: j.duplicateOf,
+			DuplicateOf: res.duplicateOf, CRC64NVME: d.crc64nvme, ZeroFraction: d.zeroFraction(),
 		}
-		ev, err := events.New(eventID(j.JobID, "converted/"+d.member), events.TypeConverted, Source, j.Key, h.now(), data)
+		ev, err := events.New(eventID(j.JobID, "converted/"+d.member), events.TypeConverted, events.SourceConvert, j.Key, h.now(), data)
 		if err != nil {
 			return nil, failure.Permanent(events.PhasePublish, err, "")
 		}
 		out = append(out, events.Message{Subject: events.SubjectConverted, Event: ev})
-		if again {
+		switch {
+		case again:
 			j.log.Info("already reported by an earlier delivery; result published again", "stage", "ready", "output_key", d.outKey)
+			continue
+		case res.earlier:
+			j.log.Info("recorded as ready", "stage", "ready", "output_key", d.outKey, "sha256", d.sha256)
 			continue
 		}
 		j.log.Info("converted", "stage", "ready", "output_key", d.outKey, "sha256", d.sha256, "duration", took)
 	}
 	if statusErr != nil {
-		return out, failure.Retryable(events.PhasePublish, fmt.Errorf("record state %s: %w", state, statusErr), "")
+		return out, failure.Retryable(events.PhasePublish, fmt.Errorf("record state %s: %w", st.State, statusErr), "")
 	}
 	return out, nil
 }
 
-// RuleCancelled marks the failure event of a job an operator cancelled.
-const RuleCancelled = "cancelled"
-
-func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message, error) {
+// fail reports a job that failed; format is the upload's, where
+// inspection got as far as knowing it.
+func (h *Handler) fail(ctx context.Context, j *job, format inspect.Format, err error) ([]events.Message, error) {
 	cancelled := errors.Is(context.Cause(ctx), failure.ErrCancelled) || errors.Is(err, failure.ErrCancelled)
 	if ctx.Err() != nil && !cancelled {
 		// A shutdown, not a failure: the job goes back to the queue and
@@ -492,7 +464,7 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 		if ok {
 			phase = fe.Phase
 		}
-		fe = failure.Refused(phase, RuleCancelled, failure.ErrCancelled, "upload the image again, or run `imagepipe reconvert`, to convert it after all")
+		fe = failure.Refused(phase, events.RuleCancelled, failure.ErrCancelled, "upload the image again, or run `imagepipe reconvert`, to convert it after all")
 		err = fe
 	} else if !ok {
 		fe = failure.Retryable(events.PhaseConvert, err, "")
@@ -500,14 +472,14 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 	}
 	retry := failure.WillRetry(err, j.attempt, j.maxAttempts)
 	data := events.Failed{
-		JobID: j.JobID, InputBucket: j.Bucket, InputKey: j.Key, InputFormat: string(j.format),
+		JobID: j.JobID, InputBucket: j.Bucket, InputKey: j.Key, InputFormat: string(format),
 		Phase: fe.Phase, Message: fe.Err.Error(), Suggestion: fe.Suggestion, Rule: fe.Rule,
 		Attempt: j.attempt, WillRetry: retry, DurationMS: h.now().Sub(j.started).Milliseconds(),
 		System: h.system(ctx),
 	}
 	st := events.Status{
 		Bucket: j.Bucket, Key: j.Key, JobID: j.JobID, State: events.StateFailed, Phase: fe.Phase,
-		Message: data.Message, Suggestion: fe.Suggestion, InputFormat: string(j.format), Attempt: j.attempt,
+		Message: data.Message, Suggestion: fe.Suggestion, InputFormat: string(format), Attempt: j.attempt,
 		UpdatedAt: h.now().UTC(),
 	}
 	switch {
@@ -517,12 +489,17 @@ func (h *Handler) fail(ctx context.Context, j *job, err error) ([]events.Message
 		// Still QUEUED: it comes back after the back-off.
 		st.State = events.StateQueued
 	}
+	// Write order: status, then error report, then the failure event
+	// (published by the runtime). A retry records QUEUED before the job is
+	// handed back for its back-off, so the record never says FAILED of a
+	// job still to run; the report and the event only describe a status
+	// already recorded, and losing either costs a description, not a job.
 	h.record(ctx, j, st)
 	if !retry && !cancelled {
 		h.writeErrorReport(ctx, j, data)
 	}
 	j.log.Warn("failed", "stage", fe.Phase, "err", fe.Err, "rule", fe.Rule, "attempt", j.attempt, "will_retry", retry)
-	ev, eerr := events.New(eventID(j.JobID, fmt.Sprintf("failed-%d", j.attempt)), events.TypeFailed, Source, j.Key, h.now(), data)
+	ev, eerr := events.New(eventID(j.JobID, fmt.Sprintf("failed-%d", j.attempt)), events.TypeFailed, events.SourceConvert, j.Key, h.now(), data)
 	if eerr != nil {
 		return nil, err
 	}
@@ -543,7 +520,7 @@ func (h *Handler) writeErrorReport(ctx context.Context, j *job, data events.Fail
 	key, shortened := events.ErrorReportKey(j.Key)
 	body, err := json.MarshalIndent(errorReport{Failed: data, ReportKeyShortened: shortened}, "", "  ")
 	if err == nil {
-		err = h.store.PutBytes(ctx, j.Bucket, key, body, "application/json", map[string]string{MetaJob: j.JobID})
+		err = j.store.PutBytes(ctx, j.Bucket, key, body, "application/json", map[string]string{events.MetaJob: j.JobID})
 	}
 	if err != nil {
 		j.log.Warn("error report not written", "report_key", key, "err", err)
@@ -571,11 +548,8 @@ func eventID(jobID, outcome string) string {
 }
 
 func freeSpace(dir string) (int64, error) {
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(dir, &st); err != nil {
-		return 0, err
-	}
-	return int64(st.Bavail) * int64(st.Bsize), nil
+	free, _, err := scratch.DiskSpace(dir)
+	return free, err
 }
 
 func isNoSpace(err error) bool { return errors.Is(err, syscall.ENOSPC) }

@@ -18,7 +18,7 @@ import (
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
-	"github.com/imagepipe/imagepipe/internal/sparse"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 )
 
 // Unit tests drive the handler with small fakes; the real stack is tested
@@ -26,7 +26,7 @@ import (
 
 type fakeStore struct {
 	OpenFn     func(ctx context.Context, bucket, key, versionID, etag string) (io.ReadCloser, objstore.Object, error)
-	UploadFn   func(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader) (objstore.Object, error)
+	UploadFn   func(ctx context.Context, bucket, key string, f objstore.File, meta map[string]string, progress io.Reader) (objstore.Object, error)
 	GrowingFn  func(ctx context.Context, bucket, key string, src objstore.Growing, size int64, meta map[string]string, progress io.Reader) (objstore.Object, error)
 	StatFn     func(ctx context.Context, bucket, key string) (objstore.Object, error)
 	PutBytesFn func(ctx context.Context, bucket, key string, body []byte, contentType string, meta map[string]string) error
@@ -57,7 +57,7 @@ func (f *fakeStore) wrote(ctx context.Context, b, k string, meta map[string]stri
 	}
 	obj.Bucket, obj.Key, obj.Metadata = b, k, meta
 	if obj.ETag == "" {
-		obj.ETag = "etag-of-" + meta[MetaJob]
+		obj.ETag = "etag-of-" + meta[events.MetaJob]
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -87,7 +87,7 @@ func (f *fakeStore) Abort(ctx context.Context, b, k, id string) error {
 func (f *fakeStore) Open(ctx context.Context, b, k, v, e string) (io.ReadCloser, objstore.Object, error) {
 	return f.OpenFn(ctx, b, k, v, e)
 }
-func (f *fakeStore) Upload(ctx context.Context, b, k string, file *sparse.File, m map[string]string, pr io.Reader, g objstore.Guard) (objstore.Object, error) {
+func (f *fakeStore) Upload(ctx context.Context, b, k string, file objstore.File, m map[string]string, pr io.Reader, g objstore.Guard) (objstore.Object, error) {
 	obj, err := f.UploadFn(ctx, b, k, file, m, pr)
 	return f.wrote(ctx, b, k, m, g, obj, err)
 }
@@ -171,7 +171,7 @@ func memStore(key string, body []byte, meta map[string]string) (*fakeStore, *[]s
 		},
 		CopyFn: func(_ context.Context, _, _, _, _, db, dk string, _, t map[string]string) (objstore.Object, error) {
 			note("copy " + db + "/" + dk)
-			if len(t[TagSHA256]) != 64 {
+			if len(t[events.TagSHA256]) != 64 {
 				return objstore.Object{}, errors.New("copy without the output's sha256 tag")
 			}
 			return objstore.Object{Bucket: db, Key: dk, Size: obj.Size}, nil
@@ -183,7 +183,7 @@ func memStore(key string, body []byte, meta map[string]string) (*fakeStore, *[]s
 		TagsFn: func(context.Context, string, string) (map[string]string, error) {
 			return nil, errors.New("no tags")
 		},
-		UploadFn: func(_ context.Context, b, k string, _ *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+		UploadFn: func(_ context.Context, b, k string, _ objstore.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
 			note("upload " + b + "/" + k)
 			return objstore.Object{}, nil
 		},
@@ -213,7 +213,7 @@ func TestRawUploadToRawIsCopiedServerSideNotConverted(t *testing.T) {
 		t.Errorf("storage calls %q, want one read for the hash and one server-side copy", got)
 	}
 	// The copy's upload is noted in the job's scratch, never elsewhere.
-	if _, err := os.Stat(uploadsNote); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(scratch.UploadsNote); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("an upload note was written outside scratch: %v", err)
 	}
 	var c events.Converted
@@ -317,7 +317,7 @@ func TestJobCancelledWhileQueuedIsSkippedAndReported(t *testing.T) {
 	}
 	var f events.Failed
 	_ = out[0].Event.DecodeData(events.TypeFailed, &f)
-	if f.Rule != RuleCancelled || f.WillRetry {
+	if f.Rule != events.RuleCancelled || f.WillRetry {
 		t.Errorf("failed = %+v, want rule cancelled", f)
 	}
 	if len(*calls) != 0 {
@@ -348,35 +348,23 @@ func TestShutdownMidJobRequeuesWithoutReporting(t *testing.T) {
 	}
 }
 
-// liveAndDeadJobDirs makes, in scratch, the dir of a job still running and
+// liveAndDeadJobDirs makes, in root, the dir of a job still running and
 // one whose lock nobody holds, as a killed process leaves.
-func liveAndDeadJobDirs(t *testing.T, scratch string) (live, dead string) {
+func liveAndDeadJobDirs(t *testing.T, root string) (live, dead string) {
 	t.Helper()
-	live, release, err := newJobDir(scratch)
+	live, release, err := scratch.NewJobDir(root)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(release)
-	dead, err = os.MkdirTemp(scratch, jobDirPrefix)
+	dead, err = os.MkdirTemp(root, scratch.JobDirPrefix)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dead, lockName), nil, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dead, scratch.LockName), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return live, dead
-}
-
-func TestScratchOfADeadProcessIsSweptAndALiveJobsIsKept(t *testing.T) {
-	scratch := t.TempDir()
-	live, dead := liveAndDeadJobDirs(t, scratch)
-	removed, _, _ := sweepScratch(scratch, time.Now())
-	if len(removed) != 1 || !strings.HasSuffix(dead, removed[0]) {
-		t.Errorf("removed %v, want only %s", removed, dead)
-	}
-	if _, err := os.Stat(live); err != nil {
-		t.Errorf("the live job's dir was removed: %v", err)
-	}
 }
 
 func TestJobNoDeliveryFinishedFailsForGoodWithAReport(t *testing.T) {
@@ -403,27 +391,27 @@ func TestJobNoDeliveryFinishedFailsForGoodWithAReport(t *testing.T) {
 }
 
 func TestUploadsADeadJobStartedAreAbortedWithItsScratchAndNoOthers(t *testing.T) {
-	scratch := t.TempDir()
-	live, dead := liveAndDeadJobDirs(t, scratch)
+	root := t.TempDir()
+	live, dead := liveAndDeadJobDirs(t, root)
 	for dir, id := range map[string]string{dead: "dead-upload", live: "live-upload"} {
-		if err := noteUpload(dir, notedUpload{Bucket: "images", Key: "a.vhdx.raw", Since: time.Now()}); err != nil {
+		if err := scratch.NoteUpload(dir, scratch.NotedUpload{Bucket: "images", Key: "a.vhdx.raw", Since: time.Now()}); err != nil {
 			t.Fatal(err)
 		}
-		if err := noteUpload(dir, notedUpload{Bucket: "images", Key: "a.vhdx.raw", UploadID: id}); err != nil {
+		if err := scratch.NoteUpload(dir, scratch.NotedUpload{Bucket: "images", Key: "a.vhdx.raw", UploadID: id}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// The dead job was starting a second upload when it died: the server
 	// made it, the note of its id never came.
 	since := time.Now()
-	if err := noteUpload(dead, notedUpload{Bucket: "images", Key: "b.vhdx.raw", Since: since}); err != nil {
+	if err := scratch.NoteUpload(dead, scratch.NotedUpload{Bucket: "images", Key: "b.vhdx.raw", Since: since}); err != nil {
 		t.Fatal(err)
 	}
-	if err := noteUpload(live, notedUpload{Bucket: "images", Key: "b.vhdx.raw", UploadID: "live-b"}); err != nil {
+	if err := scratch.NoteUpload(live, scratch.NotedUpload{Bucket: "images", Key: "b.vhdx.raw", UploadID: "live-b"}); err != nil {
 		t.Fatal(err)
 	}
 	// A note its writer died in the middle of.
-	f, err := os.OpenFile(filepath.Join(dead, uploadsNote), os.O_APPEND|os.O_WRONLY, 0)
+	f, err := os.OpenFile(filepath.Join(dead, scratch.UploadsNote), os.O_APPEND|os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -444,8 +432,8 @@ func TestUploadsADeadJobStartedAreAbortedWithItsScratchAndNoOthers(t *testing.T)
 			{UploadID: "unnamed-b", Initiated: since.Add(time.Millisecond)},
 		}, nil
 	}}
-	cfg := Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: scratch}
-	New(cfg, store, qemuimg.New(nil), &fakeReporter{}, nil, slog.New(slog.DiscardHandler))
+	cfg := Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: root}
+	New(cfg, store, qemuimg.New(nil), &fakeReporter{}, nil, slog.New(slog.DiscardHandler)).Sweep(context.Background())
 
 	if want := []string{"images/a.vhdx.raw dead-upload", "images/b.vhdx.raw unnamed-b"}; !slices.Equal(aborted, want) {
 		t.Errorf("aborted %q, want only the dead job's uploads %q", aborted, want)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"path/filepath"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/decompress"
@@ -14,48 +15,49 @@ import (
 	"github.com/imagepipe/imagepipe/internal/objstore"
 )
 
+// downloaded is the upload as downloaded to scratch.
+type downloaded struct {
+	path   string // the download, decompressed
+	size   int64  // as uploaded
+	sha256 string // of the object as uploaded
+	codec  string // compression the upload came in
+}
+
 // download streams the object into the job's scratch file, decompressing
 // gzip, xz and zstd on the way within the job's budget (package
 // decompress decides what an upload may expand to), and checks the
 // checksum the uploader gave.
-func (h *Handler) download(ctx context.Context, j *job) error {
-	h.setState(ctx, j, events.StateDownloading, 0)
+func (h *Handler) download(ctx context.Context, j *job, tr tracker) (downloaded, error) {
+	tr.set(ctx, events.StateDownloading, 0)
 	j.log.Info("downloading", "stage", events.PhaseDownload, "attempt", j.attempt)
-	rc, obj, err := h.store.Open(ctx, j.Bucket, j.Key, j.VersionID, j.ETag)
+	in := downloaded{path: filepath.Join(j.dir, "input")}
+	rc, obj, err := j.store.Open(ctx, j.Bucket, j.Key, j.VersionID, j.ETag)
 	if err != nil {
-		return classifyDownload(j, err)
+		return in, classifyDownload(j, err)
 	}
 	defer rc.Close()
-	j.inputSize = obj.Size
-	j.meta = obj.Metadata
-	if f := obj.Metadata[MetaFormat]; f != "" && j.ConvertJob.OutputFormat == "" {
-		if f != "raw" && f != "qcow2" {
-			return failure.Refused(events.PhaseDownload, "output-format", fmt.Errorf("the upload asks for output format %q", f),
-				"set x-amz-meta-imagepipe-format to raw or qcow2, or leave it out")
-		}
-		j.outFormat = f
-	}
+	in.size = obj.Size
 
 	sum := newAsyncHash(sha256.New())
 	defer sum.Close()
-	meter := h.newMeter(ctx, j, events.PhaseDownload, events.StateDownloading, obj.Size)
-	res, err := decompress.Expand(ctx, io.TeeReader(rc, io.MultiWriter(sum, meter)), j.input, h.budget(j))
-	j.codec = string(res.Codec)
+	meter := tr.meter(ctx, events.PhaseDownload, events.StateDownloading, obj.Size)
+	res, err := decompress.Expand(ctx, io.TeeReader(rc, io.MultiWriter(sum, meter)), in.path, h.budget())
+	in.codec = string(res.Codec)
 	if err != nil {
 		if _, decided := failure.As(err); decided {
-			return err
+			return in, err
 		}
-		return classifyDownload(j, err)
+		return in, classifyDownload(j, err)
 	}
 	j.log.Info("downloaded", "stage", events.PhaseDownload, "codec", res.Codec, "size", res.Size, "allocated", res.Allocated)
-	j.sha256In = hex.EncodeToString(sum.Sum())
-	return verifyChecksum(obj, j.sha256In)
+	in.sha256 = hex.EncodeToString(sum.Sum())
+	return in, verifyChecksum(obj, in.sha256)
 }
 
-// budget bounds the download of j: no larger than the largest image
-// allowed, and no more data than the scratch disk holds beyond its
-// reserve. Zeros are holes and cost no space.
-func (h *Handler) budget(j *job) decompress.Budget {
+// budget bounds a download: no larger than the largest image allowed,
+// and no more data than the scratch disk holds beyond its reserve. Zeros
+// are holes and cost no space.
+func (h *Handler) budget() decompress.Budget {
 	return decompress.Budget{
 		MaxSize: h.cfg.MaxVirtualSize,
 		Reserve: h.cfg.ScratchReserve,
@@ -70,7 +72,7 @@ func isCompressed(head []byte) bool { return decompress.Detect(head) != decompre
 // upload or as x-amz-meta-imagepipe-sha256.
 func verifyChecksum(obj objstore.Object, got string) error {
 	if want := declaredSHA256(&obj); want != "" && want != got {
-		return failure.Refused(events.PhaseDownload, "checksum", fmt.Errorf("checksum mismatch: the upload declares sha256 %s, the bytes received hash to %s", want, got),
+		return failure.Refused(events.PhaseDownload, events.RuleChecksum, fmt.Errorf("checksum mismatch: the upload declares sha256 %s, the bytes received hash to %s", want, got),
 			"the file was damaged in transit or the declared checksum is wrong; upload it again")
 	}
 	return nil

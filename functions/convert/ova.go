@@ -9,22 +9,21 @@ import (
 	"path"
 	"path/filepath"
 	"sync"
-	"syscall"
 
 	"github.com/dustin/go-humanize"
 
 	"github.com/imagepipe/imagepipe/events"
-	"github.com/imagepipe/imagepipe/internal/direct"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/inspect"
 	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 )
 
 const sugOVA = "export the appliance again as an OVA holding its .ovf descriptor and its VMDK disks, or upload the disk image itself"
 
 // ovaDisk is one disk of an OVA and where it lies in the archive.
 type ovaDisk struct {
-	*disk
+	disk
 	member inspect.OVAMember
 }
 
@@ -34,38 +33,42 @@ type ovaDisk struct {
 // only then is a disk extracted. Each disk is extracted, inspected,
 // checked, converted and verified in turn, and uploads start once every
 // one of them has passed, so a bad disk 2 never leaves disk 1 published.
-// Outputs go under the OVA's key (events.OVADiskKey).
-func (h *Handler) convertOVA(ctx context.Context, j *job) error {
-	f, err := os.Open(j.input)
+// Outputs go under the OVA's key (events.OVADiskKey). It returns the
+// disks it got to, with the error that stopped it.
+func (h *Handler) convertOVA(ctx context.Context, j *job, tr tracker, in downloaded) ([]disk, error) {
+	f, err := os.Open(in.path)
 	if err != nil {
-		return failure.Retryable(events.PhaseInspect, err, "")
+		return nil, failure.Retryable(events.PhaseInspect, err, "")
 	}
 	defer f.Close()
 	st, err := f.Stat()
 	if err != nil {
-		return failure.Retryable(events.PhaseInspect, err, "")
+		return nil, failure.Retryable(events.PhaseInspect, err, "")
 	}
 	arc, err := inspect.ReadOVA(f, st.Size(), h.limits())
 	if err != nil {
-		return classifyInspect(err)
+		return nil, classifyInspect(err)
 	}
-	disks, err := h.planOVA(j, arc)
+	planned, err := h.planOVA(j, arc)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// Hashing reads the archive once and writes nothing: cheaper in
 	// scratch space than extracting every disk to check it, and a
 	// tampered archive is refused before any of it is unpacked.
 	if err := arc.CheckManifest(ctx, f); err != nil {
-		return classifyInspect(err)
+		return nil, classifyInspect(err)
 	}
-	j.log.Info("ova checked", "stage", events.PhaseInspect, "members", len(arc.Members), "disks", len(disks), "manifest", arc.Manifest)
-	for _, od := range disks {
-		if err := h.prepareOVADisk(ctx, j, f, od); err != nil {
-			return err
+	j.log.Info("ova checked", "stage", events.PhaseInspect, "members", len(arc.Members), "disks", len(planned), "manifest", arc.Manifest)
+	var disks []disk
+	for _, od := range planned {
+		d, err := h.prepareOVADisk(ctx, j, tr, f, od)
+		if err != nil {
+			return disks, err
 		}
+		disks = append(disks, d)
 	}
-	return h.publishOVA(ctx, j)
+	return h.publishOVA(ctx, j, tr, disks)
 }
 
 // planOVA gives each disk its scratch files and output key. Scratch names
@@ -75,11 +78,11 @@ func (h *Handler) planOVA(j *job, arc *inspect.OVAArchive) ([]ovaDisk, error) {
 	for i, m := range arc.Disks {
 		key := events.OVADiskKey(h.cfg.OutputPrefix, j.Key, m.Name, j.outFormat)
 		if len(key) > events.MaxKeyLen || len(path.Base(key)) > events.MaxSegmentLen {
-			return nil, failure.Refused(events.PhaseInspect, "ova-member-name",
+			return nil, failure.Refused(events.PhaseInspect, events.RuleOVAMemberName,
 				fmt.Errorf("the output key of disk %q of the OVA would be %d bytes, with a file name of %d: over the %d-byte limit on a key or the %d-byte limit on one of its segments", m.Name, len(key), len(path.Base(key)), events.MaxKeyLen, events.MaxSegmentLen),
 				"give the OVA a shorter key, or its disks shorter names")
 		}
-		disks = append(disks, ovaDisk{member: m, disk: &disk{
+		disks = append(disks, ovaDisk{member: m, disk: disk{
 			member: m.Name,
 			input:  filepath.Join(j.dir, fmt.Sprintf("disk-%d", i+1)),
 			output: filepath.Join(j.dir, fmt.Sprintf("disk-%d.%s", i+1, j.outFormat)),
@@ -92,47 +95,53 @@ func (h *Handler) planOVA(j *job, arc *inspect.OVAArchive) ([]ovaDisk, error) {
 
 // prepareOVADisk takes one disk up to a verified output in scratch:
 // extract, inspect, check, convert, verify. Nothing is uploaded here.
-func (h *Handler) prepareOVADisk(ctx context.Context, j *job, arc *os.File, od ovaDisk) error {
+func (h *Handler) prepareOVADisk(ctx context.Context, j *job, tr tracker, arc *os.File, od ovaDisk) (disk, error) {
 	d := od.disk
 	if err := extractMember(ctx, j, arc, od.member, d.input); err != nil {
-		return err
+		return d, err
 	}
 	rep, err := inspect.InspectFile(d.input, h.limits())
 	if err != nil {
-		return classifyInspect(fmt.Errorf("disk %q of the OVA: %w", d.member, err))
+		return d, classifyInspect(fmt.Errorf("disk %q of the OVA: %w", d.member, err))
 	}
 	if rep.Format == inspect.OVA {
-		return failure.Refused(events.PhaseInspect, "ova-member", fmt.Errorf("disk %q of the OVA is itself an archive", d.member), sugOVA)
+		return d, failure.Refused(events.PhaseInspect, events.RuleOVAMember, fmt.Errorf("disk %q of the OVA is itself an archive", d.member), sugOVA)
 	}
 	d.format = rep.Format
-	j.disks = append(j.disks, d)
-	for _, stage := range []func(context.Context, *job, *disk, inspect.Report) error{h.check, h.convert, h.verify} {
-		if err := stage(ctx, j, d, rep); err != nil {
-			return err
-		}
+	if d.virtualSize, err = h.check(ctx, j, d, rep); err != nil {
+		return d, err
+	}
+	if err := h.convert(ctx, j, tr, d, fileOutput{h: h, j: j, tr: tr, d: d}); err != nil {
+		return d, err
+	}
+	if d.outSize, err = h.verify(ctx, j, d); err != nil {
+		return d, err
 	}
 	// The extracted disk is done with; the next one may need the room.
 	_ = os.Remove(d.input)
-	return nil
+	return d, nil
 }
 
-// publishOVA uploads the verified outputs of every disk. It runs only once
-// all of them exist, so a failure before it leaves the output bucket as it
-// was. The disks upload side by side and none completes until every one
-// has all its parts up (see commitBarrier): an upload that fails midway
-// leaves no disk of this OVA published. Only a failure in the final
-// completion calls themselves, moments apart, could still publish some
-// disks and not others; a retry then publishes them all.
-func (h *Handler) publishOVA(ctx context.Context, j *job) error {
-	if len(j.disks) == 1 {
-		return h.upload(ctx, j, j.disks[0], inspect.Report{})
+// publishOVA uploads the verified outputs of every disk and returns them
+// complete. It runs only once all of them exist, so a failure before it
+// leaves the output bucket as it was. The disks upload side by side and
+// none completes until every one has all its parts up (see
+// commitBarrier): an upload that fails midway leaves no disk of this OVA
+// published. Only a failure in the final completion calls themselves,
+// moments apart, could still publish some disks and not others; a retry
+// then publishes them all.
+func (h *Handler) publishOVA(ctx context.Context, j *job, tr tracker, disks []disk) ([]disk, error) {
+	if len(disks) == 1 {
+		d, err := h.publishDisk(ctx, j, tr, disks[0], h.guard(j, disks[0].outKey))
+		return []disk{d}, err
 	}
-	b := newCommitBarrier(len(j.disks))
-	errs := make([]error, len(j.disks))
+	b := newCommitBarrier(len(disks))
+	done := make([]disk, len(disks))
+	errs := make([]error, len(disks))
 	var wg sync.WaitGroup
-	for i, d := range j.disks {
+	for i, d := range disks {
 		wg.Go(func() {
-			errs[i] = h.uploadGuarded(ctx, j, d, b.guard(h.guard(j, d.outKey)))
+			done[i], errs[i] = h.publishDisk(ctx, j, tr, d, b.guard(h.guard(j, d.outKey)))
 			if errs[i] != nil {
 				b.fail()
 			}
@@ -143,13 +152,23 @@ func (h *Handler) publishOVA(ctx context.Context, j *job) error {
 	var first error
 	for _, err := range errs {
 		if err != nil && !errors.Is(err, errOtherDiskFailed) {
-			return err
+			return done, err
 		}
 		if first == nil {
 			first = err
 		}
 	}
-	return first
+	return done, first
+}
+
+// publishDisk uploads one verified disk of an OVA under guard and marks
+// it complete.
+func (h *Handler) publishDisk(ctx context.Context, j *job, tr tracker, d disk, guard objstore.Guard) (disk, error) {
+	st, err := h.uploadFile(ctx, j, tr, d, guard)
+	if err != nil {
+		return d, err
+	}
+	return h.complete(ctx, j, d, st)
 }
 
 // errOtherDiskFailed vetoes the completion of a disk whose sibling in the
@@ -215,7 +234,7 @@ func extractMember(ctx context.Context, j *job, arc *os.File, m inspect.OVAMembe
 		return err
 	}
 	j.log.Info("extracting", "stage", events.PhaseInspect, "member", m.Name, "size", m.Size)
-	out, err := direct.Create(dst)
+	out, err := scratch.Create(dst)
 	if err != nil {
 		return failure.Retryable(events.PhaseInspect, fmt.Errorf("extract %q from the OVA: %w", m.Name, err), "")
 	}
@@ -244,15 +263,13 @@ func extractMember(ctx context.Context, j *job, arc *os.File, m inspect.OVAMembe
 // cannot fit even an empty scratch file system is refused for good, and
 // one that does not fit the space left now waits for others to finish.
 func roomFor(dir string, m inspect.OVAMember) error {
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(dir, &st); err != nil {
+	free, total, err := scratch.DiskSpace(dir)
+	if err != nil {
 		return nil // the copy itself will tell
 	}
-	total := int64(st.Blocks) * int64(st.Bsize)
-	free := int64(st.Bavail) * int64(st.Bsize)
 	switch {
 	case m.Size > total:
-		return failure.Refused(events.PhaseInspect, "scratch-space",
+		return failure.Refused(events.PhaseInspect, events.RuleScratchSpace,
 			fmt.Errorf("disk %q of the OVA is %s, more than the whole scratch file system (%s)", m.Name, humanize.IBytes(uint64(m.Size)), humanize.IBytes(uint64(total))),
 			"point IMAGEPIPE_SCRATCH_DIR at a larger disk, or upload the appliance's disks one by one")
 	case m.Size > free:

@@ -100,8 +100,8 @@ func FuzzConvertOVA(f *testing.F) {
 		}
 		h := New(Config{OutputBucket: "images", OutputPrefix: "out/", OutputFormat: "raw", ScratchDir: root, MaxVirtualSize: 1 << 40,
 			ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute, OVAMaxMembers: 16, OVAMaxDisks: 4}, nil, noQemu{}, nil, nil, log)
-		j := &job{ConvertJob: events.ConvertJob{JobID: "fuzz", Bucket: "uploads", Key: "apps/web.ova"},
-			dir: jobDir, input: input, outFormat: "raw", log: log}
+		j := h.newJob(events.ConvertJob{JobID: "fuzz", Bucket: "uploads", Key: "apps/web.ova"}, 1, 1)
+		j.dir, j.outFormat = jobDir, "raw"
 
 		// As in a job: only what the inspector accepts as an OVA is read
 		// as one.
@@ -109,11 +109,11 @@ func FuzzConvertOVA(f *testing.F) {
 		if err != nil || rep.Format != inspect.OVA {
 			return
 		}
-		err = h.convertOVA(context.Background(), j)
+		disks, err := h.convertOVA(context.Background(), j, h.track(j, inspect.OVA), downloaded{path: input})
 
 		// qemu-img is never reached here, so no OVA can succeed.
 		if err == nil {
-			t.Fatalf("an OVA converted without qemu-img: %d disk(s)", len(j.disks))
+			t.Fatalf("an OVA converted without qemu-img: %d disk(s)", len(disks))
 		}
 		fe, ok := failure.As(err)
 		if !ok || fe.Phase != events.PhaseInspect || fe.Err == nil {
@@ -144,7 +144,7 @@ func FuzzConvertOVA(f *testing.F) {
 				t.Fatalf("an archive refused by rule %s left %d files in scratch", ref.Rule, len(entries))
 			}
 		}
-		for _, d := range j.disks {
+		for _, d := range disks {
 			if inspect.CheckName("member name", d.member) != nil || strings.ContainsAny(d.member, `/\`) {
 				t.Fatalf("disk member name %q accepted", d.member)
 			}

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,34 +13,31 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/objstore"
-	"github.com/imagepipe/imagepipe/internal/sparse"
 )
 
 // ovaJob is a job of an OVA whose disks are converted and verified in
 // scratch, ready to publish.
-func ovaJob(t *testing.T, h *Handler, disks int) *job {
+func ovaJob(t *testing.T, h *Handler, n int) (j *job, disks []disk) {
 	t.Helper()
-	j := &job{
-		ConvertJob: events.ConvertJob{JobID: "j1", Bucket: "uploads", Key: "apps/web.ova"},
-		log:        slog.New(slog.DiscardHandler), outFormat: "raw", dir: t.TempDir(),
-	}
-	for i := range disks {
+	j = h.newJob(events.ConvertJob{JobID: "j1", Bucket: "uploads", Key: "apps/web.ova"}, 1, 4)
+	j.outFormat, j.dir = "raw", t.TempDir()
+	for i := range n {
 		name := string(rune('a'+i)) + ".vmdk"
 		out := filepath.Join(j.dir, name+".raw")
 		body := bytes.Repeat([]byte{byte(i + 1)}, 4096)
 		if err := os.WriteFile(out, body, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		j.disks = append(j.disks, &disk{member: name, output: out, input: out + ".in", outSize: int64(len(body)),
+		disks = append(disks, disk{member: name, output: out, input: out + ".in", outSize: int64(len(body)),
 			outKey: events.OVADiskKey("", j.Key, name, "raw")})
 	}
-	return j
+	return j, disks
 }
 
 func TestOVAWhoseLastDiskFailsToUploadPublishesNoDisk(t *testing.T) {
 	var mu sync.Mutex
 	started := map[string]bool{}
-	store := &fakeStore{UploadFn: func(_ context.Context, _, k string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+	store := &fakeStore{UploadFn: func(_ context.Context, _, k string, f objstore.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
 		mu.Lock()
 		started[k] = true
 		mu.Unlock()
@@ -51,9 +47,9 @@ func TestOVAWhoseLastDiskFailsToUploadPublishesNoDisk(t *testing.T) {
 		return objstore.Object{Size: f.Size()}, nil
 	}}
 	h := newTestHandler(t, store, &fakeReporter{})
-	j := ovaJob(t, h, 3)
+	j, disks := ovaJob(t, h, 3)
 
-	err := h.publishOVA(context.Background(), j)
+	_, err := h.publishOVA(context.Background(), j, h.track(j, "ova"), disks)
 	if err == nil || !strings.Contains(err.Error(), "connection reset") {
 		t.Fatalf("publishOVA = %v, want the failing disk's own error", err)
 	}
@@ -66,16 +62,17 @@ func TestOVAWhoseLastDiskFailsToUploadPublishesNoDisk(t *testing.T) {
 }
 
 func TestOVAWithEveryDiskUploadedPublishesEveryDisk(t *testing.T) {
-	store := &fakeStore{UploadFn: func(_ context.Context, _, _ string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+	store := &fakeStore{UploadFn: func(_ context.Context, _, _ string, f objstore.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
 		return objstore.Object{Size: f.Size()}, nil
 	}, SetTagsFn: func(context.Context, string, string, string, map[string]string) error { return nil }}
 	h := newTestHandler(t, store, &fakeReporter{})
-	j := ovaJob(t, h, 3)
+	j, disks := ovaJob(t, h, 3)
 
-	if err := h.publishOVA(context.Background(), j); err != nil {
+	disks, err := h.publishOVA(context.Background(), j, h.track(j, "ova"), disks)
+	if err != nil {
 		t.Fatal(err)
 	}
-	for _, d := range j.disks {
+	for _, d := range disks {
 		if _, ok := store.written["images/"+d.outKey]; !ok {
 			t.Errorf("%s not published", d.outKey)
 		}

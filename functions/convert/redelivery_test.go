@@ -7,7 +7,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
-	"path/filepath"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -17,13 +17,13 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
-	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/natstest"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/internal/status"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // countingQemu is the real qemu-img, counting the conversions it runs.
@@ -51,12 +51,16 @@ func (q *countingQemu) ConvertToNBD(ctx context.Context, src, srcFormat, socket 
 }
 
 // realStack is what a convert replica talks to: JetStream with the
-// product's streams and status bucket, and a MinIO server.
+// product's streams and status bucket, and the package's MinIO with an
+// input and an output bucket of the test's own.
 type realStack struct {
-	js    jetstream.JetStream
-	kv    jetstream.KeyValue
-	store *objstore.Store
+	js      jetstream.JetStream
+	kv      jetstream.KeyValue
+	store   *objstore.Store
+	in, out string
 }
+
+func TestMain(m *testing.M) { stack.Main(m) }
 
 func startRealStack(t *testing.T) *realStack {
 	t.Helper()
@@ -70,23 +74,21 @@ func startRealStack(t *testing.T) *realStack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ms, err := minioserver.Start(ctx, minioserver.Options{
-		DataDir: filepath.Join(t.TempDir(), "minio"), AccessKey: "convert-test", SecretKey: "convert-test-secret",
-	})
+	ms := stack.PackageMinIO(t)
+	store, err := objstore.New(objstore.Config{Endpoint: ms.Endpoint, AccessKey: ms.AccessKey, SecretKey: ms.SecretKey})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(ms.Stop)
-	store, err := objstore.New(objstore.Config{Endpoint: ms.Endpoint, AccessKey: "convert-test", SecretKey: "convert-test-secret"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, b := range []string{"uploads", "images"} {
+	// Buckets named for this run, so a repeated run (-count) finds none of
+	// the last one's objects.
+	run := strconv.FormatInt(time.Now().UnixNano(), 36)
+	s := &realStack{js: js, kv: kv, store: store, in: "uploads-" + run, out: "images-" + run}
+	for _, b := range []string{s.in, s.out} {
 		if err := store.Client().MakeBucket(ctx, b, minio.MakeBucketOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	return &realStack{js: js, kv: kv, store: store}
+	return s
 }
 
 // watchStates records every state the status key takes, as `imagepipe
@@ -174,7 +176,7 @@ func TestJobDeliveredAgainAfterItSucceededIsReadyOnceAndConvertedOnce(t *testing
 	}
 	s.checkReadyOnce(ctx, t, watch, job)
 	s.checkOneResult(ctx, t)
-	if sum := storedSHA256(t, s.store, "images", "disks/win.vhdx.raw"); sum != rawSHA {
+	if sum := storedSHA256(t, s.store, s.out, "disks/win.vhdx.raw"); sum != rawSHA {
 		t.Errorf("output sha256 %s, want %s (qemu-img's own conversion)", sum, rawSHA)
 	}
 }
@@ -199,14 +201,14 @@ func queuedVHDX(ctx context.Context, t *testing.T) (s *realStack, job events.Con
 	t.Helper()
 	s = startRealStack(t)
 	body, rawSHA := vhdxWithScatteredData(t)
-	if err := s.store.PutBytes(ctx, "uploads", "disks/win.vhdx", body, "application/octet-stream", nil); err != nil {
+	if err := s.store.PutBytes(ctx, s.in, "disks/win.vhdx", body, "application/octet-stream", nil); err != nil {
 		t.Fatal(err)
 	}
-	up, err := s.store.Stat(ctx, "uploads", "disks/win.vhdx")
+	up, err := s.store.Stat(ctx, s.in, "disks/win.vhdx")
 	if err != nil {
 		t.Fatal(err)
 	}
-	job = events.ConvertJob{JobID: events.JobIDFor("uploads/disks/win.vhdx@" + up.ETag), Bucket: "uploads", Key: "disks/win.vhdx",
+	job = events.ConvertJob{JobID: events.JobIDFor(s.in + "/disks/win.vhdx@" + up.ETag), Bucket: s.in, Key: "disks/win.vhdx",
 		VersionID: up.VersionID, ETag: up.ETag, Size: up.Size, QueuedAt: time.Now().UTC()}
 	if err := status.New(s.kv, nil).Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID}); err != nil {
 		t.Fatal(err)
@@ -216,7 +218,7 @@ func queuedVHDX(ctx context.Context, t *testing.T) (s *realStack, job events.Con
 
 func (s *realStack) handler(t *testing.T, qemu QemuImg) *Handler {
 	t.Helper()
-	cfg := Config{OutputBucket: "images", OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
+	cfg := Config{OutputBucket: s.out, OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
 		ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute, AckWait: time.Minute}
 	return New(cfg, s.store, qemu, status.New(s.kv, nil), nil, slog.New(slog.DiscardHandler))
 }
@@ -320,7 +322,7 @@ func TestJobDeliveredAgainWhileItsFirstDeliveryConvertsIsLeftToIt(t *testing.T) 
 	}
 	s.checkReadyOnce(ctx, t, watch, job)
 	s.checkOneResult(ctx, t)
-	if sum := storedSHA256(t, s.store, "images", "disks/win.vhdx.raw"); sum != rawSHA {
+	if sum := storedSHA256(t, s.store, s.out, "disks/win.vhdx.raw"); sum != rawSHA {
 		t.Errorf("output sha256 %s, want %s (qemu-img's own conversion)", sum, rawSHA)
 	}
 }

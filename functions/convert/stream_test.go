@@ -19,7 +19,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/objstore"
-	"github.com/imagepipe/imagepipe/internal/sparse"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 )
 
 func run(t *testing.T, name string, args ...string) {
@@ -85,7 +85,7 @@ func readGrowing(ctx context.Context, src objstore.Growing, size int64) (string,
 func TestRawOutputIsUploadedWhileQemuImgWritesItAndMatchesQemuImgAlone(t *testing.T) {
 	body, want := vhdxWithScatteredData(t)
 	store, calls := memStore("disks/web.vhdx", body, nil)
-	store.UploadFn = func(context.Context, string, string, *sparse.File, map[string]string, io.Reader) (objstore.Object, error) {
+	store.UploadFn = func(context.Context, string, string, objstore.File, map[string]string, io.Reader) (objstore.Object, error) {
 		t.Error("the output was uploaded after conversion, not while it converted")
 		return objstore.Object{}, errors.New("not this way")
 	}
@@ -265,7 +265,7 @@ func TestRawOutputIsUploadedAfterConversionWhereStreamingCannotHelp(t *testing.T
 // conversion; the hash is read through the returned pointer.
 func hashUploads(store *fakeStore) *string {
 	var uploaded string
-	store.UploadFn = func(ctx context.Context, bucket, key string, f *sparse.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
+	store.UploadFn = func(ctx context.Context, bucket, key string, f objstore.File, _ map[string]string, _ io.Reader) (objstore.Object, error) {
 		sum, err := readGrowing(ctx, finalFile{f}, f.Size())
 		uploaded = sum
 		return objstore.Object{Bucket: bucket, Key: key, Size: f.Size()}, err
@@ -274,7 +274,7 @@ func hashUploads(store *fakeStore) *string {
 }
 
 // finalFile is a complete file seen as a growing one.
-type finalFile struct{ *sparse.File }
+type finalFile struct{ objstore.File }
 
 func (finalFile) Wait(context.Context, int64) error { return nil }
 
@@ -285,40 +285,6 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
-}
-
-func TestSweepRemovesTheSocketDirOfADeadJobAndNothingElse(t *testing.T) {
-	tmp, scratch := t.TempDir(), t.TempDir()
-	t.Setenv("TMPDIR", tmp)
-	sockets, err := os.MkdirTemp("", tempSocketDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	other := filepath.Join(tmp, "precious")
-	if err := os.Mkdir(other, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	for note, dir := range map[string]string{"socket": sockets, "other": other} {
-		dead, err := os.MkdirTemp(scratch, jobDirPrefix)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dead, lockName), nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dead, socketDirNote), []byte(dir), 0o600); err != nil {
-			t.Fatalf("%s: %v", note, err)
-		}
-	}
-	if removed, _, _ := sweepScratch(scratch, time.Now()); len(removed) != 2 {
-		t.Fatalf("removed %v, want both dead job dirs", removed)
-	}
-	if _, err := os.Stat(sockets); !os.IsNotExist(err) {
-		t.Errorf("socket dir of a dead job still there (%v)", err)
-	}
-	if _, err := os.Stat(other); err != nil {
-		t.Errorf("a noted dir that is no socket dir was removed: %v", err)
-	}
 }
 
 // outOfOrderConvert stands in for a qemu-img that breaks the write order:
@@ -359,7 +325,7 @@ func TestOutputWrittenOutOfOrderIsUploadedWholeOnceConverted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !errors.Is(streamErr, sparse.ErrOutOfOrder) {
+	if !errors.Is(streamErr, scratch.ErrOutOfOrder) {
 		t.Fatalf("the streamed upload ended with %v, want ErrOutOfOrder", streamErr)
 	}
 	if *uploaded != hex.EncodeToString(wantSum[:]) {
@@ -431,7 +397,7 @@ func TestOutputReplacedBeforeItIsTaggedIsLeftToItsWriter(t *testing.T) {
 			// Once this job's output is in place, another job's replaces it.
 			written = true
 			store.written[outKey] = objstore.Object{Bucket: "images", Key: "disks/web.vhdx.raw", ETag: "other",
-				Metadata: map[string]string{MetaJob: "j-other"}}
+				Metadata: map[string]string{events.MetaJob: "j-other"}}
 		}
 		store.mu.Unlock()
 		return inputStat(ctx, b, k)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/internal/orphan"
 	"github.com/imagepipe/imagepipe/internal/status"
 )
 
@@ -22,15 +23,6 @@ type JobQueue interface {
 	// reports whether the stream dropped it as a duplicate.
 	Requeue(ctx context.Context, msg events.Message) (duplicate bool, err error)
 }
-
-// Metadata keys and the tag convert sets on every output (see
-// functions/convert); reconcile reads them to restore a lost READY.
-const (
-	outputMetaJob    = "imagepipe-job"
-	outputMetaInput  = "imagepipe-input-format"
-	outputMetaFormat = "imagepipe-format"
-	outputTagSHA256  = "imagepipe-sha256"
-)
 
 // staleMargin is added to the longest silence a live job can show, so
 // that a clock skew or a slow status write is never taken for a loss.
@@ -53,16 +45,6 @@ func StaleBound(ackWait time.Duration, backoff []time.Duration) time.Duration {
 	return b + staleMargin
 }
 
-// nonFinal reports whether a status says a job should be alive: queued or
-// on a replica.
-func nonFinal(s events.State) bool {
-	switch s {
-	case events.StateQueued, events.StateDownloading, events.StateInspecting, events.StateConverting, events.StateUploading:
-		return true
-	}
-	return false
-}
-
 // stuck is a status that stood still for longer than the bound; its job
 // is re-queued if the queue does not hold it.
 type stuck struct {
@@ -72,16 +54,17 @@ type stuck struct {
 }
 
 // stale reports whether st has stood still for longer than staleAfter in
-// a state that expects a job behind it.
+// a state that expects a job behind it (orphan.Stale: the judgement the
+// watchdog and `ctl stats` count by too).
 func (h *Handler) stale(st events.Status, staleAfter time.Duration) bool {
-	return nonFinal(st.State) && h.now().Sub(st.UpdatedAt) > staleAfter
+	return orphan.Stale(st, h.now(), staleAfter)
 }
 
 // healStuck re-queues each stuck job the queue no longer holds. The queue
 // is read once, after every status in the pass was read, and each status
 // is read again before its job is re-queued: a job that finished or moved
 // meanwhile has left its mark there, and is left alone.
-func (h *Handler) healStuck(ctx context.Context, stuck []stuck, res *events.ReconcileResult) error {
+func (h *Handler) healStuck(ctx context.Context, stuck []stuck, staleAfter time.Duration, res *events.ReconcileResult) error {
 	if len(stuck) == 0 {
 		return nil
 	}
@@ -90,7 +73,7 @@ func (h *Handler) healStuck(ctx context.Context, stuck []stuck, res *events.Reco
 		return fmt.Errorf("reconcile: read the job queue: %w", err)
 	}
 	for _, s := range stuck {
-		if held[s.st.JobID] {
+		if !orphan.Orphaned(s.st, held, h.now(), staleAfter) {
 			continue
 		}
 		cur, found, err := h.statusOf(ctx, s.c.Bucket, s.c.Key)
@@ -214,19 +197,19 @@ func (h *Handler) restoreReady(ctx context.Context, c candidate, jobID string, a
 			continue
 		case err != nil:
 			return false, fmt.Errorf("stat output %s/%s: %w", h.cfg.OutputBucket, key, err)
-		case out.Metadata[outputMetaJob] != jobID:
+		case out.Metadata[events.MetaJob] != jobID:
 			continue
 		}
 		tags, err := h.deps.Storage.Tags(ctx, h.cfg.OutputBucket, key)
 		if err != nil {
 			return false, fmt.Errorf("read tags of %s/%s: %w", h.cfg.OutputBucket, key, err)
 		}
-		if tags[outputTagSHA256] == "" {
+		if tags[events.TagSHA256] == "" {
 			continue
 		}
 		st := events.Status{
 			Bucket: c.Bucket, Key: c.Key, JobID: jobID, State: events.StateReady, Percent: 100,
-			InputFormat: out.Metadata[outputMetaInput], OutputBucket: h.cfg.OutputBucket, OutputKey: key,
+			InputFormat: out.Metadata[events.MetaInputFormat], OutputBucket: h.cfg.OutputBucket, OutputKey: key,
 			Attempt: attempt, UpdatedAt: h.now().UTC(),
 		}
 		switch err := h.deps.Status.Set(ctx, st); {
@@ -244,7 +227,7 @@ func (h *Handler) restoreReady(ctx context.Context, c candidate, jobID string, a
 // outputFormats are the formats whose output key may hold the object's
 // output: the one its upload asked for, else either.
 func outputFormats(meta map[string]string) []string {
-	if f := meta[outputMetaFormat]; f == "raw" || f == "qcow2" {
+	if f := meta[events.MetaFormat]; f == "raw" || f == "qcow2" {
 		return []string{f}
 	}
 	return []string{"raw", "qcow2"}

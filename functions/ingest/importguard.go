@@ -12,23 +12,14 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
-// Rules an import can be refused by, named in its error or failure event.
 // Each URL, every redirect hop and every address actually dialled is held
-// to the same rules: a check of the first URL alone is what a redirect or
-// a DNS answer walks around.
-const (
-	RuleImportScheme    = "import-scheme"
-	RuleImportHost      = "import-host"
-	RuleImportPort      = "import-port"
-	RuleImportAddress   = "import-address"
-	RuleImportRedirects = "import-redirects"
-	RuleImportExists    = "import-exists"
-	RuleImportBusy      = "import-busy"
-	RuleImportIdle      = "import-idle"
-	RuleImportTimeout   = "import-timeout"
-)
+// to the same import rules (events.RuleImport*, named in the refusal's
+// error or failure event): a check of the first URL alone is what a
+// redirect or a DNS answer walks around.
 
 // Defaults of the import settings, for a Config built in code rather than
 // parsed from the environment.
@@ -253,24 +244,24 @@ func (r importRules) checkURL(u *url.URL) error {
 	scheme := strings.ToLower(u.Scheme)
 	switch {
 	case !slices.Contains(supportedSchemes, scheme):
-		return refusal(RuleImportScheme, fmt.Sprintf("%q: only http and https URLs are imported", u.Scheme), "give an http or https URL")
+		return refusal(events.RuleImportScheme, fmt.Sprintf("%q: only http and https URLs are imported", u.Scheme), "give an http or https URL")
 	case !slices.Contains(r.allowedSchemes, scheme):
-		return refusal(RuleImportScheme, fmt.Sprintf("%s is not in IMAGEPIPE_IMPORT_ALLOWED_SCHEMES (%s)", scheme, strings.Join(r.allowedSchemes, ",")), "use an allowed scheme, or ask the operator")
+		return refusal(events.RuleImportScheme, fmt.Sprintf("%s is not in IMAGEPIPE_IMPORT_ALLOWED_SCHEMES (%s)", scheme, strings.Join(r.allowedSchemes, ",")), "use an allowed scheme, or ask the operator")
 	case slices.Contains(r.disallowedSchemes, scheme):
-		return refusal(RuleImportScheme, fmt.Sprintf("%s is in IMAGEPIPE_IMPORT_DISALLOWED_SCHEMES", scheme), "use another scheme")
+		return refusal(events.RuleImportScheme, fmt.Sprintf("%s is in IMAGEPIPE_IMPORT_DISALLOWED_SCHEMES", scheme), "use another scheme")
 	}
 	host := canonicalHost(u.Hostname())
 	switch {
 	case host == "":
-		return refusal(RuleImportHost, "the URL names no host", "give a URL with a host")
+		return refusal(events.RuleImportHost, "the URL names no host", "give a URL with a host")
 	case len(r.allowedHosts) > 0 && !hostListed(r.allowedHosts, host):
-		return refusal(RuleImportHost, fmt.Sprintf("%s is not in IMAGEPIPE_IMPORT_ALLOWED_HOSTS", host), "import from an allowed host, or ask the operator")
+		return refusal(events.RuleImportHost, fmt.Sprintf("%s is not in IMAGEPIPE_IMPORT_ALLOWED_HOSTS", host), "import from an allowed host, or ask the operator")
 	case hostListed(r.disallowedHosts, host):
-		return refusal(RuleImportHost, fmt.Sprintf("%s is in IMAGEPIPE_IMPORT_DISALLOWED_HOSTS", host), "import from another host")
+		return refusal(events.RuleImportHost, fmt.Sprintf("%s is in IMAGEPIPE_IMPORT_DISALLOWED_HOSTS", host), "import from another host")
 	}
 	port, err := urlPort(u)
 	if err != nil {
-		return refusal(RuleImportPort, err.Error(), "give a port from 1 to 65535")
+		return refusal(events.RuleImportPort, err.Error(), "give a port from 1 to 65535")
 	}
 	return r.checkPort(port)
 }
@@ -281,9 +272,9 @@ func (r importRules) checkPort(port uint16) error {
 	}
 	switch {
 	case !listed(r.allowedPorts):
-		return refusal(RuleImportPort, fmt.Sprintf("port %d is not in IMAGEPIPE_IMPORT_ALLOWED_PORTS", port), "serve the file on an allowed port (80 and 443 by default), or ask the operator")
+		return refusal(events.RuleImportPort, fmt.Sprintf("port %d is not in IMAGEPIPE_IMPORT_ALLOWED_PORTS", port), "serve the file on an allowed port (80 and 443 by default), or ask the operator")
 	case listed(r.disallowedPorts):
-		return refusal(RuleImportPort, fmt.Sprintf("port %d is in IMAGEPIPE_IMPORT_DISALLOWED_PORTS", port), "serve the file on another port")
+		return refusal(events.RuleImportPort, fmt.Sprintf("port %d is in IMAGEPIPE_IMPORT_DISALLOWED_PORTS", port), "serve the file on another port")
 	}
 	return nil
 }
@@ -321,12 +312,12 @@ func (r importRules) checkAddr(ip netip.Addr) error {
 	}
 	switch {
 	case in(r.disallowedNetworks):
-		return refusal(RuleImportAddress, "the source's address is in IMAGEPIPE_IMPORT_DISALLOWED_NETWORKS", "import from a public address")
+		return refusal(events.RuleImportAddress, "the source's address is in IMAGEPIPE_IMPORT_DISALLOWED_NETWORKS", "import from a public address")
 	case in(r.allowedNetworks):
 		return nil
 	}
 	if kind := addressKind(ip); kind != "" {
-		return refusal(RuleImportAddress, "the source's address is "+kind+", not a public one",
+		return refusal(events.RuleImportAddress, "the source's address is "+kind+", not a public one",
 			"import from a public address; an operator can allow a network with IMAGEPIPE_IMPORT_ALLOWED_NETWORKS")
 	}
 	return nil
@@ -339,7 +330,7 @@ func (r importRules) checkAddr(ip netip.Addr) error {
 func (r importRules) control(_, address string, _ syscall.RawConn) error {
 	ap, err := netip.ParseAddrPort(address)
 	if err != nil {
-		return refusal(RuleImportAddress, "the source's address could not be judged", "import from a public address")
+		return refusal(events.RuleImportAddress, "the source's address could not be judged", "import from a public address")
 	}
 	err = r.checkAddr(ap.Addr())
 	if err == nil {
@@ -376,11 +367,11 @@ func (r importRules) checkResolved(ctx context.Context, host string) error {
 // limit on their number, and refuses a step down from https to http.
 func (r importRules) checkRedirect(req *http.Request, via []*http.Request) error {
 	if len(via) > r.maxRedirects {
-		return refusal(RuleImportRedirects, fmt.Sprintf("the source redirected more than %d times (IMAGEPIPE_IMPORT_MAX_REDIRECTS)", r.maxRedirects), "give the URL the redirects end at")
+		return refusal(events.RuleImportRedirects, fmt.Sprintf("the source redirected more than %d times (IMAGEPIPE_IMPORT_MAX_REDIRECTS)", r.maxRedirects), "give the URL the redirects end at")
 	}
 	prev := via[len(via)-1].URL
 	if strings.EqualFold(prev.Scheme, "https") && !strings.EqualFold(req.URL.Scheme, "https") {
-		return refusal(RuleImportRedirects, "the source redirected from https to "+req.URL.Scheme, "give an https URL that stays on https")
+		return refusal(events.RuleImportRedirects, "the source redirected from https to "+req.URL.Scheme, "give an https URL that stays on https")
 	}
 	if err := r.checkURL(req.URL); err != nil {
 		return err

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/caarlos0/env/v11"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 func TestAddressKindRefusesEveryNonGlobalAddress(t *testing.T) {
@@ -103,7 +105,7 @@ func TestAddressRuleAdmitsOnlyWhatTheOperatorAllows(t *testing.T) {
 		if tt.refused != (err != nil) {
 			t.Errorf("checkAddr(%s) = %v, want refused %v", tt.ip, err, tt.refused)
 		}
-		if err != nil && ruleOf(err) != RuleImportAddress {
+		if err != nil && ruleOf(err) != events.RuleImportAddress {
 			t.Errorf("checkAddr(%s) rule %q", tt.ip, ruleOf(err))
 		}
 	}
@@ -115,13 +117,13 @@ func TestDialControlJudgesTheAddressAndPortDialled(t *testing.T) {
 		addr string
 		rule string
 	}{
-		{"127.0.0.1:80", RuleImportAddress},
-		{"[::1]:443", RuleImportAddress},
-		{"[::ffff:127.0.0.1]:80", RuleImportAddress},
-		{"169.254.169.254:80", RuleImportAddress},
-		{"[fe80::1%eth0]:443", RuleImportAddress},
-		{"8.8.8.8:22", RuleImportPort},
-		{"not an address", RuleImportAddress},
+		{"127.0.0.1:80", events.RuleImportAddress},
+		{"[::1]:443", events.RuleImportAddress},
+		{"[::ffff:127.0.0.1]:80", events.RuleImportAddress},
+		{"169.254.169.254:80", events.RuleImportAddress},
+		{"[fe80::1%eth0]:443", events.RuleImportAddress},
+		{"8.8.8.8:22", events.RuleImportPort},
+		{"not an address", events.RuleImportAddress},
 		{"8.8.8.8:443", ""},
 		{"[2606:4700:4700::1111]:80", ""},
 	}
@@ -146,26 +148,26 @@ func TestURLRulesFollowGlanceFiltering(t *testing.T) {
 		{"default http", Config{}, "http://example.com/a.qcow2", ""},
 		{"default https", Config{}, "https://example.com/a.qcow2", ""},
 		{"explicit default port", Config{}, "http://example.com:80/a.qcow2", ""},
-		{"other port refused by default", Config{}, "http://example.com:8080/a.qcow2", RuleImportPort},
+		{"other port refused by default", Config{}, "http://example.com:8080/a.qcow2", events.RuleImportPort},
 		{"https on port 80", Config{}, "https://example.com:80/a.qcow2", ""},
-		{"port 0", Config{}, "http://example.com:0/a.qcow2", RuleImportPort},
-		{"ftp never", Config{ImportAllowedSchemes: []string{"ftp", "http"}}, "ftp://example.com/a.qcow2", RuleImportScheme},
-		{"file never", Config{}, "file:///etc/passwd", RuleImportScheme},
-		{"scheme not allowed", Config{ImportAllowedSchemes: []string{"https"}}, "http://example.com/a.qcow2", RuleImportScheme},
+		{"port 0", Config{}, "http://example.com:0/a.qcow2", events.RuleImportPort},
+		{"ftp never", Config{ImportAllowedSchemes: []string{"ftp", "http"}}, "ftp://example.com/a.qcow2", events.RuleImportScheme},
+		{"file never", Config{}, "file:///etc/passwd", events.RuleImportScheme},
+		{"scheme not allowed", Config{ImportAllowedSchemes: []string{"https"}}, "http://example.com/a.qcow2", events.RuleImportScheme},
 		{"scheme case", Config{ImportAllowedSchemes: []string{"HTTPS"}}, "HTTPS://example.com/a.qcow2", ""},
-		{"scheme disallowed", Config{ImportDisallowedSchemes: []string{"http"}}, "http://example.com/a.qcow2", RuleImportScheme},
+		{"scheme disallowed", Config{ImportDisallowedSchemes: []string{"http"}}, "http://example.com/a.qcow2", events.RuleImportScheme},
 		{"host allowed", Config{ImportAllowedHosts: []string{"images.example.com"}}, "https://Images.Example.com./a.qcow2", ""},
-		{"host not allowed", Config{ImportAllowedHosts: []string{"images.example.com"}}, "https://example.com/a.qcow2", RuleImportHost},
+		{"host not allowed", Config{ImportAllowedHosts: []string{"images.example.com"}}, "https://example.com/a.qcow2", events.RuleImportHost},
 		{"host suffix", Config{ImportAllowedHosts: []string{".example.com"}}, "https://cdn.eu.example.com/a.qcow2", ""},
-		{"suffix is not the domain", Config{ImportAllowedHosts: []string{".example.com"}}, "https://badexample.com/a.qcow2", RuleImportHost},
-		{"host disallowed", Config{ImportDisallowedHosts: []string{"metadata.google.internal"}}, "http://metadata.google.internal/a.qcow2", RuleImportHost},
-		{"disallowed wins over allowed", Config{ImportAllowedHosts: []string{".example.com"}, ImportDisallowedHosts: []string{"minio.example.com"}}, "https://minio.example.com/a.qcow2", RuleImportHost},
-		{"ip host spelled otherwise", Config{ImportDisallowedHosts: []string{"::ffff:8.8.8.8"}}, "http://8.8.8.8/a.qcow2", RuleImportHost},
-		{"bracketed host entry", Config{ImportDisallowedHosts: []string{"[2001:4860::8888]"}}, "http://[2001:4860:0::8888]/a.qcow2", RuleImportHost},
+		{"suffix is not the domain", Config{ImportAllowedHosts: []string{".example.com"}}, "https://badexample.com/a.qcow2", events.RuleImportHost},
+		{"host disallowed", Config{ImportDisallowedHosts: []string{"metadata.google.internal"}}, "http://metadata.google.internal/a.qcow2", events.RuleImportHost},
+		{"disallowed wins over allowed", Config{ImportAllowedHosts: []string{".example.com"}, ImportDisallowedHosts: []string{"minio.example.com"}}, "https://minio.example.com/a.qcow2", events.RuleImportHost},
+		{"ip host spelled otherwise", Config{ImportDisallowedHosts: []string{"::ffff:8.8.8.8"}}, "http://8.8.8.8/a.qcow2", events.RuleImportHost},
+		{"bracketed host entry", Config{ImportDisallowedHosts: []string{"[2001:4860::8888]"}}, "http://[2001:4860:0::8888]/a.qcow2", events.RuleImportHost},
 		{"port allowed", Config{ImportAllowedPorts: []PortRange{{8000, 8099}}}, "http://example.com:8080/a.qcow2", ""},
-		{"default port not in list", Config{ImportAllowedPorts: []PortRange{{8000, 8099}}}, "http://example.com/a.qcow2", RuleImportPort},
-		{"port disallowed under *", Config{ImportAllowedPorts: []PortRange{{1, 65535}}, ImportDisallowedPorts: []PortRange{{22, 22}}}, "http://example.com:22/a.qcow2", RuleImportPort},
-		{"port disallowed beats allowed", Config{ImportDisallowedPorts: []PortRange{{443, 443}}}, "https://example.com/a.qcow2", RuleImportPort},
+		{"default port not in list", Config{ImportAllowedPorts: []PortRange{{8000, 8099}}}, "http://example.com/a.qcow2", events.RuleImportPort},
+		{"port disallowed under *", Config{ImportAllowedPorts: []PortRange{{1, 65535}}, ImportDisallowedPorts: []PortRange{{22, 22}}}, "http://example.com:22/a.qcow2", events.RuleImportPort},
+		{"port disallowed beats allowed", Config{ImportDisallowedPorts: []PortRange{{443, 443}}}, "https://example.com/a.qcow2", events.RuleImportPort},
 	}
 	for _, tt := range tests {
 		u, err := url.Parse(tt.url)
@@ -196,12 +198,12 @@ func TestRedirectsAreCountedAndEachHopChecked(t *testing.T) {
 	}{
 		{"first redirect", "https://b.example.com/x.qcow2", []*http.Request{https}, ""},
 		{"at the limit", "https://b.example.com/x.qcow2", []*http.Request{https, https}, ""},
-		{"over the limit", "https://b.example.com/x.qcow2", []*http.Request{https, https, https}, RuleImportRedirects},
-		{"https to http", "http://b.example.com/x.qcow2", []*http.Request{https}, RuleImportRedirects},
+		{"over the limit", "https://b.example.com/x.qcow2", []*http.Request{https, https, https}, events.RuleImportRedirects},
+		{"https to http", "http://b.example.com/x.qcow2", []*http.Request{https}, events.RuleImportRedirects},
 		{"http to https", "https://b.example.com/x.qcow2", []*http.Request{http1}, ""},
-		{"to a host not allowed", "https://evil.test/x.qcow2", []*http.Request{https}, RuleImportHost},
-		{"to a port not allowed", "https://b.example.com:22/x.qcow2", []*http.Request{https}, RuleImportPort},
-		{"to another scheme", "ftp://b.example.com/x.qcow2", []*http.Request{http1}, RuleImportScheme},
+		{"to a host not allowed", "https://evil.test/x.qcow2", []*http.Request{https}, events.RuleImportHost},
+		{"to a port not allowed", "https://b.example.com:22/x.qcow2", []*http.Request{https}, events.RuleImportPort},
+		{"to another scheme", "ftp://b.example.com/x.qcow2", []*http.Request{http1}, events.RuleImportScheme},
 	}
 	for _, tt := range tests {
 		next := &http.Request{URL: mustURL(t, tt.next)}
@@ -209,7 +211,7 @@ func TestRedirectsAreCountedAndEachHopChecked(t *testing.T) {
 			t.Errorf("%s: rule %q, want %q", tt.name, got, tt.rule)
 		}
 	}
-	if ruleOf(newImportRules(Config{}).checkRedirect(hop("https://b.example.com/"), []*http.Request{https})) != RuleImportRedirects {
+	if ruleOf(newImportRules(Config{}).checkRedirect(hop("https://b.example.com/"), []*http.Request{https})) != events.RuleImportRedirects {
 		t.Error("a Config built in code follows redirects; 0 must follow none")
 	}
 }

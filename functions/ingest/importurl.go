@@ -27,16 +27,6 @@ import (
 // ImportPrefix is where imports land when the request names no key.
 const ImportPrefix = "imports/"
 
-// MetaImportSource records where an imported object came from (scheme,
-// host and path; never credentials or a query, which may hold a token).
-const MetaImportSource = "imagepipe-import-source"
-
-// Rules of a failed import, named in its failure event.
-const (
-	RuleSHA256Mismatch = "sha256-mismatch"
-	RuleImportSource   = "import-source"
-)
-
 // errImportTimeout and errImportIdle are the causes that end a transfer's
 // context when it ran too long or the source went quiet.
 var (
@@ -85,7 +75,7 @@ func (im *importer) claim(bucket, key string) (release func(), err error) {
 	select {
 	case im.slots <- struct{}{}:
 	default:
-		return nil, refusal(RuleImportBusy,
+		return nil, refusal(events.RuleImportBusy,
 			fmt.Sprintf("this ingest replica already runs %d imports (IMAGEPIPE_IMPORT_MAX_CONCURRENT)", cap(im.slots)),
 			"try again later")
 	}
@@ -93,7 +83,7 @@ func (im *importer) claim(bucket, key string) (release func(), err error) {
 	defer im.mu.Unlock()
 	if im.keys[bucket+"/"+key] {
 		<-im.slots
-		return nil, refusal(RuleImportExists, fmt.Sprintf("an import to %s/%s is already running", bucket, key),
+		return nil, refusal(events.RuleImportExists, fmt.Sprintf("an import to %s/%s is already running", bucket, key),
 			"wait for it to end (imagepipe status "+bucket+"/"+key+"), or choose another key")
 	}
 	im.keys[bucket+"/"+key] = true
@@ -242,7 +232,7 @@ func (h *Handler) refuseOverwrite(ctx context.Context, src *url.URL, bucket, key
 	case err != nil:
 		return fmt.Errorf("import: check whether %s/%s exists: %w", bucket, key, err)
 	}
-	return h.importRefused(src, nil, refusal(RuleImportExists, fmt.Sprintf("%s/%s exists", bucket, key),
+	return h.importRefused(src, nil, refusal(events.RuleImportExists, fmt.Sprintf("%s/%s exists", bucket, key),
 		"import with --replace (\"replace\": true) to overwrite it, or choose another key"), h.log)
 }
 
@@ -346,7 +336,7 @@ func (h *Handler) transfer(ctx context.Context, r events.ImportReply, src *url.U
 	}
 	// Without replace, the object is stored only if nothing was at the key
 	// when the import completes: an upload that landed meanwhile stays.
-	err := h.deps.Storage.PutStream(ctx, r.Bucket, r.Key, vr, r.Size, partSize, map[string]string{MetaImportSource: redact(src)}, !replace)
+	err := h.deps.Storage.PutStream(ctx, r.Bucket, r.Key, vr, r.Size, partSize, map[string]string{events.MetaImportSource: redact(src)}, !replace)
 	// A failed upload may return while its sender still reads the body;
 	// what the reader found is taken under its lock.
 	n, verr := vr.result()
@@ -361,17 +351,17 @@ func (h *Handler) transfer(ctx context.Context, r events.ImportReply, src *url.U
 	switch {
 	case ok:
 	case errors.Is(cause, errImportIdle):
-		fe = failure.Refused(events.PhaseIntake, RuleImportIdle,
+		fe = failure.Refused(events.PhaseIntake, events.RuleImportIdle,
 			fmt.Errorf("the source sent nothing for %s (IMAGEPIPE_IMPORT_IDLE_TIMEOUT) after %d bytes", h.imports.idle, n),
 			"check the source serves the file steadily, then import it again; nothing was stored")
 	case errors.Is(cause, errImportTimeout):
-		fe = failure.Refused(events.PhaseIntake, RuleImportTimeout,
+		fe = failure.Refused(events.PhaseIntake, events.RuleImportTimeout,
 			fmt.Errorf("the import took longer than %s (IMAGEPIPE_IMPORT_TIMEOUT)", h.imports.timeout),
 			"import from a faster source, or raise IMAGEPIPE_IMPORT_TIMEOUT on the ingest function; nothing was stored")
 	case verr != nil:
-		fe = failure.Refused(events.PhaseIntake, RuleImportSource, verr, "check the URL serves the whole file, then import it again")
+		fe = failure.Refused(events.PhaseIntake, events.RuleImportSource, verr, "check the URL serves the whole file, then import it again")
 	case objstore.IsChanged(err):
-		fe = failure.Refused(events.PhaseIntake, RuleImportExists,
+		fe = failure.Refused(events.PhaseIntake, events.RuleImportExists,
 			fmt.Errorf("%s/%s was stored by another upload while the import ran; that upload was kept", r.Bucket, r.Key),
 			"import again with --replace (\"replace\": true) to overwrite it, or choose another key")
 	default:
@@ -448,7 +438,7 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 	}
 	if end && v.want != "" {
 		if got := hex.EncodeToString(v.h.Sum(nil)); got != v.want {
-			v.err = failure.Refused(events.PhaseIntake, RuleSHA256Mismatch,
+			v.err = failure.Refused(events.PhaseIntake, events.RuleSHA256Mismatch,
 				fmt.Errorf("the downloaded body's sha256 is %s, not the expected %s", got, v.want),
 				"check the URL and the expected digest; the source may have changed")
 			return 0, v.err

@@ -18,6 +18,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/objstore"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 var importBody = bytes.Repeat([]byte("QFI\xfb disk bytes "), 1000)
@@ -81,7 +82,7 @@ func TestImportStreamsTheURLIntoTheInputBucket(t *testing.T) {
 			if got := r.storage.bodies["uploads/imports/disk.qcow2"]; !bytes.Equal(got, importBody) {
 				t.Errorf("stored %d bytes, want the %d served", len(got), len(importBody))
 			}
-			src := r.storage.objects["uploads/imports/disk.qcow2"].Metadata[MetaImportSource]
+			src := r.storage.objects["uploads/imports/disk.qcow2"].Metadata[events.MetaImportSource]
 			if src != srv.URL+"/files/disk.qcow2" {
 				t.Errorf("source metadata %q: want the URL without credentials or query", src)
 			}
@@ -113,7 +114,7 @@ func TestImportWithTheWrongDigestLeavesNoObject(t *testing.T) {
 				t.Fatalf("published %+v, want one failure", msgs)
 			}
 			f := decodeFailed(t, msgs[0])
-			if f.Rule != RuleSHA256Mismatch || f.Phase != events.PhaseIntake || !strings.Contains(f.Message, sum(importBody)) || !strings.Contains(f.Message, wrong) || f.WillRetry {
+			if f.Rule != events.RuleSHA256Mismatch || f.Phase != events.PhaseIntake || !strings.Contains(f.Message, sum(importBody)) || !strings.Contains(f.Message, wrong) || f.WillRetry {
 				t.Errorf("failure = %+v", f)
 			}
 			if st, _ := r.status.record("uploads", "in/d.qcow2"); st.State != events.StateFailed || st.Message != f.Message {
@@ -212,34 +213,13 @@ func TestPartSizeLetsAnUnknownLengthReachTheLimit(t *testing.T) {
 // hostURL is srv's URL with its host replaced, keeping the port.
 func hostURL(t *testing.T, srv *httptest.Server, host string) string {
 	t.Helper()
-	_, port, err := net.SplitHostPort(srv.Listener.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return "http://" + net.JoinHostPort(host, port) + "/files/disk.qcow2"
+	return stack.FileURL(t, srv, host, "disk.qcow2")
 }
 
 // countingServer serves importBody and counts the requests that reached it.
 func countingServer(t *testing.T, network, addr string, h http.HandlerFunc) (*httptest.Server, *atomic.Int32) {
 	t.Helper()
-	var hits atomic.Int32
-	l, err := net.Listen(network, addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hits.Add(1)
-		if h != nil {
-			h(w, r)
-			return
-		}
-		w.Write(importBody)
-	}))
-	srv.Listener.Close()
-	srv.Listener = l
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return srv, &hits
+	return stack.DiskServer(t, network, addr, importBody, h)
 }
 
 // Every port is allowed here, so that only the address rule, checked by

@@ -17,13 +17,6 @@ import (
 	"github.com/imagepipe/imagepipe/internal/status"
 )
 
-// Source is the CloudEvents source of the jobs ingest makes.
-const Source = "/imagepipe/ingest"
-
-// OutputMarker is the user metadata key every converted image carries, so
-// that ingest never feeds an output back in, whatever the bucket layout.
-const OutputMarker = "imagepipe-output"
-
 // StatusStore reads and records images' states.
 type StatusStore interface {
 	Queue(ctx context.Context, st events.Status) error
@@ -163,6 +156,15 @@ func (h *Handler) act(ctx context.Context, c candidate, v verdict, reason string
 	if err != nil {
 		return nil, err
 	}
+	// Write order, status then job: QUEUED is recorded here, the job is
+	// published by the runtime once this returns, and the notification is
+	// acknowledged after that. A publish that fails leaves the
+	// notification to be redelivered (Queue is a no-op for the same job);
+	// a publish acknowledged and then lost leaves QUEUED standing still
+	// with no job in the queue, which reconcile finds and queues again
+	// under the same id. The other order could let a replica's first
+	// state land before QUEUED, and a lost status write would leave a job
+	// running under another job's record.
 	if err := h.deps.Status.Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID, UpdatedAt: h.now().UTC()}); err != nil {
 		return nil, failure.Retryable(events.PhaseIntake, err, "")
 	}
@@ -192,7 +194,7 @@ func (h *Handler) job(c candidate, identity, reason string) (events.Message, eve
 }
 
 func jobMessage(eventID string, job events.ConvertJob) (events.Message, error) {
-	ev, err := events.New(eventID, events.TypeConvertJob, Source, job.Key, job.QueuedAt, job)
+	ev, err := events.New(eventID, events.TypeConvertJob, events.SourceIngest, job.Key, job.QueuedAt, job)
 	if err != nil {
 		return events.Message{}, failure.Permanent(events.PhaseIntake, err, "")
 	}
@@ -219,10 +221,16 @@ func (h *Handler) refuse(ctx context.Context, c candidate, jobID, eventID string
 		Message: data.Message, Suggestion: fe.Suggestion, Attempt: 1, UpdatedAt: h.now().UTC(),
 	}
 	// A repeated notification finds its refusal recorded already.
+	//
+	// Write order, status then failure event (published by the runtime):
+	// FAILED is final and complete by itself, so an event lost after it
+	// costs a notification, never the upload's end; and a status write
+	// that fails stops before the event, so the notification is
+	// redelivered and both are written then (the event under the same id).
 	if err := h.deps.Status.Set(ctx, st); err != nil && !errors.Is(err, status.ErrNotForward) {
 		return events.Message{}, failure.Retryable(events.PhaseIntake, err, "")
 	}
-	ev, err := events.New(eventID, events.TypeFailed, Source, c.Key, h.now(), data)
+	ev, err := events.New(eventID, events.TypeFailed, events.SourceIngest, c.Key, h.now(), data)
 	if err != nil {
 		return events.Message{}, failure.Permanent(events.PhaseIntake, err, "")
 	}

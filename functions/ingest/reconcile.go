@@ -92,7 +92,7 @@ func (h *Handler) ReconcileWith(ctx context.Context, prefix string, staleAfter t
 	if h.deps.Jobs == nil {
 		return res, nil
 	}
-	return res, h.healStuck(ctx, stuck, &res)
+	return res, h.healStuck(ctx, stuck, staleAfter, &res)
 }
 
 // listPrefixes narrows the listing to the configured prefixes, so a bucket

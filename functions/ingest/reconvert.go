@@ -93,7 +93,10 @@ func (h *Handler) Reconvert(ctx context.Context, req events.ReconvertRequest) (s
 		return "", fmt.Errorf("reconvert %s/%s: %w", job.Bucket, job.Key, err)
 	}
 	// QUEUED before the job exists: once published, convert may move it
-	// on at once, and a later QUEUED would overwrite its progress.
+	// on at once, and a later QUEUED would overwrite its progress. Write
+	// order, status then job: a publish acknowledged and then lost leaves
+	// QUEUED of this job id with no job in the queue, which reconcile
+	// queues again under the same id (see lostJob).
 	if err := h.deps.Status.Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID, UpdatedAt: h.now().UTC()}); err != nil {
 		return "", fmt.Errorf("reconvert %s/%s: %w", job.Bucket, job.Key, err)
 	}

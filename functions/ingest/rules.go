@@ -17,22 +17,22 @@ import (
 // event.
 const (
 	ReasonQueued          = "queued"
-	ReasonMalformed       = "malformed"        // the notification does not parse
-	ReasonUnknownEvent    = "unknown-event"    // not an S3 event name at all
-	ReasonNotAnUpload     = "not-an-upload"    // tagging, retention, deletes, ...
-	ReasonOtherBucket     = "other-bucket"     // a bucket ingest does not watch
-	ReasonFolderMarker    = "folder-marker"    // key ends in "/"
-	ReasonEmpty           = "empty-object"     // zero bytes
-	ReasonErrorReport     = "error-report"     // under events.ErrorPrefix
-	ReasonOutputPrefix    = "output-prefix"    // under IMAGEPIPE_OUTPUT_PREFIX in a bucket that is also the output bucket
-	ReasonExcludedPrefix  = "excluded-prefix"  // under IMAGEPIPE_INGEST_EXCLUDE_PREFIXES
-	ReasonOutsidePrefixes = "outside-prefixes" // under none of IMAGEPIPE_INGEST_PREFIXES
-	ReasonExtension       = "extension"        // refused: not in IMAGEPIPE_INGEST_EXTENSIONS
-	ReasonOutput          = "imagepipe-output" // carries OutputMarker
-	ReasonGone            = "gone"             // deleted before ingest could look at it
-	ReasonTooLarge        = "max-input-size"   // refused: larger than IMAGEPIPE_MAX_INPUT_SIZE
-	ReasonUnsafeKey       = "unsafe-key"       // refused: control characters, "..", too long
-	ReasonReservedKey     = "reserved-key"     // refused: a segment kept for outputs (events.OVADisksSegment)
+	ReasonMalformed       = "malformed"             // the notification does not parse
+	ReasonUnknownEvent    = "unknown-event"         // not an S3 event name at all
+	ReasonNotAnUpload     = "not-an-upload"         // tagging, retention, deletes, ...
+	ReasonOtherBucket     = "other-bucket"          // a bucket ingest does not watch
+	ReasonFolderMarker    = "folder-marker"         // key ends in "/"
+	ReasonEmpty           = "empty-object"          // zero bytes
+	ReasonErrorReport     = "error-report"          // under events.ErrorPrefix
+	ReasonOutputPrefix    = "output-prefix"         // under IMAGEPIPE_OUTPUT_PREFIX in a bucket that is also the output bucket
+	ReasonExcludedPrefix  = "excluded-prefix"       // under IMAGEPIPE_INGEST_EXCLUDE_PREFIXES
+	ReasonOutsidePrefixes = "outside-prefixes"      // under none of IMAGEPIPE_INGEST_PREFIXES
+	ReasonExtension       = events.RuleExtension    // refused: not in IMAGEPIPE_INGEST_EXTENSIONS
+	ReasonOutput          = events.MetaOutput       // carries events.MetaOutput; the reason is named after it
+	ReasonGone            = "gone"                  // deleted before ingest could look at it
+	ReasonTooLarge        = events.RuleMaxInputSize // refused: larger than IMAGEPIPE_MAX_INPUT_SIZE
+	ReasonUnsafeKey       = events.RuleUnsafeKey    // refused: control characters, "..", too long
+	ReasonReservedKey     = events.RuleReservedKey  // refused: a segment kept for outputs (events.OVADisksSegment)
 )
 
 var allReasons = []string{
@@ -283,12 +283,12 @@ func unsafeKey(key string) error {
 	return nil
 }
 
-// isOutput reports whether user metadata carries OutputMarker. S3 and
+// isOutput reports whether user metadata carries events.MetaOutput. S3 and
 // MinIO spell metadata keys in several ways (X-Amz-Meta-Imagepipe-Output in
 // notifications, imagepipe-output from a stat).
 func isOutput(meta map[string]string) bool {
 	for k := range meta {
-		if strings.EqualFold(strings.TrimPrefix(strings.ToLower(k), "x-amz-meta-"), OutputMarker) {
+		if strings.EqualFold(strings.TrimPrefix(strings.ToLower(k), "x-amz-meta-"), events.MetaOutput) {
 			return true
 		}
 	}

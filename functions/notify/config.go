@@ -4,12 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/mail"
 	"net/url"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/config"
+	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/secrets"
 )
 
@@ -37,31 +41,45 @@ const DefaultSlackAPIURL = "https://slack.com/api/"
 // *_ON list means the channel takes every class NotifyOn allows, a non-empty
 // one narrows it.
 type Config struct {
-	NotifyOn []string `env:"IMAGEPIPE_NOTIFY_ON" envDefault:"failure,stalled" envSeparator:","`
+	NotifyOn []string `env:"IMAGEPIPE_NOTIFY_ON" envDefault:"failure,stalled" envSeparator:"," doc:"which results reach people: any of success, failure, stalled" takes:"any of success, failure, stalled, comma-separated"`
 
-	SlackWebhookURL string   `env:"IMAGEPIPE_SLACK_WEBHOOK_URL"`
-	SlackToken      string   `env:"IMAGEPIPE_SLACK_TOKEN"`
-	SlackChannel    string   `env:"IMAGEPIPE_SLACK_CHANNEL"`
-	SlackAPIURL     string   `env:"IMAGEPIPE_SLACK_API_URL" envDefault:"https://slack.com/api/"`
-	SlackOn         []string `env:"IMAGEPIPE_SLACK_ON" envSeparator:","`
+	SlackWebhookURL string   `env:"IMAGEPIPE_SLACK_WEBHOOK_URL" secret:"true" doc:"Slack incoming webhook"`
+	SlackToken      string   `env:"IMAGEPIPE_SLACK_TOKEN" secret:"true" doc:"Slack bot token (chat.postMessage); set with IMAGEPIPE_SLACK_CHANNEL"`
+	SlackChannel    string   `env:"IMAGEPIPE_SLACK_CHANNEL" doc:"Slack channel the bot token posts to"`
+	SlackAPIURL     string   `env:"IMAGEPIPE_SLACK_API_URL" envDefault:"https://slack.com/api/" doc:"Slack Web API base" takes:"an http:// or https:// URL"`
+	SlackOn         []string `env:"IMAGEPIPE_SLACK_ON" envSeparator:"," doc:"narrow IMAGEPIPE_NOTIFY_ON for Slack (default: all of it)" takes:"any of success, failure, stalled, comma-separated"`
 
-	DiscordWebhookURL string   `env:"IMAGEPIPE_DISCORD_WEBHOOK_URL"`
-	DiscordOn         []string `env:"IMAGEPIPE_DISCORD_ON" envSeparator:","`
+	DiscordWebhookURL string   `env:"IMAGEPIPE_DISCORD_WEBHOOK_URL" secret:"true" doc:"Discord webhook"`
+	DiscordOn         []string `env:"IMAGEPIPE_DISCORD_ON" envSeparator:"," doc:"narrow IMAGEPIPE_NOTIFY_ON for Discord (default: all of it)" takes:"any of success, failure, stalled, comma-separated"`
 
-	WebhookURL    string   `env:"IMAGEPIPE_WEBHOOK_URL"`
-	WebhookSecret string   `env:"IMAGEPIPE_WEBHOOK_SECRET"`
-	WebhookOn     []string `env:"IMAGEPIPE_WEBHOOK_ON" envSeparator:","`
+	WebhookURL    string   `env:"IMAGEPIPE_WEBHOOK_URL" secret:"true" doc:"generic webhook receiving the CloudEvent"`
+	WebhookSecret string   `env:"IMAGEPIPE_WEBHOOK_SECRET" secret:"true" doc:"signs the generic webhook's body with HMAC-SHA256 when set"`
+	WebhookOn     []string `env:"IMAGEPIPE_WEBHOOK_ON" envSeparator:"," doc:"narrow IMAGEPIPE_NOTIFY_ON for the webhook (default: all of it)" takes:"any of success, failure, stalled, comma-separated"`
 
-	SMTPAddr     string   `env:"IMAGEPIPE_SMTP_ADDR"`
-	SMTPUsername string   `env:"IMAGEPIPE_SMTP_USERNAME"`
-	SMTPPassword string   `env:"IMAGEPIPE_SMTP_PASSWORD"`
-	SMTPFrom     string   `env:"IMAGEPIPE_SMTP_FROM"`
-	SMTPTo       []string `env:"IMAGEPIPE_SMTP_TO" envSeparator:","`
-	SMTPTLS      string   `env:"IMAGEPIPE_SMTP_TLS" envDefault:"auto"`
-	EmailOn      []string `env:"IMAGEPIPE_EMAIL_ON" envSeparator:","`
+	SMTPAddr     string   `env:"IMAGEPIPE_SMTP_ADDR" doc:"SMTP server host[:port] for email (port 587 when none is given)" takes:"HOST or HOST:PORT"`
+	SMTPUsername string   `env:"IMAGEPIPE_SMTP_USERNAME" doc:"SMTP user"`
+	SMTPPassword string   `env:"IMAGEPIPE_SMTP_PASSWORD" secret:"true" doc:"SMTP password"`
+	SMTPFrom     string   `env:"IMAGEPIPE_SMTP_FROM" doc:"sender address; required with IMAGEPIPE_SMTP_ADDR" takes:"an email address"`
+	SMTPTo       []string `env:"IMAGEPIPE_SMTP_TO" envSeparator:"," doc:"recipients, comma-separated, each sent its own message (and its own channel, email:ADDRESS, in logs and metrics); required with IMAGEPIPE_SMTP_ADDR" takes:"email addresses, comma-separated"`
+	SMTPTLS      string   `env:"IMAGEPIPE_SMTP_TLS" envDefault:"auto" doc:"auto (implicit TLS on 465, required STARTTLS otherwise), starttls, tls, or off for a local relay" takes:"auto, starttls, tls or off"`
+	EmailOn      []string `env:"IMAGEPIPE_EMAIL_ON" envSeparator:"," doc:"narrow IMAGEPIPE_NOTIFY_ON for email (default: all of it)" takes:"any of success, failure, stalled, comma-separated"`
 
-	HTTPTimeout time.Duration `env:"IMAGEPIPE_NOTIFY_TIMEOUT" envDefault:"10s"`
-	StallAfter  time.Duration `env:"IMAGEPIPE_STALL_AFTER" envDefault:"60m"`
+	HTTPTimeout time.Duration `env:"IMAGEPIPE_NOTIFY_TIMEOUT" envDefault:"10s" doc:"timeout of each notification call"`
+	StallAfter  time.Duration `env:"IMAGEPIPE_STALL_AFTER" envDefault:"60m" doc:"the watchdog alerts when queued jobs have not moved for this long"`
+	StallCheck  time.Duration `env:"IMAGEPIPE_STALL_CHECK_EVERY" envDefault:"1m" doc:"how often the watchdog looks at the queue and counts uploads with no job"`
+}
+
+// Binding is how the runtime feeds notify everything the RESULTS stream
+// holds: results and queue alerts. A channel that is down for long keeps
+// its messages in the stream: about a day and a half of retries before
+// giving up.
+func (c Config) Binding() natsrt.Binding {
+	return natsrt.Binding{
+		Stream: events.StreamResults, Durable: events.ConsumerNotify,
+		Concurrency: 4, AckWait: time.Minute,
+		MaxAttempts: 200,
+		Backoff:     []time.Duration{5 * time.Second, 30 * time.Second, 2 * time.Minute, 10 * time.Minute},
+	}
 }
 
 // CheckSecrets refuses the placeholder webhook secret and SMTP password
@@ -72,6 +90,77 @@ func (c Config) CheckSecrets() error {
 		return err
 	}
 	return secrets.Check("IMAGEPIPE_SMTP_PASSWORD", c.SMTPPassword)
+}
+
+// Validate finds, before anything connects, every setting NewHandler
+// would refuse, and a few it would only trip on later.
+func (c Config) Validate() error {
+	var problems []error
+	for _, l := range []struct {
+		name string
+		list []string
+	}{{"IMAGEPIPE_NOTIFY_ON", c.NotifyOn}, {"IMAGEPIPE_SLACK_ON", c.SlackOn}, {"IMAGEPIPE_DISCORD_ON", c.DiscordOn},
+		{"IMAGEPIPE_WEBHOOK_ON", c.WebhookOn}, {"IMAGEPIPE_EMAIL_ON", c.EmailOn}} {
+		if _, err := parseClasses(l.name, l.list); err != nil {
+			problems = append(problems, config.Invalid(l.name, strings.Join(l.list, ","), "want any of success, failure, stalled, comma-separated"))
+		}
+	}
+	for _, u := range []struct{ name, url string }{
+		{"IMAGEPIPE_SLACK_WEBHOOK_URL", c.SlackWebhookURL}, {"IMAGEPIPE_DISCORD_WEBHOOK_URL", c.DiscordWebhookURL},
+		{"IMAGEPIPE_WEBHOOK_URL", c.WebhookURL},
+	} {
+		if u.url != "" && checkURL(u.name, u.url) != nil {
+			problems = append(problems, config.InvalidSecret(u.name, "want an http:// or https:// URL"))
+		}
+	}
+	if c.SlackAPIURL != "" && checkURL("IMAGEPIPE_SLACK_API_URL", c.SlackAPIURL) != nil {
+		problems = append(problems, config.Invalid("IMAGEPIPE_SLACK_API_URL", c.SlackAPIURL, "want an http:// or https:// URL"))
+	}
+	switch {
+	case c.SlackToken != "" && c.SlackChannel == "":
+		problems = append(problems, errors.New("IMAGEPIPE_SLACK_TOKEN is set without IMAGEPIPE_SLACK_CHANNEL: set both, or neither"))
+	case c.SlackToken == "" && c.SlackChannel != "":
+		problems = append(problems, config.Invalid("IMAGEPIPE_SLACK_CHANNEL", c.SlackChannel, "set without IMAGEPIPE_SLACK_TOKEN: set both, or neither"))
+	}
+	problems = append(problems, c.validateSMTP()...)
+	problems = append(problems,
+		config.Positive("IMAGEPIPE_NOTIFY_TIMEOUT", c.HTTPTimeout),
+		config.Positive("IMAGEPIPE_STALL_AFTER", c.StallAfter),
+		config.Positive("IMAGEPIPE_STALL_CHECK_EVERY", c.StallCheck),
+		c.CheckSecrets())
+	return errors.Join(problems...)
+}
+
+func (c Config) validateSMTP() []error {
+	tlsMode := strings.ToLower(strings.TrimSpace(c.SMTPTLS))
+	if err := config.OneOf("IMAGEPIPE_SMTP_TLS", tlsMode, "", SMTPTLSAuto, SMTPTLSStartTLS, SMTPTLSImplicit, SMTPTLSOff); err != nil {
+		return []error{config.Invalid("IMAGEPIPE_SMTP_TLS", c.SMTPTLS, "want auto, starttls, tls or off")}
+	}
+	if c.SMTPAddr == "" {
+		return nil
+	}
+	var problems []error
+	if _, _, _, _, err := smtpEndpoint(c.SMTPAddr, c.SMTPTLS); err != nil {
+		problems = append(problems, config.Invalid("IMAGEPIPE_SMTP_ADDR", c.SMTPAddr, "want HOST or HOST:PORT, such as smtp.example.com:587"))
+	}
+	if c.SMTPFrom == "" {
+		problems = append(problems, errors.New("IMAGEPIPE_SMTP_FROM is required with IMAGEPIPE_SMTP_ADDR"))
+	} else if _, err := mail.ParseAddress(c.SMTPFrom); err != nil {
+		problems = append(problems, config.Invalid("IMAGEPIPE_SMTP_FROM", c.SMTPFrom, "want an email address, such as imagepipe@example.com"))
+	}
+	if strings.TrimSpace(strings.Join(c.SMTPTo, "")) == "" {
+		problems = append(problems, errors.New("IMAGEPIPE_SMTP_TO is required with IMAGEPIPE_SMTP_ADDR"))
+	}
+	for _, to := range c.SMTPTo {
+		if to = strings.TrimSpace(to); to == "" {
+			continue
+		}
+		if _, err := mail.ParseAddress(to); err != nil {
+			problems = append(problems, config.Invalid("IMAGEPIPE_SMTP_TO", strings.Join(c.SMTPTo, ","), "want email addresses, comma-separated"))
+			break
+		}
+	}
+	return problems
 }
 
 // routes is the set of routing classes one channel takes.

@@ -183,6 +183,14 @@ func transportFailure(channel string, err error, r *redactor) *DeliveryError {
 	return &DeliveryError{Channel: channel, reason: reason + r.redact(err.Error())}
 }
 
+// hookTarget is where a chat webhook posts: its URL, the client that
+// posts, and what to redact from what the service answers.
+type hookTarget struct {
+	url    string
+	client *http.Client
+	r      *redactor
+}
+
 // postJSON sends one request and classifies the outcome. The body is read
 // only far enough to explain a refusal.
 func postJSON(ctx context.Context, client *http.Client, channel, endpoint, contentType string, body []byte, header http.Header, r *redactor) error {

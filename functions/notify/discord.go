@@ -3,7 +3,6 @@ package notify
 import (
 	"context"
 	"encoding/json"
-	"net/http"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -61,11 +60,7 @@ type discordFooter struct {
 }
 
 // discordWebhook posts an embed to a Discord webhook.
-type discordWebhook struct {
-	url    string
-	client *http.Client
-	r      *redactor
-}
+type discordWebhook struct{ hookTarget }
 
 func (d *discordWebhook) Name() string { return "discord" }
 

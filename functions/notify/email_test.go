@@ -2,9 +2,6 @@ package notify_test
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -27,6 +24,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/functions/notify"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // receivedMail is one message as the SMTP server saw it.
@@ -146,10 +144,6 @@ func startSMTP(t *testing.T, b *smtpBackend, cert *tls.Certificate, implicit boo
 // selfSigned makes a certificate for 127.0.0.1 and a pool that trusts it.
 func selfSigned(t *testing.T) (*tls.Certificate, *x509.CertPool) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1),
 		Subject:      pkix.Name{CommonName: "mx.test"},
@@ -161,17 +155,10 @@ func selfSigned(t *testing.T) (*tls.Certificate, *x509.CertPool) {
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		IsCA:         true, BasicConstraintsValid: true,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := stack.IssueCert(t, tmpl, nil)
 	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	return &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
+	pool.AddCert(c.Leaf)
+	return c.TLS(), pool
 }
 
 // parsedMail is a received message read back the way a mail client would.
@@ -286,25 +273,28 @@ func TestEmailThroughLocalRelayWithoutAuth(t *testing.T) {
 	if p.contentType != "multipart/alternative" {
 		t.Fatalf("Content-Type = %q", p.contentType)
 	}
-	for _, want := range []string{
+	bodyHas(t, "plain", p.plain,
 		"uploads/disks/evil.qcow2 failed in inspect: the image names a backing file (/etc/shadow)",
 		"Phase:     inspect",
 		"Error:\nthe image names a backing file (/etc/shadow)",
 		"Suggestion:\nFlatten the image with qemu-img convert before uploading it.",
 		"event ev-mail-1",
-	} {
-		if !strings.Contains(p.plain, want) {
-			t.Errorf("plain body lacks %q:\n%s", want, p.plain)
-		}
-	}
-	for _, want := range []string{
+	)
+	bodyHas(t, "html", p.html,
 		"<h2 style=\"margin:0 0 8px 0\">Failed to convert disks/evil.qcow2</h2>",
 		"<th align=\"left\" valign=\"top\">Phase</th><td>inspect</td>",
 		"border-left:4px solid #E01E5A",
 		"Flatten the image with qemu-img convert before uploading it.",
-	} {
-		if !strings.Contains(p.html, want) {
-			t.Errorf("html body lacks %q:\n%s", want, p.html)
+	)
+}
+
+// bodyHas checks that the mail's body of one kind (plain, html) holds
+// every one of wants.
+func bodyHas(t *testing.T, kind, body string, wants ...string) {
+	t.Helper()
+	for _, want := range wants {
+		if !strings.Contains(body, want) {
+			t.Errorf("%s body lacks %q:\n%s", kind, want, body)
 		}
 	}
 }

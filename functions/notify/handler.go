@@ -123,7 +123,7 @@ func NewHandler(cfg Config, ledger Ledger, log *slog.Logger, httpClient *http.Cl
 		if err := checkURL("IMAGEPIPE_SLACK_WEBHOOK_URL", cfg.SlackWebhookURL); err != nil {
 			return nil, err
 		}
-		if err := add("IMAGEPIPE_SLACK_ON", cfg.SlackOn, &slackWebhook{url: cfg.SlackWebhookURL, client: recordingClient(httpClient), r: r}); err != nil {
+		if err := add("IMAGEPIPE_SLACK_ON", cfg.SlackOn, &slackWebhook{hookTarget{url: cfg.SlackWebhookURL, client: recordingClient(httpClient), r: r}}); err != nil {
 			return nil, err
 		}
 	}
@@ -144,7 +144,7 @@ func NewHandler(cfg Config, ledger Ledger, log *slog.Logger, httpClient *http.Cl
 		if err := checkURL("IMAGEPIPE_DISCORD_WEBHOOK_URL", cfg.DiscordWebhookURL); err != nil {
 			return nil, err
 		}
-		if err := add("IMAGEPIPE_DISCORD_ON", cfg.DiscordOn, &discordWebhook{url: cfg.DiscordWebhookURL, client: httpClient, r: r}); err != nil {
+		if err := add("IMAGEPIPE_DISCORD_ON", cfg.DiscordOn, &discordWebhook{hookTarget{url: cfg.DiscordWebhookURL, client: httpClient, r: r}}); err != nil {
 			return nil, err
 		}
 	}

@@ -205,7 +205,7 @@ func TestRedeliveredResultPostsOnce(t *testing.T) {
 	if ok, _ := ledger.Delivered(ctx, "ev-redelivered", "email"); ok {
 		t.Errorf("ledger claims a channel that never ran")
 	}
-	kv, err := js.KeyValue(ctx, notify.LedgerBucket)
+	kv, err := js.KeyValue(ctx, events.NotifyLedgerBucket)
 	if err != nil {
 		t.Fatal(err)
 	}

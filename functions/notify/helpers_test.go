@@ -1,7 +1,6 @@
 package notify_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -13,66 +12,24 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/functions/notify"
+	"github.com/imagepipe/imagepipe/internal/natstest"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
-// startJetStream runs an embedded NATS server with JetStream in a temporary
-// directory and returns a JetStream client bound to it.
+// startJetStream runs an embedded NATS server with JetStream of the
+// test's own and returns a JetStream client bound to it.
 func startJetStream(t *testing.T) jetstream.JetStream {
 	t.Helper()
-	srv, err := server.NewServer(&server.Options{
-		Host:      "127.0.0.1",
-		Port:      -1,
-		JetStream: true,
-		StoreDir:  t.TempDir(),
-		NoLog:     true,
-		NoSigs:    true,
-	})
-	if err != nil {
-		t.Fatalf("nats server: %v", err)
-	}
-	go srv.Start()
-	if !srv.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server not ready")
-	}
-	t.Cleanup(func() {
-		srv.Shutdown()
-		srv.WaitForShutdown()
-	})
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatalf("nats connect: %v", err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatalf("jetstream: %v", err)
-	}
+	_, js := natstest.Start(t)
 	return js
 }
 
 // logBuffer collects JSON log lines from concurrent goroutines.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
+type logBuffer struct{ natstest.LogBuffer }
 
 // lines returns the log records whose msg is msg.
 func (l *logBuffer) lines(t *testing.T, msg string) []map[string]any {
@@ -241,7 +198,7 @@ func (s *service) count() int { return len(s.requests()) }
 
 func handle(t *testing.T, h *notify.Handler, ev events.Event) error {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(30*time.Second))
 	defer cancel()
 	return h.Handle(ctx, ev)
 }

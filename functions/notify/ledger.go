@@ -11,6 +11,9 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/setup"
 )
 
 // Ledger records (event id, channel) deliveries so a redelivered result never
@@ -19,9 +22,6 @@ type Ledger interface {
 	Delivered(ctx context.Context, eventID, channel string) (bool, error)
 	MarkDelivered(ctx context.Context, eventID, channel string) error
 }
-
-// LedgerBucket is the key-value bucket KVLedger keeps its records in.
-const LedgerBucket = "imagepipe_notify_ledger"
 
 // LedgerTTL is how long a delivery is remembered. It only has to outlast
 // redelivery of the same result, which the RESULTS consumer gives up on long
@@ -40,8 +40,8 @@ var _ Ledger = (*KVLedger)(nil)
 // replicas copies (as many as the streams have: losing a node must not make
 // notify forget what it sent). An existing bucket is used as it is.
 func NewKVLedger(ctx context.Context, js jetstream.JetStream, replicas int) (*KVLedger, error) {
-	kv, err := openOrCreateKV(ctx, js, jetstream.KeyValueConfig{
-		Bucket:      LedgerBucket,
+	kv, err := setup.KV(ctx, js, jetstream.KeyValueConfig{
+		Bucket:      events.NotifyLedgerBucket,
 		Description: "imagepipe notify: notifications already delivered, by event and channel",
 		TTL:         LedgerTTL,
 		History:     1,
@@ -51,25 +51,6 @@ func NewKVLedger(ctx context.Context, js jetstream.JetStream, replicas int) (*KV
 		return nil, fmt.Errorf("notify ledger: %w", err)
 	}
 	return &KVLedger{kv: kv}, nil
-}
-
-func openOrCreateKV(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
-	kv, err := js.KeyValue(ctx, cfg.Bucket)
-	if err == nil {
-		return kv, nil
-	}
-	if !errors.Is(err, jetstream.ErrBucketNotFound) {
-		return nil, fmt.Errorf("open bucket %s: %w", cfg.Bucket, err)
-	}
-	kv, err = js.CreateKeyValue(ctx, cfg)
-	if errors.Is(err, jetstream.ErrBucketExists) {
-		// Another replica created it between our two calls.
-		kv, err = js.KeyValue(ctx, cfg.Bucket)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("create bucket %s: %w", cfg.Bucket, err)
-	}
-	return kv, nil
 }
 
 // ledgerKey hashes the pair: event ids and channel names may hold characters

@@ -23,11 +23,7 @@ const (
 )
 
 // slackWebhook posts to a Slack incoming webhook.
-type slackWebhook struct {
-	url    string
-	client *http.Client
-	r      *redactor
-}
+type slackWebhook struct{ hookTarget }
 
 func (s *slackWebhook) Name() string { return "slack-webhook" }
 

@@ -2,44 +2,31 @@ package notify
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/lease"
+	"github.com/imagepipe/imagepipe/internal/orphan"
 )
-
-// WatchdogBucket holds the watchdog lease.
-const WatchdogBucket = "imagepipe_notify_watchdog"
-
-// ConvertConsumer is the durable consumer on JOBS that convert replicas
-// share, the one whose progress the watchdog watches.
-const ConvertConsumer = "convert"
 
 const (
 	watchdogLeaseKey        = "lease"
 	defaultWatchdogInterval = time.Minute
-	watchdogSource          = "imagepipe/notify/watchdog"
 )
 
 // Watchdog raises an alert when the convert queue holds work that nothing
 // has touched for StallAfter, and another when it moves again.
 //
-// Only one replica watches at a time. The lease is a key in a key-value
-// bucket whose MaxAge is the lease's time to live: Create succeeds only for
-// the first replica, the holder renews it with a revision-checked Update on
-// every tick, and if the holder dies the key ages out and another replica's
-// Create succeeds. A bucket was chosen over a MaxMsgs=1 stream because
-// Create and Update give compare-and-set for free, which a stream only offers
-// through expected-sequence headers, and because an operator can read the
-// current holder with `nats kv get`.
+// Only one replica watches at a time: the one holding the watchdog's lease
+// (package lease), which it renews on every tick; if it dies, the lease
+// ages out and another replica takes it over.
 //
 // A handover must not repeat an alert, so the watchdog keeps no memory of
 // its own: every tick it reads the last alert from the stream that stores
@@ -48,17 +35,21 @@ const (
 // within JetStream's duplicate window publish one alert.
 type Watchdog struct {
 	js         jetstream.JetStream
-	lease      jetstream.KeyValue
+	lease      *lease.Lease
 	log        *slog.Logger
 	stallAfter time.Duration
 	interval   time.Duration
 	leaseTTL   time.Duration
 	replicas   int
-	holder     string
 	stream     string
 	consumer   string
 
-	rev uint64 // lease revision while this replica holds it; owned by Run
+	// orphanBound, when set, is the staleness bound of package orphan:
+	// each tick also counts the uploads that wait with no job behind them.
+	orphanBound time.Duration
+	// recordOrphans receives each count, and ok=false once this replica
+	// no longer counts (it lost the lease, or could not look).
+	recordOrphans func(n int, ok bool)
 }
 
 // WatchdogOption adjusts a Watchdog.
@@ -84,6 +75,17 @@ func WithLeaseReplicas(n int) WatchdogOption {
 	return func(w *Watchdog) { w.replicas = n }
 }
 
+// WithOrphans makes every check also count the uploads whose status stood
+// still for longer than staleAfter in a non-final state, their job gone
+// from the queue (orphan.Find, the judgement reconcile heals by). They
+// count as work the queue holds: a stall alert fires when nothing moved
+// for StallAfter while they wait, even with the queue empty, and names
+// them. record, if not nil, receives each count (ok=false when this
+// replica stops counting), for a metric.
+func WithOrphans(staleAfter time.Duration, record func(n int, ok bool)) WatchdogOption {
+	return func(w *Watchdog) { w.orphanBound, w.recordOrphans = staleAfter, record }
+}
+
 // NewWatchdog opens (or creates) the lease bucket. stallAfter of zero means
 // DefaultStallAfter.
 func NewWatchdog(ctx context.Context, js jetstream.JetStream, stallAfter time.Duration, log *slog.Logger, opts ...WatchdogOption) (*Watchdog, error) {
@@ -93,7 +95,7 @@ func NewWatchdog(ctx context.Context, js jetstream.JetStream, stallAfter time.Du
 		stallAfter: stallAfter,
 		interval:   defaultWatchdogInterval,
 		stream:     events.StreamJobs,
-		consumer:   ConvertConsumer,
+		consumer:   events.ConsumerConvert,
 	}
 	for _, o := range opts {
 		o(w)
@@ -113,23 +115,17 @@ func NewWatchdog(ctx context.Context, js jetstream.JetStream, stallAfter time.Du
 	if w.leaseTTL <= w.interval {
 		return nil, fmt.Errorf("watchdog: lease TTL %s must be longer than the check interval %s", w.leaseTTL, w.interval)
 	}
-	host, _ := os.Hostname()
-	var nonce [6]byte
-	_, _ = rand.Read(nonce[:])
-	w.holder = host + "/" + hex.EncodeToString(nonce[:])
-
-	kv, err := openOrCreateKV(ctx, js, jetstream.KeyValueConfig{
-		Bucket:      WatchdogBucket,
+	w.log = w.log.With("watchdog", w.stream+"/"+w.consumer)
+	l, err := lease.Open(ctx, js, lease.Bucket{
+		Name:        events.WatchdogBucket,
 		Description: "imagepipe notify: which replica runs the stalled-queue watchdog",
 		TTL:         w.leaseTTL,
-		History:     1,
-		Replicas:    max(w.replicas, 1),
-	})
+		Replicas:    w.replicas,
+	}, watchdogLeaseKey, "watchdog", w.log)
 	if err != nil {
-		return nil, fmt.Errorf("watchdog lease: %w", err)
+		return nil, err
 	}
-	w.lease = kv
-	w.log = w.log.With("watchdog", w.stream+"/"+w.consumer)
+	w.lease = l
 	return w, nil
 }
 
@@ -138,7 +134,7 @@ func NewWatchdog(ctx context.Context, js jetstream.JetStream, stallAfter time.Du
 func (w *Watchdog) Run(ctx context.Context) {
 	t := time.NewTicker(w.interval)
 	defer t.Stop()
-	defer w.release(ctx)
+	defer w.lease.Release(ctx)
 	for {
 		w.tick(ctx)
 		select {
@@ -154,55 +150,20 @@ func (w *Watchdog) tick(ctx context.Context) {
 	// NATS outage must not wedge the loop beyond that.
 	ctx, cancel := context.WithTimeout(ctx, w.leaseTTL-w.interval)
 	defer cancel()
-	if !w.holdLease(ctx) {
+	if !w.lease.Hold(ctx) {
+		w.countedOrphans(orphan.Count{}, false)
 		return
 	}
 	if err := w.check(ctx); err != nil && ctx.Err() == nil {
+		w.countedOrphans(orphan.Count{}, false)
 		w.log.Warn("watchdog check failed", "err", err.Error())
 	}
 }
 
-func (w *Watchdog) holdLease(ctx context.Context) bool {
-	if w.rev != 0 {
-		rev, err := w.lease.Update(ctx, watchdogLeaseKey, []byte(w.holder), w.rev)
-		if err == nil {
-			w.rev = rev
-			return true
-		}
-		w.log.Warn("watchdog lease lost", "err", err.Error())
-		w.rev = 0
+func (w *Watchdog) countedOrphans(c orphan.Count, ok bool) {
+	if w.recordOrphans != nil && w.orphanBound > 0 {
+		w.recordOrphans(c.Uploads, ok)
 	}
-	rev, err := w.lease.Create(ctx, watchdogLeaseKey, []byte(w.holder))
-	if errors.Is(err, jetstream.ErrKeyExists) {
-		// A renewal whose answer was lost may still have landed; the lease
-		// is then ours at a revision we did not see.
-		if e, gerr := w.lease.Get(ctx, watchdogLeaseKey); gerr == nil && string(e.Value()) == w.holder {
-			w.rev = e.Revision()
-			return true
-		}
-		return false
-	}
-	if err != nil {
-		if ctx.Err() == nil {
-			w.log.Warn("watchdog lease unavailable", "err", err.Error())
-		}
-		return false
-	}
-	w.rev = rev
-	w.log.Info("watchdog lease acquired", "holder", w.holder)
-	return true
-}
-
-func (w *Watchdog) release(ctx context.Context) {
-	if w.rev == 0 {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	if err := w.lease.Delete(ctx, watchdogLeaseKey, jetstream.LastRevision(w.rev)); err != nil {
-		w.log.Debug("watchdog lease not released; it will expire", "err", err.Error())
-	}
-	w.rev = 0
 }
 
 // queueState is what one look at the queue shows.
@@ -210,13 +171,38 @@ type queueState struct {
 	depth        uint64
 	lastActivity time.Time
 	now          time.Time
+	orphans      orphan.Count
 }
+
+// stallStart is when the work waiting last moved: the queue's last
+// activity while it holds jobs, and the oldest upload that lost its job
+// if that stands still since earlier. An empty queue's activity says
+// nothing about uploads that have no job in it: it even goes back in time
+// when the lost job's message goes. The start stays the same while the
+// same stall lasts, which is what keeps an alert from repeating.
+func (st queueState) stallStart() time.Time {
+	switch {
+	case st.orphans.Uploads == 0:
+		return st.lastActivity
+	case st.depth == 0, st.orphans.Since.Before(st.lastActivity):
+		return st.orphans.Since
+	}
+	return st.lastActivity
+}
+
+// waiting is the work that should be moving: jobs in the queue, and
+// uploads that wait for a job the queue lost.
+func (st queueState) waiting() bool { return st.depth > 0 || st.orphans.Uploads > 0 }
 
 // look reads the consumer and its stream. Progress is the latest of a
 // delivery, an acknowledgement, a job's status update, and the arrival of
 // the oldest job still queued: without the last, a job arriving in a queue
-// idle for days would look stalled at once. Times are the server's, so replicas with skewed
-// clocks agree on when a stall began.
+// idle for days would look stalled at once. Times are the server's, so
+// replicas with skewed clocks agree on when a stall began.
+//
+// Uploads with no job are counted before the queue is read: a job lost in
+// between then shows as an empty queue with no upload missing yet, which
+// the next look completes, never as a job both queued and missing.
 func (w *Watchdog) look(ctx context.Context) (queueState, error) {
 	s, err := w.js.Stream(ctx, w.stream)
 	if err != nil {
@@ -226,11 +212,21 @@ func (w *Watchdog) look(ctx context.Context) (queueState, error) {
 	if err != nil {
 		return queueState{}, fmt.Errorf("consumer %s: %w", w.consumer, err)
 	}
-	ci, si := c.CachedInfo(), s.CachedInfo()
-	st := queueState{depth: ci.NumPending + uint64(max(ci.NumAckPending, 0)), now: ci.TimeStamp}
+	st := queueState{now: c.CachedInfo().TimeStamp}
 	if st.now.IsZero() {
 		st.now = time.Now()
 	}
+	ci, si := c.CachedInfo(), s.CachedInfo()
+	if w.orphanBound > 0 {
+		st.orphans = w.countOrphans(ctx, st.now)
+		if si, err = s.Info(ctx); err != nil {
+			return queueState{}, fmt.Errorf("stream %s: %w", w.stream, err)
+		}
+		if ci, err = c.Info(ctx); err != nil {
+			return queueState{}, fmt.Errorf("consumer %s: %w", w.consumer, err)
+		}
+	}
+	st.depth = ci.NumPending + uint64(max(ci.NumAckPending, 0))
 	for _, t := range []*time.Time{ci.Delivered.Last, ci.AckFloor.Last} {
 		if t != nil && t.After(st.lastActivity) {
 			st.lastActivity = *t
@@ -246,6 +242,33 @@ func (w *Watchdog) look(ctx context.Context) (queueState, error) {
 		st.lastActivity = ci.Created
 	}
 	return st, nil
+}
+
+// orphanCountTimeout bounds one count, so that a status bucket the
+// watchdog may not read (its NATS user lacks the rights) costs the count,
+// not the queue's own check.
+const orphanCountTimeout = 20 * time.Second
+
+// countOrphans counts the uploads that wait with no job behind them. A
+// count that fails is logged and taken as none: the queue's own check goes
+// on without it.
+func (w *Watchdog) countOrphans(ctx context.Context, now time.Time) orphan.Count {
+	ctx, cancel := context.WithTimeout(ctx, min(orphanCountTimeout, w.interval))
+	defer cancel()
+	// The server's clock, as for the rest: status times are the writers',
+	// and the bound leaves a minute for skew between them.
+	c, err := orphan.Find(ctx, w.js, now, w.orphanBound)
+	if err != nil {
+		w.countedOrphans(orphan.Count{}, false)
+		w.log.Warn("uploads with no job not counted; check the notify user may read the status bucket and JOBS", "err", err.Error())
+		return orphan.Count{}
+	}
+	w.countedOrphans(c, true)
+	if c.Uploads > 0 {
+		w.log.Warn("uploads wait with no job in the queue; reconcile queues them again", "orphaned", c.Uploads,
+			"oldest_since", c.Since, "keys", strings.Join(c.Keys, ","))
+	}
+	return c
 }
 
 // lastJobProgress is when a running job last recorded progress in the
@@ -315,10 +338,17 @@ func (w *Watchdog) check(ctx context.Context) error {
 		return err
 	}
 	alerted := prevEv != nil && prevEv.Type == events.TypeStalled
-	stalled := st.depth > 0 && st.now.Sub(st.lastActivity) >= w.stallAfter
+	start := st.stallStart()
+	stalled := st.waiting() && st.now.Sub(start) >= w.stallAfter
 
-	if alerted && (!stalled || !prev.LastActivity.Equal(st.lastActivity)) {
-		moved := st.lastActivity
+	switch {
+	case alerted && stalled && start.Before(prev.LastActivity):
+		// The same stall, found to reach further back: an upload lost its
+		// job while the queue stood still. Nothing moved, so there is no
+		// recovery to report, only a new alert that names the upload.
+		alerted = false
+	case alerted && (!stalled || !prev.LastActivity.Equal(start)):
+		moved := start
 		if moved.Equal(prev.LastActivity) {
 			// The queue emptied without a delivery or ack (purged by an
 			// operator): it is no longer stuck as of now.
@@ -328,17 +358,17 @@ func (w *Watchdog) check(ctx context.Context) error {
 		if err := w.publish(ctx, events.TypeQueueRecover, "queue-recovered", since, QueueAlert{
 			Stream: w.stream, Consumer: w.consumer, QueueDepth: st.depth,
 			IdleMinutes:  int64(moved.Sub(since) / time.Minute),
-			LastActivity: moved, StalledSince: &since,
+			LastActivity: moved, StalledSince: &since, Orphaned: st.orphans.Uploads,
 		}, st.now); err != nil {
 			return err
 		}
 		alerted = false
 	}
 	if stalled && !alerted {
-		return w.publish(ctx, events.TypeStalled, "queue-stalled", st.lastActivity, QueueAlert{
+		return w.publish(ctx, events.TypeStalled, "queue-stalled", start, QueueAlert{
 			Stream: w.stream, Consumer: w.consumer, QueueDepth: st.depth,
-			IdleMinutes:  int64(st.now.Sub(st.lastActivity) / time.Minute),
-			LastActivity: st.lastActivity,
+			IdleMinutes:  int64(st.now.Sub(start) / time.Minute),
+			LastActivity: start, Orphaned: st.orphans.Uploads, OrphanedKeys: st.orphans.Keys,
 		}, st.now)
 	}
 	return nil
@@ -348,7 +378,7 @@ func (w *Watchdog) check(ctx context.Context) error {
 // the stall's start, which every replica computes alike.
 func (w *Watchdog) publish(ctx context.Context, typ, kind string, stallStart time.Time, a QueueAlert, now time.Time) error {
 	id := fmt.Sprintf("%s.%s.%s.%d", kind, w.stream, w.consumer, stallStart.UnixNano())
-	ev, err := events.New(id, typ, watchdogSource, w.stream+"/"+w.consumer, now, a)
+	ev, err := events.New(id, typ, events.SourceWatchdog, w.stream+"/"+w.consumer, now, a)
 	if err != nil {
 		return err
 	}
@@ -364,7 +394,7 @@ func (w *Watchdog) publish(ctx context.Context, typ, kind string, stallStart tim
 		return nil
 	}
 	if typ == events.TypeStalled {
-		w.log.Warn("convert queue stalled", "queue_depth", a.QueueDepth, "idle_minutes", a.IdleMinutes, "last_activity", a.LastActivity)
+		w.log.Warn("convert queue stalled", "queue_depth", a.QueueDepth, "orphaned", a.Orphaned, "idle_minutes", a.IdleMinutes, "last_activity", a.LastActivity)
 	} else {
 		w.log.Info("convert queue moving again", "queue_depth", a.QueueDepth, "stalled_minutes", a.IdleMinutes)
 	}

@@ -33,7 +33,7 @@ func newQueueFixture(t *testing.T) queueFixture {
 		t.Fatal(err)
 	}
 	cons, err := jobs.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
-		Durable: notify.ConvertConsumer, AckPolicy: jetstream.AckExplicitPolicy,
+		Durable: events.ConsumerConvert, AckPolicy: jetstream.AckExplicitPolicy,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -92,11 +92,11 @@ func (q queueFixture) waitForAlerts(t *testing.T, n int, within time.Duration) [
 	}
 }
 
-func runWatchdog(t *testing.T, js jetstream.JetStream, stallAfter time.Duration) context.CancelFunc {
+func runWatchdog(t *testing.T, js jetstream.JetStream, stallAfter time.Duration, opts ...notify.WatchdogOption) context.CancelFunc {
 	t.Helper()
 	log, _ := newLogger()
-	w, err := notify.NewWatchdog(context.Background(), js, stallAfter, log,
-		notify.WithCheckInterval(100*time.Millisecond), notify.WithLeaseTTL(time.Second))
+	opts = append([]notify.WatchdogOption{notify.WithCheckInterval(100 * time.Millisecond), notify.WithLeaseTTL(time.Second)}, opts...)
+	w, err := notify.NewWatchdog(context.Background(), js, stallAfter, log, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +186,7 @@ func TestWatchdogLeaseHasOneHolderAndPassesOn(t *testing.T) {
 	q := newQueueFixture(t)
 	ctx := context.Background()
 	stopA := runWatchdog(t, q.js, time.Hour)
-	kv, err := q.js.KeyValue(ctx, notify.WatchdogBucket)
+	kv, err := q.js.KeyValue(ctx, events.WatchdogBucket)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,26 +12,8 @@ import (
 	"github.com/imagepipe/imagepipe/events"
 )
 
-// CancelledRule is the Rule of the failure event and the marker a convert
-// replica uses for an operator's cancel, so that statistics count it as
-// neither a success nor a failure.
-const CancelledRule = "cancelled"
-
 // ErrNothingToCancel means the input has no job that could be cancelled.
 var ErrNothingToCancel = errors.New("nothing to cancel")
-
-// CancelResult says how a cancel went.
-type CancelResult struct {
-	Bucket string `json:"bucket"`
-	Key    string `json:"key"`
-	// Running lists the replicas that were converting the input and have
-	// cancelled it; each reports the result itself.
-	Running []CancelReply `json:"running,omitempty"`
-	// Queued is set when no replica was running the job and its status
-	// record now says CANCELLED, so that convert skips it when it comes.
-	Queued bool   `json:"queued"`
-	JobID  string `json:"job_id,omitempty"`
-}
 
 // Cancel stops the conversion of bucket/key wherever it is.
 //
@@ -42,12 +24,12 @@ type CancelResult struct {
 // CANCELLED with the same job id. The swap fails if the job moved on in
 // between, most likely because a replica just took it, and the request
 // goes out again.
-func (c *Client) Cancel(ctx context.Context, kv jetstream.KeyValue, bucket, key string) (CancelResult, error) {
-	res := CancelResult{Bucket: bucket, Key: key}
+func (c *Client) Cancel(ctx context.Context, kv jetstream.KeyValue, bucket, key string) (events.CancelResult, error) {
+	res := events.CancelResult{Bucket: bucket, Key: key}
 	skey := events.StatusKey(bucket, key)
 	const tries = 3
 	for try := 1; ; try++ {
-		replies, err := gatherAs[CancelReply](ctx, c, []string{"convert"}, VerbCancel, Request{Bucket: bucket, Key: key})
+		replies, err := gatherAs[events.CancelReply](ctx, c, []string{events.FunctionConvert}, events.VerbCancel, events.ControlRequest{Bucket: bucket, Key: key})
 		if err != nil && !errors.Is(err, ErrNoReplica) && len(replies) == 0 {
 			return res, err
 		}

@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
 
+	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 )
 
@@ -22,8 +22,9 @@ const DefaultTimeout = time.Second
 // ErrNoReplica means no replica answered within the timeout.
 var ErrNoReplica = errors.New("no imagepipe replica answered (is any running, on this NATS?)")
 
-// Client scatters control requests to every replica and gathers the
-// answers.
+// Client asks the fleet: it scatters a replica verb to every replica and
+// gathers the answers, and sends ingest's requests to the one ingest
+// replica that takes each.
 type Client struct {
 	nc      *nats.Conn
 	timeout time.Duration
@@ -31,7 +32,8 @@ type Client struct {
 	findWithin time.Duration
 }
 
-// NewClient returns a client; timeout <= 0 means DefaultTimeout. A request
+// NewClient returns a client that gathers answers, or waits for ingest's
+// one answer, for timeout; timeout <= 0 means DefaultTimeout. A request
 // for one instance looks for it for natsrt.DefaultConnectTimeout unless
 // FindWithin says otherwise.
 func NewClient(nc *nats.Conn, timeout time.Duration) *Client {
@@ -54,30 +56,13 @@ func (c *Client) FindWithin(d time.Duration) *Client {
 	return c
 }
 
-// Reply is one replica's answer.
-type Reply struct {
-	Data []byte
-	// Err is the replica's error description, when it answered with one.
-	Err string
-}
-
-// ReplyError is a replica that answered with an error.
-type ReplyError struct {
-	Replica
-	Message string
-}
-
-func (e *ReplyError) Error() string {
-	return fmt.Sprintf("%s %s: %s", e.Function, e.Instance, e.Message)
-}
-
 // NoInstanceError is a request for one instance that no replica of that
 // id answered before the deadline. Seen are the replicas that did answer,
 // so a mistyped or stale id can be told from a fleet that is silent.
 type NoInstanceError struct {
 	Instance string
 	Within   time.Duration
-	Seen     []Replica
+	Seen     []events.Replica
 }
 
 // maxListed bounds how many replicas an error names; the count is exact.
@@ -103,36 +88,29 @@ func (e *NoInstanceError) Error() string {
 	return fmt.Sprintf("%s; %d %s answered: %s", msg, len(e.Seen), noun, strings.Join(names, ", "))
 }
 
-// Gather sends verb to every replica of the given functions and returns
+// gather sends verb to every replica of the given functions and returns
 // every answer that arrives within the timeout. There is no way to know
 // how many replicas exist short of asking, so it waits for the whole
 // timeout, unless req names one instance: then it finds that replica
 // first and returns its single answer.
-func (c *Client) Gather(ctx context.Context, functions []string, verb string, req Request) ([]Reply, error) {
+func (c *Client) gather(ctx context.Context, functions []string, verb string, req events.ControlRequest) ([]*nats.Msg, error) {
 	if req.Instance != "" {
 		return c.gatherOne(ctx, functions, verb, req)
 	}
-	body, err := json.Marshal(req)
+	sent, err := c.scatter(functions, verb, req)
 	if err != nil {
 		return nil, err
 	}
-	sub, inbox, err := c.inbox()
-	if err != nil {
-		return nil, err
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	if err := c.scatter(inbox, functions, verb, body); err != nil {
-		return nil, err
-	}
+	defer sent.close()
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	var out []Reply
+	var out []*nats.Msg
 	for {
-		msg, err := next(ctx, sub)
+		msg, err := sent.next(ctx)
 		if err != nil {
 			break
 		}
-		out = append(out, reply(msg))
+		out = append(out, msg)
 	}
 	if len(out) == 0 {
 		return nil, ErrNoReplica
@@ -144,14 +122,14 @@ func (c *Client) Gather(ctx context.Context, functions []string, verb string, re
 // asks for status, which changes nothing, so it can be asked again and
 // again; the verb itself (a drain, a stop) goes out once, to the found
 // replica's function only.
-func (c *Client) gatherOne(ctx context.Context, functions []string, verb string, req Request) ([]Reply, error) {
+func (c *Client) gatherOne(ctx context.Context, functions []string, verb string, req events.ControlRequest) ([]*nats.Msg, error) {
 	started := time.Now()
 	found, who, err := c.find(ctx, functions, req.Instance)
 	if err != nil {
 		return nil, err
 	}
-	if verb == VerbStatus {
-		return []Reply{found}, nil
+	if verb == events.VerbStatus {
+		return []*nats.Msg{found}, nil
 	}
 	// The replica has just answered, so it is there; what is left of the
 	// deadline, and never less than one round, is for its answer.
@@ -160,7 +138,7 @@ func (c *Client) gatherOne(ctx context.Context, functions []string, verb string,
 	if err != nil {
 		return nil, err
 	}
-	return []Reply{r}, nil
+	return []*nats.Msg{r}, nil
 }
 
 // find asks every replica of functions for its status, round after round,
@@ -168,100 +146,112 @@ func (c *Client) gatherOne(ctx context.Context, functions []string, verb string,
 // round shares one inbox, so an answer that arrives after its round ended
 // still counts; a new round is for a request that was lost, such as one
 // sent before the replica's service was listening.
-func (c *Client) find(ctx context.Context, functions []string, instance string) (Reply, Replica, error) {
-	body, err := json.Marshal(Request{})
-	if err != nil {
-		return Reply{}, Replica{}, err
-	}
-	sub, inbox, err := c.inbox()
-	if err != nil {
-		return Reply{}, Replica{}, err
-	}
-	defer func() { _ = sub.Unsubscribe() }()
+func (c *Client) find(ctx context.Context, functions []string, instance string) (*nats.Msg, events.Replica, error) {
 	fctx, cancel := context.WithTimeout(ctx, c.findWithin)
 	defer cancel()
-	seen := map[string]Replica{}
-	for fctx.Err() == nil {
-		if err := c.scatter(inbox, functions, VerbStatus, body); err != nil {
-			return Reply{}, Replica{}, err
-		}
-		if r, who, ok := c.round(fctx, sub, instance, seen); ok {
+	sent, err := c.scatter(functions, events.VerbStatus, events.ControlRequest{})
+	if err != nil {
+		return nil, events.Replica{}, err
+	}
+	defer sent.close()
+	seen := map[string]events.Replica{}
+	for {
+		if r, who, ok := c.round(fctx, sent, instance, seen); ok {
 			return r, who, nil
+		}
+		if fctx.Err() != nil {
+			break
+		}
+		if err := sent.again(); err != nil {
+			return nil, events.Replica{}, err
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return Reply{}, Replica{}, fmt.Errorf("control: looking for instance %q: %w", instance, err)
+		return nil, events.Replica{}, fmt.Errorf("control: looking for instance %q: %w", instance, err)
 	}
 	nie := &NoInstanceError{Instance: instance, Within: c.findWithin}
 	for _, r := range seen {
 		nie.Seen = append(nie.Seen, r)
 	}
-	sortReplicas(nie.Seen, func(r Replica) Replica { return r })
-	return Reply{}, Replica{}, nie
+	sortReplicas(nie.Seen, func(r events.Replica) events.Replica { return r })
+	return nil, events.Replica{}, nie
 }
 
 // round reads answers for one timeout, noting each replica in seen, and
 // stops early at the answer of instance.
-func (c *Client) round(ctx context.Context, sub *nats.Subscription, instance string, seen map[string]Replica) (Reply, Replica, bool) {
+func (c *Client) round(ctx context.Context, sent *scattered, instance string, seen map[string]events.Replica) (*nats.Msg, events.Replica, bool) {
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	for {
-		msg, err := next(ctx, sub)
+		msg, err := sent.next(ctx)
 		if err != nil {
-			return Reply{}, Replica{}, false
+			return nil, events.Replica{}, false
 		}
-		var who Replica
+		var who events.Replica
 		if json.Unmarshal(msg.Data, &who) != nil || who.Instance == "" {
 			continue
 		}
 		if who.Instance == instance {
-			return reply(msg), who, true
+			return msg, who, true
 		}
 		seen[who.Instance] = who
 	}
 }
 
 // askOne sends verb to one replica and waits up to wait for its answer.
-func (c *Client) askOne(ctx context.Context, who Replica, verb string, req Request, wait time.Duration) (Reply, error) {
-	body, err := json.Marshal(req)
+func (c *Client) askOne(ctx context.Context, who events.Replica, verb string, req events.ControlRequest, wait time.Duration) (*nats.Msg, error) {
+	sent, err := c.scatter([]string{who.Function}, verb, req)
 	if err != nil {
-		return Reply{}, err
+		return nil, err
 	}
-	sub, inbox, err := c.inbox()
-	if err != nil {
-		return Reply{}, err
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	if err := c.scatter(inbox, []string{who.Function}, verb, body); err != nil {
-		return Reply{}, err
-	}
+	defer sent.close()
 	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	msg, err := next(ctx, sub)
+	msg, err := sent.next(ctx)
 	if err != nil {
-		return Reply{}, fmt.Errorf("%s replica %q answered status but not %s within %s (did it just exit?): %w",
+		return nil, fmt.Errorf("%s replica %q answered status but not %s within %s (did it just exit?): %w",
 			who.Function, who.Instance, verb, wait.Round(time.Millisecond), err)
 	}
-	return reply(msg), nil
+	return msg, nil
 }
 
-func (c *Client) inbox() (*nats.Subscription, string, error) {
-	inbox := c.nc.NewInbox()
-	sub, err := c.nc.SubscribeSync(inbox)
+// scattered is a verb sent to every replica of some functions, and the
+// inbox where their answers arrive.
+type scattered struct {
+	nc        *nats.Conn
+	sub       *nats.Subscription
+	functions []string
+	verb      string
+	body      []byte
+}
+
+// scatter sends verb to every replica of functions; close the result
+// once the answers are read.
+func (c *Client) scatter(functions []string, verb string, req events.ControlRequest) (*scattered, error) {
+	body, err := json.Marshal(req)
 	if err != nil {
-		return nil, "", fmt.Errorf("control: %w", err)
+		return nil, err
 	}
-	return sub, inbox, nil
+	sub, err := c.nc.SubscribeSync(c.nc.NewInbox())
+	if err != nil {
+		return nil, fmt.Errorf("control: %w", err)
+	}
+	s := &scattered{nc: c.nc, sub: sub, functions: functions, verb: verb, body: body}
+	if err := s.again(); err != nil {
+		s.close()
+		return nil, err
+	}
+	return s, nil
 }
 
-// scatter sends verb to every replica of functions, answers to inbox.
-func (c *Client) scatter(inbox string, functions []string, verb string, body []byte) error {
-	for _, fn := range functions {
-		if err := c.nc.PublishMsg(&nats.Msg{Subject: Subject(fn, verb), Reply: inbox, Data: body}); err != nil {
-			return fmt.Errorf("control: send %s to %s: %w", verb, fn, err)
+// again sends the verb once more, its answers to the same inbox.
+func (s *scattered) again() error {
+	for _, fn := range s.functions {
+		if err := s.nc.PublishMsg(&nats.Msg{Subject: events.ReplicaSubject(fn, s.verb), Reply: s.sub.Subject, Data: s.body}); err != nil {
+			return fmt.Errorf("control: send %s to %s: %w", s.verb, fn, err)
 		}
 	}
-	if err := c.nc.Flush(); err != nil {
+	if err := s.nc.Flush(); err != nil {
 		return fmt.Errorf("control: %w", err)
 	}
 	return nil
@@ -269,9 +259,9 @@ func (c *Client) scatter(inbox string, functions []string, verb string, body []b
 
 // next is the next answer. The server answers "no responders" for a
 // function with no replica; others may still answer, so that is skipped.
-func next(ctx context.Context, sub *nats.Subscription) (*nats.Msg, error) {
+func (s *scattered) next(ctx context.Context) (*nats.Msg, error) {
 	for {
-		msg, err := sub.NextMsgWithContext(ctx)
+		msg, err := s.sub.NextMsgWithContext(ctx)
 		if errors.Is(err, nats.ErrNoResponders) {
 			continue
 		}
@@ -279,33 +269,21 @@ func next(ctx context.Context, sub *nats.Subscription) (*nats.Msg, error) {
 	}
 }
 
-func reply(msg *nats.Msg) Reply {
-	r := Reply{Data: msg.Data}
-	if e := msg.Header.Get(micro.ErrorHeader); e != "" {
-		r.Err = e
-	}
-	return r
-}
+func (s *scattered) close() { _ = s.sub.Unsubscribe() }
 
 // gatherAs gathers and decodes the answers. Replicas that answered with an
 // error come back as ReplyErrors joined into err, beside the good answers.
-func gatherAs[T any](ctx context.Context, c *Client, functions []string, verb string, req Request) ([]T, error) {
-	replies, err := c.Gather(ctx, functions, verb, req)
+func gatherAs[T any](ctx context.Context, c *Client, functions []string, verb string, req events.ControlRequest) ([]T, error) {
+	msgs, err := c.gather(ctx, functions, verb, req)
 	if err != nil {
 		return nil, err
 	}
 	var out []T
 	var errs []error
-	for _, r := range replies {
-		if r.Err != "" {
-			re := &ReplyError{Message: r.Err}
-			_ = json.Unmarshal(r.Data, &re.Replica)
-			errs = append(errs, re)
-			continue
-		}
-		var v T
-		if err := json.Unmarshal(r.Data, &v); err != nil {
-			errs = append(errs, fmt.Errorf("control: undecodable answer: %w", err))
+	for _, msg := range msgs {
+		v, err := decodeAnswer[T](msg)
+		if err != nil {
+			errs = append(errs, err)
 			continue
 		}
 		out = append(out, v)
@@ -314,38 +292,38 @@ func gatherAs[T any](ctx context.Context, c *Client, functions []string, verb st
 }
 
 // Status asks every replica of functions for its status.
-func (c *Client) Status(ctx context.Context, functions []string, instance string) ([]Status, error) {
-	out, err := gatherAs[Status](ctx, c, functions, VerbStatus, Request{Instance: instance})
-	sortReplicas(out, func(s Status) Replica { return s.Replica })
+func (c *Client) Status(ctx context.Context, functions []string, instance string) ([]events.ReplicaStatus, error) {
+	out, err := gatherAs[events.ReplicaStatus](ctx, c, functions, events.VerbStatus, events.ControlRequest{Instance: instance})
+	sortReplicas(out, func(s events.ReplicaStatus) events.Replica { return s.Replica })
 	return out, err
 }
 
 // Stats asks every replica of functions for its statistics.
-func (c *Client) Stats(ctx context.Context, functions []string, instance string) ([]ReplicaStats, error) {
-	out, err := gatherAs[ReplicaStats](ctx, c, functions, VerbStats, Request{Instance: instance})
-	sortReplicas(out, func(s ReplicaStats) Replica { return s.Replica })
+func (c *Client) Stats(ctx context.Context, functions []string, instance string) ([]events.ReplicaStats, error) {
+	out, err := gatherAs[events.ReplicaStats](ctx, c, functions, events.VerbStats, events.ControlRequest{Instance: instance})
+	sortReplicas(out, func(s events.ReplicaStats) events.Replica { return s.Replica })
 	return out, err
 }
 
 // Steer sends pause, resume, drain or stop and returns the states the
 // replicas report after it.
-func (c *Client) Steer(ctx context.Context, functions []string, verb, instance string) ([]Status, error) {
+func (c *Client) Steer(ctx context.Context, functions []string, verb, instance string) ([]events.ReplicaStatus, error) {
 	switch verb {
-	case VerbPause, VerbResume, VerbDrain, VerbStop:
+	case events.VerbPause, events.VerbResume, events.VerbDrain, events.VerbStop:
 	default:
 		return nil, fmt.Errorf("control: %q is not pause, resume, drain or stop", verb)
 	}
-	out, err := gatherAs[Status](ctx, c, functions, verb, Request{Instance: instance})
-	sortReplicas(out, func(s Status) Replica { return s.Replica })
+	out, err := gatherAs[events.ReplicaStatus](ctx, c, functions, verb, events.ControlRequest{Instance: instance})
+	sortReplicas(out, func(s events.ReplicaStatus) events.Replica { return s.Replica })
 	return out, err
 }
 
-func sortReplicas[T any](s []T, id func(T) Replica) {
+func sortReplicas[T any](s []T, id func(T) events.Replica) {
 	order := func(fn string) int {
-		if i := slices.Index(Functions, fn); i >= 0 {
+		if i := slices.Index(events.Functions(), fn); i >= 0 {
 			return i
 		}
-		return len(Functions)
+		return len(events.Functions())
 	}
 	slices.SortFunc(s, func(a, b T) int {
 		ra, rb := id(a), id(b)
@@ -360,4 +338,44 @@ func sortReplicas[T any](s []T, id func(T) Replica) {
 		}
 		return strings.Compare(ra.Instance, rb.Instance)
 	})
+}
+
+// Reconvert asks an ingest replica to queue a new conversion of an upload.
+func (c *Client) Reconvert(ctx context.Context, req events.ReconvertRequest) (events.ReconvertReply, error) {
+	return call[events.ReconvertReply](ctx, c, events.SubjectReconvert, req)
+}
+
+// Import asks an ingest replica to fetch a URL into the input bucket; it
+// answers once the transfer has started.
+func (c *Client) Import(ctx context.Context, req events.ImportRequest) (events.ImportReply, error) {
+	return call[events.ImportReply](ctx, c, events.SubjectImport, req)
+}
+
+// Reconcile asks an ingest replica for one reconcile pass and waits for
+// what it did.
+func (c *Client) Reconcile(ctx context.Context, req events.ReconcileRequest) (events.ReconcileResult, error) {
+	return call[events.ReconcileResult](ctx, c, events.SubjectReconcile, req)
+}
+
+// call sends req to the one ingest replica its queue group picks, waits
+// up to the client's timeout for the answer, and decodes it; a refusal
+// comes back as a *ReplyError saying why in one line.
+func call[Rep any](ctx context.Context, c *Client, subject string, req any) (Rep, error) {
+	var none Rep
+	body, err := json.Marshal(req)
+	if err != nil {
+		return none, err
+	}
+	rctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	msg, err := c.nc.RequestWithContext(rctx, subject, body)
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		return none, fmt.Errorf("no ingest replica answers on %s: is imagepipe ingest (or imagepipe dev) running?", subject)
+	case errors.Is(err, context.DeadlineExceeded):
+		return none, fmt.Errorf("no answer on %s within %s", subject, c.timeout)
+	case err != nil:
+		return none, fmt.Errorf("request on %s: %w", subject, err)
+	}
+	return decodeAnswer[Rep](msg)
 }

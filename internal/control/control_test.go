@@ -14,16 +14,15 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/control"
-	"github.com/imagepipe/imagepipe/internal/natsrt"
-	"github.com/imagepipe/imagepipe/internal/natsserver"
+	"github.com/imagepipe/imagepipe/internal/natstest"
 )
 
 // fakeWorker stands in for a runtime worker: the control API only relays
 // to it, and the runtime's own tests cover what the calls do.
 type fakeWorker struct {
 	mu      sync.Mutex
-	state   natsrt.State
-	jobs    []natsrt.JobInfo
+	state   events.WorkerState
+	jobs    []events.JobInfo
 	cancels []string
 	steered int
 	// slow, when set, holds every answer until it is closed: a replica on
@@ -33,7 +32,7 @@ type fakeWorker struct {
 
 var _ control.Worker = (*fakeWorker)(nil)
 
-func (f *fakeWorker) set(s natsrt.State) {
+func (f *fakeWorker) set(s events.WorkerState) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.state = s
@@ -46,11 +45,11 @@ func (f *fakeWorker) timesSteered() int {
 	defer f.mu.Unlock()
 	return f.steered
 }
-func (f *fakeWorker) Pause()  { f.set(natsrt.StatePaused) }
-func (f *fakeWorker) Resume() { f.set(natsrt.StateRunning) }
-func (f *fakeWorker) Drain()  { f.set(natsrt.StateDraining) }
-func (f *fakeWorker) Stop()   { f.set(natsrt.StateStopping) }
-func (f *fakeWorker) State() natsrt.State {
+func (f *fakeWorker) Pause()  { f.set(events.WorkerPaused) }
+func (f *fakeWorker) Resume() { f.set(events.WorkerRunning) }
+func (f *fakeWorker) Drain()  { f.set(events.WorkerDraining) }
+func (f *fakeWorker) Stop()   { f.set(events.WorkerStopping) }
+func (f *fakeWorker) State() events.WorkerState {
 	if f.slow != nil {
 		<-f.slow
 	}
@@ -63,16 +62,16 @@ func (f *fakeWorker) InFlight() int64 {
 	defer f.mu.Unlock()
 	return int64(len(f.jobs))
 }
-func (f *fakeWorker) Jobs() []natsrt.JobInfo {
+func (f *fakeWorker) Jobs() []events.JobInfo {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return append([]natsrt.JobInfo(nil), f.jobs...)
+	return append([]events.JobInfo(nil), f.jobs...)
 }
-func (f *fakeWorker) Cancel(bucket, key string) []natsrt.JobInfo {
+func (f *fakeWorker) Cancel(bucket, key string) []events.JobInfo {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.cancels = append(f.cancels, bucket+"/"+key)
-	var out []natsrt.JobInfo
+	var out []events.JobInfo
 	for _, j := range f.jobs {
 		if j.Bucket == bucket && j.Key == key {
 			out = append(out, j)
@@ -80,8 +79,10 @@ func (f *fakeWorker) Cancel(bucket, key string) []natsrt.JobInfo {
 	}
 	return out
 }
-func (f *fakeWorker) Counts() natsrt.Counts { return natsrt.Counts{Handled: 3, Acked: 2, Retried: 1} }
-func (f *fakeWorker) Started() time.Time    { return time.Now().Add(-time.Minute) }
+func (f *fakeWorker) Counts() events.WorkerCounts {
+	return events.WorkerCounts{Handled: 3, Acked: 2, Retried: 1}
+}
+func (f *fakeWorker) Started() time.Time { return time.Now().Add(-time.Minute) }
 func (f *fakeWorker) Consumer(context.Context) (*jetstream.ConsumerInfo, error) {
 	return &jetstream.ConsumerInfo{NumPending: 4, NumAckPending: 1}, nil
 }
@@ -94,26 +95,15 @@ type stack struct {
 
 func startNATS(t *testing.T) stack {
 	t.Helper()
-	srv, err := natsserver.Start(natsserver.Options{Port: -1, StoreDir: t.TempDir(), Name: t.Name()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Shutdown)
-	nc := connect(t, srv.URL())
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return stack{url: srv.URL(), nc: nc, js: js}
+	nc, js := natstest.Start(t)
+	return stack{url: nc.ConnectedUrl(), nc: nc, js: js}
 }
 
+// connect is another client of the server at url, as a separate process
+// would be.
 func connect(t *testing.T, url string) *nats.Conn {
 	t.Helper()
-	nc, err := nats.Connect(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	nc, _ := natstest.Connect(t, url)
 	return nc
 }
 
@@ -134,14 +124,14 @@ func replica(t *testing.T, url, function string, w *fakeWorker) *control.Service
 
 func TestClientGathersEveryReplicaAndSteersOneByInstance(t *testing.T) {
 	s := startNATS(t)
-	c1, c2, in := &fakeWorker{state: natsrt.StateRunning}, &fakeWorker{state: natsrt.StateRunning}, &fakeWorker{state: natsrt.StateRunning}
+	c1, c2, in := &fakeWorker{state: events.WorkerRunning}, &fakeWorker{state: events.WorkerRunning}, &fakeWorker{state: events.WorkerRunning}
 	svc1 := replica(t, s.url, "convert", c1)
 	svc2 := replica(t, s.url, "convert", c2)
 	replica(t, s.url, "ingest", in)
 	client := control.NewClient(s.nc, 300*time.Millisecond).FindWithin(time.Second)
 	ctx := context.Background()
 
-	all, err := client.Status(ctx, control.Functions, "")
+	all, err := client.Status(ctx, events.Functions(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,14 +154,14 @@ func TestClientGathersEveryReplicaAndSteersOneByInstance(t *testing.T) {
 		t.Fatalf("convert replicas = %+v, want %s and %s", conv, svc1.ID(), svc2.ID())
 	}
 
-	paused, err := client.Steer(ctx, []string{"convert"}, control.VerbPause, svc2.ID())
+	paused, err := client.Steer(ctx, []string{"convert"}, events.VerbPause, svc2.ID())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(paused) != 1 || paused[0].Instance != svc2.ID() || paused[0].State != natsrt.StatePaused {
+	if len(paused) != 1 || paused[0].Instance != svc2.ID() || paused[0].State != events.WorkerPaused {
 		t.Fatalf("pause of one instance answered %+v", paused)
 	}
-	if c1.State() != natsrt.StateRunning || c2.State() != natsrt.StatePaused {
+	if c1.State() != events.WorkerRunning || c2.State() != events.WorkerPaused {
 		t.Errorf("states after pausing %s: %s, %s", svc2.ID(), c1.State(), c2.State())
 	}
 
@@ -193,7 +183,7 @@ func TestClientGathersEveryReplicaAndSteersOneByInstance(t *testing.T) {
 
 func TestReplicasShowAsMicroServicesWithTheirCounters(t *testing.T) {
 	s := startNATS(t)
-	svc := replica(t, s.url, "convert", &fakeWorker{state: natsrt.StateRunning})
+	svc := replica(t, s.url, "convert", &fakeWorker{state: events.WorkerRunning})
 
 	msg, err := s.nc.Request("$SRV.INFO.imagepipe-convert", nil, 2*time.Second)
 	if err != nil {
@@ -206,7 +196,7 @@ func TestReplicasShowAsMicroServicesWithTheirCounters(t *testing.T) {
 	if info.Name != "imagepipe-convert" || info.ID != svc.ID() || info.Version != "0.1.0-dev" || info.Metadata["function"] != "convert" {
 		t.Errorf("info = %+v", info)
 	}
-	if len(info.Endpoints) != len(control.Verbs) {
+	if len(info.Endpoints) != len(events.Verbs()) {
 		t.Errorf("endpoints = %+v, want one per verb", info.Endpoints)
 	}
 
@@ -218,7 +208,7 @@ func TestReplicasShowAsMicroServicesWithTheirCounters(t *testing.T) {
 	if err := json.Unmarshal(msg.Data, &stats); err != nil {
 		t.Fatal(err)
 	}
-	var data control.ReplicaStats
+	var data events.ReplicaStats
 	if len(stats.Endpoints) == 0 || json.Unmarshal(stats.Endpoints[0].Data, &data) != nil || data.Counts.Retried != 1 {
 		t.Errorf("micro stats carry no replica counters: %+v", stats)
 	}
@@ -232,23 +222,6 @@ func TestVersionsThatAreNotSemverStillRegister(t *testing.T) {
 			t.Fatalf("version %q: %v", v, err)
 		}
 		_ = svc.Stop()
-	}
-}
-
-func statusKV(t *testing.T, js jetstream.JetStream) jetstream.KeyValue {
-	t.Helper()
-	kv, err := js.CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: events.StatusBucket, History: 5})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return kv
-}
-
-func putStatus(t *testing.T, kv jetstream.KeyValue, st events.Status) {
-	t.Helper()
-	b, _ := json.Marshal(st)
-	if _, err := kv.Put(context.Background(), events.StatusKey(st.Bucket, st.Key), b); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -267,12 +240,12 @@ func getStatus(t *testing.T, kv jetstream.KeyValue, bucket, key string) events.S
 
 func TestCancelStopsARunningJobOnTheReplicaRunningIt(t *testing.T) {
 	s := startNATS(t)
-	kv := statusKV(t, s.js)
-	idle := &fakeWorker{state: natsrt.StateRunning}
-	busy := &fakeWorker{state: natsrt.StateRunning, jobs: []natsrt.JobInfo{{JobRef: natsrt.JobRef{ID: "j1", Bucket: "uploads", Key: "disks/a.vhdx"}}}}
+	kv := natstest.StatusBucket(t, s.js)
+	idle := &fakeWorker{state: events.WorkerRunning}
+	busy := &fakeWorker{state: events.WorkerRunning, jobs: []events.JobInfo{{JobRef: events.JobRef{ID: "j1", Bucket: "uploads", Key: "disks/a.vhdx"}}}}
 	replica(t, s.url, "convert", idle)
 	busySvc := replica(t, s.url, "convert", busy)
-	putStatus(t, kv, events.Status{Bucket: "uploads", Key: "disks/a.vhdx", JobID: "j1", State: events.StateConverting})
+	natstest.PutStatus(t, kv, events.Status{Bucket: "uploads", Key: "disks/a.vhdx", JobID: "j1", State: events.StateConverting})
 
 	res, err := control.NewClient(s.nc, 300*time.Millisecond).Cancel(context.Background(), kv, "uploads", "disks/a.vhdx")
 	if err != nil {
@@ -288,12 +261,12 @@ func TestCancelStopsARunningJobOnTheReplicaRunningIt(t *testing.T) {
 
 func TestCancelMarksAQueuedJobCancelledForConvertToSkip(t *testing.T) {
 	s := startNATS(t)
-	kv := statusKV(t, s.js)
-	replica(t, s.url, "convert", &fakeWorker{state: natsrt.StateRunning})
+	kv := natstest.StatusBucket(t, s.js)
+	replica(t, s.url, "convert", &fakeWorker{state: events.WorkerRunning})
 	client := control.NewClient(s.nc, 200*time.Millisecond)
 	ctx := context.Background()
-	putStatus(t, kv, events.Status{Bucket: "uploads", Key: "q.vhdx", JobID: "j2", State: events.StateQueued, Attempt: 1})
-	putStatus(t, kv, events.Status{Bucket: "uploads", Key: "done.vhdx", JobID: "j3", State: events.StateReady})
+	natstest.PutStatus(t, kv, events.Status{Bucket: "uploads", Key: "q.vhdx", JobID: "j2", State: events.StateQueued, Attempt: 1})
+	natstest.PutStatus(t, kv, events.Status{Bucket: "uploads", Key: "done.vhdx", JobID: "j3", State: events.StateReady})
 
 	res, err := client.Cancel(ctx, kv, "uploads", "q.vhdx")
 	if err != nil {

@@ -11,8 +11,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/control"
-	"github.com/imagepipe/imagepipe/internal/natsrt"
 )
 
 // afterRequests calls then once n requests on subject have gone by, as
@@ -50,20 +50,20 @@ func TestInstanceRequestWaitsForAReplicaThatAnswersLate(t *testing.T) {
 	var release sync.Once
 	open := func() { release.Do(func() { close(slow) }) }
 	t.Cleanup(open)
-	loaded := &fakeWorker{state: natsrt.StateRunning, slow: slow}
+	loaded := &fakeWorker{state: events.WorkerRunning, slow: slow}
 	target := replica(t, s.url, "convert", loaded)
-	other := &fakeWorker{state: natsrt.StateRunning}
+	other := &fakeWorker{state: events.WorkerRunning}
 	replica(t, s.url, "convert", other)
 	// The loaded replica answers only once the client has sent a third
 	// round: two rounds went by with no answer from it.
-	afterRequests(t, s.url, control.Subject("convert", control.VerbStatus), 3, open)
+	afterRequests(t, s.url, events.ReplicaSubject("convert", events.VerbStatus), 3, open)
 
 	client := control.NewClient(s.nc, 100*time.Millisecond).FindWithin(time.Minute)
-	drained, err := client.Steer(context.Background(), control.Functions, control.VerbDrain, target.ID())
+	drained, err := client.Steer(context.Background(), events.Functions(), events.VerbDrain, target.ID())
 	if err != nil {
 		t.Fatalf("drain of a replica that answers late: %v", err)
 	}
-	if len(drained) != 1 || drained[0].Instance != target.ID() || drained[0].State != natsrt.StateDraining {
+	if len(drained) != 1 || drained[0].Instance != target.ID() || drained[0].State != events.WorkerDraining {
 		t.Fatalf("drain answered %+v, want %s draining", drained, target.ID())
 	}
 	if loaded.timesSteered() != 1 || other.timesSteered() != 0 {
@@ -81,13 +81,13 @@ func TestInstanceRequestFindsAReplicaWhoseServiceStartsLate(t *testing.T) {
 		// A replica's control service as it is on the wire, listening only
 		// from now on: every request sent before is lost, not queued.
 		nc := connect(t, s.url)
-		_, err := nc.Subscribe(control.SubjectPrefix+".convert.*", func(m *nats.Msg) {
-			st := control.Status{Replica: control.Replica{Function: "convert", Instance: late}, State: natsrt.StateRunning}
-			if strings.HasSuffix(m.Subject, "."+control.VerbDrain) {
+		_, err := nc.Subscribe(events.SubjectControlPrefix+".convert.*", func(m *nats.Msg) {
+			st := events.ReplicaStatus{Replica: events.Replica{Function: "convert", Instance: late}, State: events.WorkerRunning}
+			if strings.HasSuffix(m.Subject, "."+events.VerbDrain) {
 				mu.Lock()
 				drains++
 				mu.Unlock()
-				st.State = natsrt.StateDraining
+				st.State = events.WorkerDraining
 			}
 			body, _ := json.Marshal(st)
 			_ = m.Respond(body)
@@ -99,14 +99,14 @@ func TestInstanceRequestFindsAReplicaWhoseServiceStartsLate(t *testing.T) {
 			t.Error(err)
 		}
 	}
-	afterRequests(t, s.url, control.Subject("convert", control.VerbStatus), 2, listen)
+	afterRequests(t, s.url, events.ReplicaSubject("convert", events.VerbStatus), 2, listen)
 
 	client := control.NewClient(s.nc, 100*time.Millisecond).FindWithin(time.Minute)
-	drained, err := client.Steer(context.Background(), []string{"convert"}, control.VerbDrain, late)
+	drained, err := client.Steer(context.Background(), []string{"convert"}, events.VerbDrain, late)
 	if err != nil {
 		t.Fatalf("drain of a replica whose service started after the first rounds: %v", err)
 	}
-	if len(drained) != 1 || drained[0].Instance != late || drained[0].State != natsrt.StateDraining {
+	if len(drained) != 1 || drained[0].Instance != late || drained[0].State != events.WorkerDraining {
 		t.Fatalf("drain answered %+v", drained)
 	}
 	mu.Lock()
@@ -118,14 +118,14 @@ func TestInstanceRequestFindsAReplicaWhoseServiceStartsLate(t *testing.T) {
 
 func TestInstanceRequestNoReplicaAnswersNamesTheDeadlineAndWhoDid(t *testing.T) {
 	s := startNATS(t)
-	cw, iw := &fakeWorker{state: natsrt.StateRunning}, &fakeWorker{state: natsrt.StateRunning}
+	cw, iw := &fakeWorker{state: events.WorkerRunning}, &fakeWorker{state: events.WorkerRunning}
 	conv := replica(t, s.url, "convert", cw)
 	ing := replica(t, s.url, "ingest", iw)
 	const within = time.Second
 	client := control.NewClient(s.nc, 100*time.Millisecond).FindWithin(within)
 
 	started := time.Now()
-	_, err := client.Steer(context.Background(), control.Functions, control.VerbDrain, "gone")
+	_, err := client.Steer(context.Background(), events.Functions(), events.VerbDrain, "gone")
 	waited := time.Since(started)
 
 	var nie *control.NoInstanceError

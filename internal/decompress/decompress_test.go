@@ -1,3 +1,5 @@
+//go:build unix
+
 package decompress
 
 import (
@@ -14,6 +16,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 
+	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/decompress/decompresstest"
 	"github.com/imagepipe/imagepipe/internal/failure"
 )
@@ -166,8 +169,8 @@ func TestStreamDeclaringAHugeWindowIsRefusedByRule(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, path, err := expand(t, bytes.NewReader(body), Budget{MaxSize: 1 << 40})
-			if fe, ok := failure.As(err); !ok || !fe.Permanent || fe.Rule != RuleWindow {
-				t.Fatalf("err = %v, want a refusal by rule %s", err, RuleWindow)
+			if fe, ok := failure.As(err); !ok || !fe.Permanent || fe.Rule != events.RuleDecompressWindow {
+				t.Fatalf("err = %v, want a refusal by rule %s", err, events.RuleDecompressWindow)
 			}
 			if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("the partial file was left behind: %v", err)
@@ -247,8 +250,8 @@ func TestDataAndZerosComeOutExactlyAsCompressed(t *testing.T) {
 
 func TestContentPastTheVirtualSizeLimitIsRefusedByRule(t *testing.T) {
 	res, path, err := expand(t, bytes.NewReader(decompresstest.ZstdRun(0, 256<<20)), Budget{MaxSize: 64 << 20})
-	if fe, ok := failure.As(err); !ok || !fe.Permanent || fe.Rule != RuleVirtualSize || fe.Suggestion == "" {
-		t.Fatalf("err = %v, want a refusal by rule %s", err, RuleVirtualSize)
+	if fe, ok := failure.As(err); !ok || !fe.Permanent || fe.Rule != events.RuleVirtualSize || fe.Suggestion == "" {
+		t.Fatalf("err = %v, want a refusal by rule %s", err, events.RuleVirtualSize)
 	}
 	if res.Size > 64<<20 || res.Allocated != 0 {
 		t.Errorf("result %+v: wrote past the limit, or allocated zeros", res)
@@ -270,8 +273,8 @@ func TestDataThatCanNeverFitTheScratchSpaceIsRefusedByRule(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			res, path, err := expand(t, src(), b)
 			fe, ok := failure.As(err)
-			if !ok || !fe.Permanent || fe.Rule != RuleScratchSpace || fe.Suggestion == "" {
-				t.Fatalf("err = %v, want a refusal by rule %s", err, RuleScratchSpace)
+			if !ok || !fe.Permanent || fe.Rule != events.RuleScratchSpace || fe.Suggestion == "" {
+				t.Fatalf("err = %v, want a refusal by rule %s", err, events.RuleScratchSpace)
 			}
 			if res.Allocated > room || res.Allocated < room-bufSize {
 				t.Errorf("allocated %d bytes, want nearly all of the %d of room and no more", res.Allocated, room)
@@ -295,8 +298,8 @@ func TestFreeSpaceIsLookedAtAgainWhileWriting(t *testing.T) {
 		return 1<<40 - AutoReserve(1<<40) - every - 4<<20
 	}}
 	res, _, err := expand(t, &filled{b: 1, n: 256 << 20}, Budget{MaxSize: 1 << 40, Reserve: -1, free: d.free, recheckEvery: every})
-	if fe, ok := failure.As(err); !ok || fe.Permanent || fe.Rule != RuleScratchSpace {
-		t.Fatalf("err = %v, want a retryable failure naming rule %s", err, RuleScratchSpace)
+	if fe, ok := failure.As(err); !ok || fe.Permanent || fe.Rule != events.RuleScratchSpace {
+		t.Fatalf("err = %v, want a retryable failure naming rule %s", err, events.RuleScratchSpace)
 	}
 	if d.looks < 2 || res.Allocated != every+4<<20 {
 		t.Errorf("looked %d times, allocated %d bytes; want a second look after %d bytes and nothing past its 4 MiB", d.looks, res.Allocated, every)
@@ -323,8 +326,8 @@ func TestShortageThatAnEmptierDiskWouldNotHaveIsRetried(t *testing.T) {
 			b := Budget{MaxSize: 1 << 40, free: d.free, recheckEvery: 8 << 20}
 			_, _, err := expand(t, &filled{b: 1, n: tc.data}, b)
 			fe, ok := failure.As(err)
-			if !ok || fe.Permanent != tc.permanent || fe.Rule != RuleScratchSpace {
-				t.Fatalf("err = %v (permanent %v), want permanent %v naming rule %s", err, ok && fe.Permanent, tc.permanent, RuleScratchSpace)
+			if !ok || fe.Permanent != tc.permanent || fe.Rule != events.RuleScratchSpace {
+				t.Fatalf("err = %v (permanent %v), want permanent %v naming rule %s", err, ok && fe.Permanent, tc.permanent, events.RuleScratchSpace)
 			}
 		})
 	}
@@ -341,8 +344,8 @@ func TestAutoReserveIsATwentiethOfTheDiskUpToAGibibyte(t *testing.T) {
 func TestDamagedStreamIsRefusedButAFailingSourceIsNot(t *testing.T) {
 	body := decompresstest.Compressed(t, bytes.Repeat([]byte("imagepipe disk "), 100000), decompresstest.Gzip)
 	_, _, err := expand(t, bytes.NewReader(body[:len(body)/2]), Budget{MaxSize: 1 << 40})
-	if fe, ok := failure.As(err); !ok || !fe.Permanent || fe.Rule != RuleStream {
-		t.Errorf("truncated gzip: err = %v, want a refusal by rule %s", err, RuleStream)
+	if fe, ok := failure.As(err); !ok || !fe.Permanent || fe.Rule != events.RuleCompressedStream {
+		t.Errorf("truncated gzip: err = %v, want a refusal by rule %s", err, events.RuleCompressedStream)
 	}
 
 	dropped := errors.New("connection reset")

@@ -14,22 +14,6 @@ import (
 	"github.com/imagepipe/imagepipe/internal/failure"
 )
 
-// The rules an expansion is refused by, as failure events and
-// `imagepipe inspect` name them.
-const (
-	// RuleWindow refuses a stream whose decoder would need more than
-	// MaxWindow of memory.
-	RuleWindow = "decompress-window"
-	// RuleVirtualSize refuses content larger than the virtual-size limit,
-	// zeros included: no image it could hold would be accepted anyway.
-	RuleVirtualSize = "virtual-size"
-	// RuleScratchSpace refuses content whose bytes other than zeros do not
-	// fit the scratch space beyond the reserve.
-	RuleScratchSpace = "scratch-space"
-	// RuleStream refuses a compressed stream that is damaged or truncated.
-	RuleStream = "compressed-stream"
-)
-
 // Budget bounds what Expand may write.
 type Budget struct {
 	// MaxSize is the most bytes the content may have, zeros included
@@ -137,7 +121,7 @@ func tooLarge(codec Codec, maxSize int64) error {
 	if codec != None {
 		what = fmt.Sprintf("the %s stream expands to", codec)
 	}
-	return failure.Refused(phase, RuleVirtualSize, fmt.Errorf("%s more than %d bytes, the most IMAGEPIPE_MAX_VIRTUAL_SIZE allows", what, maxSize),
+	return failure.Refused(phase, events.RuleVirtualSize, fmt.Errorf("%s more than %d bytes, the most IMAGEPIPE_MAX_VIRTUAL_SIZE allows", what, maxSize),
 		"split the disk or raise IMAGEPIPE_MAX_VIRTUAL_SIZE")
 }
 
@@ -189,11 +173,11 @@ func (e *decodeErr) Unwrap() error { return e.err }
 // decodeError is the verdict on a stream its decoder gave up on.
 func decodeError(codec Codec, err error) error {
 	if windowTooLarge(err) {
-		return failure.Refused(phase, RuleWindow,
+		return failure.Refused(phase, events.RuleDecompressWindow,
 			fmt.Errorf("the %s stream needs more than %d MiB of memory to decompress (its dictionary or window size)", codec, MaxWindow>>20),
 			"compress the image again with a smaller window: xz -9 or less, zstd -19 or less without --long")
 	}
-	return failure.Refused(phase, RuleStream, fmt.Errorf("decompress %s stream: %w", codec, err),
+	return failure.Refused(phase, events.RuleCompressedStream, fmt.Errorf("decompress %s stream: %w", codec, err),
 		"upload the file again; its compressed stream is damaged or truncated")
 }
 
@@ -202,7 +186,7 @@ func decodeError(codec Codec, err error) error {
 // took the room meanwhile: that passes.
 func writeFailure(err error) error {
 	if errors.Is(err, syscall.ENOSPC) {
-		return &failure.Error{Phase: phase, Rule: RuleScratchSpace, Err: fmt.Errorf("scratch space filled up by other writers while expanding: %w", err),
+		return &failure.Error{Phase: phase, Rule: events.RuleScratchSpace, Err: fmt.Errorf("scratch space filled up by other writers while expanding: %w", err),
 			Suggestion: "free space in IMAGEPIPE_SCRATCH_DIR, lower IMAGEPIPE_MAX_CONCURRENT_JOBS or raise IMAGEPIPE_SCRATCH_RESERVE"}
 	}
 	return failure.Retryable(phase, fmt.Errorf("write scratch file: %w", err), "")

@@ -4,10 +4,10 @@ import (
 	"bytes"
 	"fmt"
 	"os"
-	"syscall"
 
-	"github.com/imagepipe/imagepipe/internal/direct"
+	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 )
 
 const (
@@ -24,23 +24,23 @@ var zeroBlock [holeBlock]byte
 
 // holeWriter writes a new file sequentially, leaving each aligned block of
 // zeros as a hole and the rest with O_DIRECT where the file system allows
-// it (see package direct). Every block it writes is first taken from its
+// it (see package scratch). Every block it writes is first taken from its
 // room.
 type holeWriter struct {
 	path string
-	f    *direct.WriterAt
-	mem  []byte // anonymous mapping: page aligned, as O_DIRECT asks
+	f    *scratch.WriterAt
+	mem  []byte // from scratch.AlignedBuffer: page aligned, as O_DIRECT asks
 	buf  []byte // a bufSize view of mem that callers fill; nil once closed
 	size int64  // bytes of content written, holes included
 	room *room
 }
 
 func createHoleWriter(path string, r *room) (*holeWriter, error) {
-	f, err := direct.CreateWriterAt(path, 0)
+	f, err := scratch.CreateWriterAt(path, 0)
 	if err != nil {
 		return nil, err
 	}
-	mem, err := syscall.Mmap(-1, 0, bufSize, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_ANON|syscall.MAP_PRIVATE)
+	mem, err := scratch.AlignedBuffer(bufSize)
 	if err != nil {
 		f.Close()
 		os.Remove(path)
@@ -103,7 +103,7 @@ func (w *holeWriter) Close() error {
 	if err == nil {
 		err = os.Truncate(w.path, w.size)
 	}
-	if uerr := syscall.Munmap(w.mem); err == nil {
+	if uerr := scratch.FreeBuffer(w.mem); err == nil {
 		err = uerr
 	}
 	return err
@@ -163,7 +163,7 @@ func (r *room) take(n, content int64) (write bool, err error) {
 	}
 	r.need += n
 	if r.need > r.size-r.reserve {
-		return false, failure.Refused(phase, RuleScratchSpace,
+		return false, failure.Refused(phase, events.RuleScratchSpace,
 			fmt.Errorf("the content needs more than %d bytes of scratch space by byte %d (runs of zeros take none); the whole scratch file system holds %d beyond its reserve of %d bytes (IMAGEPIPE_SCRATCH_RESERVE)",
 				r.size-r.reserve, content, r.size-r.reserve, r.reserve),
 			"point IMAGEPIPE_SCRATCH_DIR at a larger disk, then convert the upload again; an upload this large once expanded may also be a decompression bomb")
@@ -178,7 +178,7 @@ func (r *room) shortage() error {
 	if !r.short {
 		return nil
 	}
-	return &failure.Error{Phase: phase, Rule: RuleScratchSpace,
+	return &failure.Error{Phase: phase, Rule: events.RuleScratchSpace,
 		Err: fmt.Errorf("the content needs %d bytes of scratch space (runs of zeros take none); the scratch disk had room for %d beyond its reserve of %d bytes (IMAGEPIPE_SCRATCH_RESERVE), and holds %d once what else is on it is gone",
 			r.need, r.used+max(r.avail, 0), r.reserve, r.size-r.reserve),
 		Suggestion: "it is retried once other jobs end; lower IMAGEPIPE_MAX_CONCURRENT_JOBS or enlarge IMAGEPIPE_SCRATCH_DIR to avoid the wait"}
@@ -206,11 +206,3 @@ func (r *room) look() error {
 // configured: a twentieth of it, at most 1 GiB, so that a small scratch
 // disk is not all reserve.
 func AutoReserve(size int64) int64 { return min(size/20, 1<<30) }
-
-func freeSpace(dir string) (free, size int64, err error) {
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(dir, &st); err != nil {
-		return 0, 0, err
-	}
-	return int64(st.Bavail) * int64(st.Bsize), int64(st.Blocks) * int64(st.Bsize), nil
-}

@@ -5,21 +5,23 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/imagepipe/imagepipe/internal/config"
 )
 
 // Config is content de-duplication's settings. Convert embeds it; the
 // `imagepipe dedup` command reads MaxAge from it.
 type Config struct {
 	// Enabled turns content de-duplication on or off ("on" or "off").
-	Enabled Switch `env:"IMAGEPIPE_DEDUP" envDefault:"on"`
+	Enabled Switch `env:"IMAGEPIPE_DEDUP" envDefault:"on" doc:"content de-duplication"`
 	// Hash says what identifies content: the object's ETag and size, free
 	// because S3 computes it, or a SHA-256 that convert computes while
 	// downloading, which survives a re-upload with another part size and
 	// cannot be forged with an MD5 collision.
-	Hash Hash `env:"IMAGEPIPE_DEDUP_HASH" envDefault:"etag"`
+	Hash Hash `env:"IMAGEPIPE_DEDUP_HASH" envDefault:"etag" doc:"what identifies content: etag (ETag and size, free) or sha256 (computed by convert while downloading)"`
 	// MaxAge is how long a record is kept; the bucket expires each record
 	// this long after it was written.
-	MaxAge Age `env:"IMAGEPIPE_DEDUP_MAX_AGE" envDefault:"90d"`
+	MaxAge Age `env:"IMAGEPIPE_DEDUP_MAX_AGE" envDefault:"90d" doc:"how long a de-duplication record lives"`
 }
 
 // Switch is an on/off setting. It accepts on, off, true, false, yes, no, 1
@@ -39,6 +41,9 @@ func (s *Switch) UnmarshalText(b []byte) error {
 	return nil
 }
 
+// Accepts says what a Switch takes.
+func (Switch) Accepts() string { return "on or off (also true/false, yes/no, 1/0)" }
+
 // MarshalText prints "on" or "off".
 func (s Switch) MarshalText() ([]byte, error) {
 	if s {
@@ -55,6 +60,9 @@ const (
 	HashETag   Hash = "etag"
 	HashSHA256 Hash = "sha256"
 )
+
+// Accepts says what a Hash takes.
+func (Hash) Accepts() string { return "etag or sha256" }
 
 // UnmarshalText accepts etag or sha256, in any case.
 func (h *Hash) UnmarshalText(b []byte) error {
@@ -80,6 +88,9 @@ func (a *Age) UnmarshalText(b []byte) error {
 	return nil
 }
 
+// Accepts says what an Age takes.
+func (Age) Accepts() string { return config.DurationAccepts }
+
 // Duration is the age as a time.Duration.
 func (a Age) Duration() time.Duration { return time.Duration(a) }
 
@@ -96,18 +107,9 @@ func (a Age) String() string {
 // refused: "older than minus a day" means nothing.
 func ParseAge(s string) (time.Duration, error) {
 	s = strings.TrimSpace(s)
-	var d time.Duration
-	if days, ok := strings.CutSuffix(s, "d"); ok {
-		n, err := strconv.ParseInt(days, 10, 64)
-		if err != nil || n > int64(1<<63-1)/int64(24*time.Hour) {
-			return 0, fmt.Errorf("age %q: want whole days such as 90d, or a Go duration such as 36h", s)
-		}
-		d = time.Duration(n) * 24 * time.Hour
-	} else {
-		var err error
-		if d, err = time.ParseDuration(s); err != nil {
-			return 0, fmt.Errorf("age %q: want whole days such as 90d, or a Go duration such as 36h", s)
-		}
+	d, err := config.ParseDuration(s)
+	if err != nil {
+		return 0, fmt.Errorf("age %q: want whole days such as 90d, or a Go duration such as 36h", s)
 	}
 	if d < 0 {
 		return 0, fmt.Errorf("age %q is negative", s)

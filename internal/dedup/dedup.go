@@ -10,10 +10,10 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-)
 
-// Bucket is the JetStream key-value bucket holding the records.
-const Bucket = "imagepipe_dedup"
+	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/setup"
+)
 
 // Record says where the conversion of one content to one output format
 // already is. Convert writes it after a successful upload and reads it
@@ -104,17 +104,32 @@ func WithReplicas(n int) Option {
 	}
 }
 
-// Open creates or updates the bucket and returns a store on it. maxAge is
-// how long each record lives after it was written: the bucket's TTL is the
-// stream's MaxAge, which JetStream applies to each entry from the moment
-// it was stored; 0 keeps records until pruned.
-// Every replica calls Open at start; it is idempotent.
+// Open opens the bucket, creating it from BucketConfig if it does not
+// exist yet (setup.KV: an existing bucket is used as it is, and `imagepipe
+// setup` brings it to the settings), and returns a store on it. Every
+// replica calls Open at start; it is idempotent.
 func Open(ctx context.Context, js jetstream.JetStream, maxAge time.Duration, opts ...Option) (*Store, error) {
+	cfg, err := BucketConfig(maxAge, opts...)
+	if err != nil {
+		return nil, err
+	}
+	kv, err := setup.KV(ctx, js, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Store{kv: kv}, nil
+}
+
+// BucketConfig is the bucket as the settings want it. maxAge is how long
+// each record lives after it was written: the bucket's TTL is the stream's
+// MaxAge, which JetStream applies to each entry from the moment it was
+// stored; 0 keeps records until pruned.
+func BucketConfig(maxAge time.Duration, opts ...Option) (jetstream.KeyValueConfig, error) {
 	if maxAge < 0 {
-		return nil, fmt.Errorf("open %s: negative max age %s", Bucket, maxAge)
+		return jetstream.KeyValueConfig{}, fmt.Errorf("open %s: negative max age %s", events.DedupBucket, maxAge)
 	}
 	cfg := jetstream.KeyValueConfig{
-		Bucket:      Bucket,
+		Bucket:      events.DedupBucket,
 		Description: "outputs of already converted content, by content and output format",
 		History:     1,
 		TTL:         maxAge,
@@ -124,9 +139,16 @@ func Open(ctx context.Context, js jetstream.JetStream, maxAge time.Duration, opt
 	for _, o := range opts {
 		o(&cfg)
 	}
-	kv, err := js.CreateOrUpdateKeyValue(ctx, cfg)
+	return cfg, nil
+}
+
+// Existing returns a store on the bucket as it is, without creating or
+// changing it: for tools that must not provision as a side effect. The
+// error wraps jetstream.ErrBucketNotFound when there is none.
+func Existing(ctx context.Context, js jetstream.JetStream) (*Store, error) {
+	kv, err := js.KeyValue(ctx, events.DedupBucket)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", Bucket, err)
+		return nil, fmt.Errorf("open %s: %w", events.DedupBucket, err)
 	}
 	return &Store{kv: kv}, nil
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/caarlos0/env/v11"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/dedup"
 	"github.com/imagepipe/imagepipe/internal/natstest"
 )
@@ -152,7 +153,7 @@ func TestPruneRemovesOnlyRecordsOlderThanTheAge(t *testing.T) {
 		}
 	}
 	// A record nothing can read is pruned whatever its age.
-	kv, err := js.KeyValue(ctx, dedup.Bucket)
+	kv, err := js.KeyValue(ctx, events.DedupBucket)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"github.com/dustin/go-humanize"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // Format is a disk image format, spelled as qemu-img spells it (VHD is
@@ -138,45 +140,47 @@ const (
 	matchTar        headMatch = "tar"
 )
 
+// headSignatures tell each format by the bytes at the start of a file, in
+// the order a refusal of several names them.
+var headSignatures = []struct {
+	match headMatch
+	found func(head []byte) bool
+}{
+	{matchQcow, bytesAt(0, "QFI\xfb")},
+	{matchQED, bytesAt(0, "QED\x00")},
+	{matchVHDX, bytesAt(0, "vhdxfile")},
+	{matchVPC, bytesAt(0, "conectix")},
+	{matchVDI, looksLikeVDI},
+	{matchVMDK, bytesAt(0, "KDMV")},
+	{matchCOWD, bytesAt(0, "COWD")},
+	{matchSESparse, bytesAt(0, "\xbe\xba\xfe\xca\x00\x00\x00\x00")},
+	{matchDescriptor, looksLikeDescriptor},
+	{matchTar, bytesAt(257, "ustar")},
+}
+
+// bytesAt is a signature of fixed bytes at a fixed offset.
+func bytesAt(off int, sig string) func(head []byte) bool {
+	return func(head []byte) bool {
+		return len(head) >= off+len(sig) && string(head[off:off+len(sig)]) == sig
+	}
+}
+
+// looksLikeVDI requires the banner as well as the signature: the banner is
+// informational to VirtualBox and QEMU, but requiring it keeps four stray
+// bytes in a raw disk's boot code from passing as VDI.
+func looksLikeVDI(head []byte) bool {
+	return bytesAt(0, "<<< ")(head) && len(head) >= 0x44 && binary.LittleEndian.Uint32(head[0x40:]) == vdiSignature
+}
+
 // headMatches lists every signature present in head. More than one means
 // the file can be read as several formats, which is refused rather than
 // resolved: a tool that probes picks one, and an attacker picks the file.
 func headMatches(head []byte) []headMatch {
 	var m []headMatch
-	has := func(off int, sig string) bool {
-		return len(head) >= off+len(sig) && string(head[off:off+len(sig)]) == sig
-	}
-	if has(0, "QFI\xfb") {
-		m = append(m, matchQcow)
-	}
-	if has(0, "QED\x00") {
-		m = append(m, matchQED)
-	}
-	if has(0, "vhdxfile") {
-		m = append(m, matchVHDX)
-	}
-	if has(0, "conectix") {
-		m = append(m, matchVPC)
-	}
-	// The banner is informational to VirtualBox and QEMU, but requiring it
-	// keeps four stray bytes in a raw disk's boot code from passing as VDI.
-	if has(0, "<<< ") && len(head) >= 0x44 && binary.LittleEndian.Uint32(head[0x40:]) == vdiSignature {
-		m = append(m, matchVDI)
-	}
-	if has(0, "KDMV") {
-		m = append(m, matchVMDK)
-	}
-	if has(0, "COWD") {
-		m = append(m, matchCOWD)
-	}
-	if has(0, "\xbe\xba\xfe\xca\x00\x00\x00\x00") {
-		m = append(m, matchSESparse)
-	}
-	if looksLikeDescriptor(head) {
-		m = append(m, matchDescriptor)
-	}
-	if has(257, "ustar") {
-		m = append(m, matchTar)
+	for _, s := range headSignatures {
+		if s.found(head) {
+			m = append(m, s.match)
+		}
 	}
 	return m
 }
@@ -188,7 +192,7 @@ func detect(s *source, head []byte, lim Limits) (Report, error) {
 		for i, m := range matches {
 			names[i] = string(m)
 		}
-		return Report{}, refuse("polyglot", sugReexport,
+		return Report{}, refuse(events.RulePolyglot, sugReexport,
 			"the file carries the signatures of several formats at once (%s)", strings.Join(names, ", "))
 	}
 	if len(matches) == 1 {
@@ -196,14 +200,14 @@ func detect(s *source, head []byte, lim Limits) (Report, error) {
 		// sector of a container format: finding one there means the same
 		// bytes boot as a raw disk and open as an image.
 		if pt := partitionTable(head); pt != "" {
-			return Report{}, refuse("polyglot", sugReexport,
+			return Report{}, refuse(events.RulePolyglot, sugReexport,
 				"the file has a %s header and also a %s partition table in its first sectors", matches[0], pt)
 		}
 		switch matches[0] {
 		case matchQcow:
 			return inspectQcow(s, head, lim)
 		case matchQED:
-			return Report{}, refuse("qed", sugConvertFirst,
+			return Report{}, refuse(events.RuleQED, sugConvertFirst,
 				"QED images are not accepted: the format is deprecated and no longer maintained")
 		case matchVHDX:
 			return inspectVHDX(s)
@@ -214,13 +218,13 @@ func detect(s *source, head []byte, lim Limits) (Report, error) {
 		case matchVMDK:
 			return inspectVMDK(s, head, lim)
 		case matchCOWD:
-			return Report{Format: VMDK}, refuse("vmdk-cowd", sugSingleVMDK,
+			return Report{Format: VMDK}, refuse(events.RuleVMDKCOWD, sugSingleVMDK,
 				"the file is a VMDK3 (ESX 2 COWD) sparse extent, an obsolete format that is not accepted")
 		case matchSESparse:
-			return Report{Format: VMDK}, refuse("vmdk-sesparse", sugSESparse,
+			return Report{Format: VMDK}, refuse(events.RuleVMDKSESparse, sugSESparse,
 				"the file is a bare ESXi SESparse extent, the delta of a snapshot without its descriptor or parent")
 		case matchDescriptor:
-			return Report{Format: VMDK}, refuse("vmdk-descriptor", sugSingleVMDK,
+			return Report{Format: VMDK}, refuse(events.RuleVMDKDescriptor, sugSingleVMDK,
 				"the file is a VMDK text descriptor, which only points at other files holding the data")
 		case matchTar:
 			return inspectTar(s, lim)
@@ -283,7 +287,7 @@ func (lim Limits) check(rep Report) error {
 }
 
 func refuseSize(f Format, size int64, lim Limits) *Refusal {
-	return refuse("virtual-size",
+	return refuse(events.RuleVirtualSize,
 		fmt.Sprintf("shrink the disk inside the guest and re-export it, or ask an operator to raise the limit of %s", humanize.IBytes(uint64(lim.MaxVirtualSize))),
 		"the %s image claims a virtual size of %s, above the limit of %s", f, humanize.IBytes(uint64(size)), humanize.IBytes(uint64(lim.MaxVirtualSize)))
 }
@@ -292,7 +296,7 @@ func refuseSize(f Format, size int64, lim Limits) *Refusal {
 // close) before the generic limit check converts it.
 func checkSize(f Format, size uint64, lim Limits) (int64, error) {
 	if size > math.MaxInt64 {
-		return 0, refuse("virtual-size", sugReexport,
+		return 0, refuse(events.RuleVirtualSize, sugReexport,
 			"the %s image claims a virtual size of %d bytes, more than any disk can have", f, size)
 	}
 	if lim.MaxVirtualSize > 0 && int64(size) > lim.MaxVirtualSize {
@@ -316,7 +320,7 @@ func refuse(rule, suggestion, format string, args ...any) *Refusal {
 }
 
 func truncated(f Format, what string) *Refusal {
-	return refuse("truncated-header", sugUploadAgain, "the %s file ends before its %s", f, what)
+	return refuse(events.RuleTruncatedHeader, sugUploadAgain, "the %s file ends before its %s", f, what)
 }
 
 // source reads bounded pieces of the image and keeps the total under
@@ -336,7 +340,7 @@ func (s *source) try(off int64, n int) ([]byte, error) {
 		n = int(s.size - off)
 	}
 	if s.read+int64(n) > readBudget {
-		return nil, refuse("header-too-large", sugReexport,
+		return nil, refuse(events.RuleHeaderTooLarge, sugReexport,
 			"inspecting the image needs more than %s of metadata", humanize.IBytes(uint64(readBudget)))
 	}
 	s.read += int64(n)

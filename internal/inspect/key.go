@@ -6,6 +6,8 @@ import (
 	"strings"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 var extensionFormats = map[string]Format{
@@ -37,7 +39,7 @@ func CheckExtension(rep Report, key string) error {
 	if !ok || named == rep.Format {
 		return nil
 	}
-	return refuse("extension-mismatch",
+	return refuse(events.RuleExtensionMismatch,
 		"check that the right file was uploaded, or rename it to match its content (."+extensionFor(rep.Format)+")",
 		"the name %s says %s but the content is %s", printable([]byte(path.Base(key))), named, rep.Format)
 }

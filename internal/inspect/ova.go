@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"github.com/dustin/go-humanize"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // An OVA is a tar archive chosen by the uploader, so every header in it is
@@ -114,7 +116,7 @@ func readOVA(s *source, lim Limits) (*OVAArchive, error) {
 	if err := a.findMetadata(); err != nil {
 		return nil, err
 	}
-	desc, err := a.readMember(s, a.Descriptor, ovfMaxSize, "ova-descriptor", "descriptor")
+	desc, err := a.readMember(s, a.Descriptor, ovfMaxSize, events.RuleOVADescriptor, "descriptor")
 	if err != nil {
 		return nil, err
 	}
@@ -129,7 +131,7 @@ func readOVA(s *source, lim Limits) (*OVAArchive, error) {
 		return nil, err
 	}
 	if a.Manifest != "" {
-		mf, err := a.readMember(s, a.Manifest, manifestMaxSize, "ova-manifest", "manifest")
+		mf, err := a.readMember(s, a.Manifest, manifestMaxSize, events.RuleOVAManifest, "manifest")
 		if err != nil {
 			return nil, err
 		}
@@ -172,7 +174,7 @@ func walkTar(s *source, maxMembers int) ([]OVAMember, error) {
 			return nil, tarError(src, err)
 		}
 		if n > maxMembers {
-			return nil, refuse("ova-members", "split the appliance, or ask an operator to raise IMAGEPIPE_OVA_MAX_MEMBERS",
+			return nil, refuse(events.RuleOVAMembers, "split the appliance, or ask an operator to raise IMAGEPIPE_OVA_MAX_MEMBERS",
 				"the archive holds more than %d members, the limit set by IMAGEPIPE_OVA_MAX_MEMBERS", maxMembers)
 		}
 		keep, err := checkHeader(h)
@@ -183,7 +185,7 @@ func walkTar(s *source, maxMembers int) ([]OVAMember, error) {
 			continue
 		}
 		if seen[h.Name] {
-			return nil, refuse("ova-duplicate-member", sugOVATar,
+			return nil, refuse(events.RuleOVADuplicateMember, sugOVATar,
 				"the archive holds two members named %s; unpacking it keeps only the last, which is not the one a check of the first would see", printable([]byte(h.Name)))
 		}
 		seen[h.Name] = true
@@ -207,7 +209,7 @@ func tarError(src *tarSource, err error) error {
 	case errors.Is(err, io.ErrUnexpectedEOF):
 		return truncated(OVA, "last member")
 	}
-	return refuse("ova-member", sugOVATar, "the archive is not a valid tar: %v", err)
+	return refuse(events.RuleOVAMember, sugOVATar, "the archive is not a valid tar: %v", err)
 }
 
 // checkHeader applies the rules of one member's header. keep is false for
@@ -218,7 +220,7 @@ func checkHeader(h *tar.Header) (keep bool, err error) {
 		// A sparse member's header states the size it expands to, which
 		// need bear no relation to the bytes in the archive: 10 KiB can
 		// claim a petabyte. No exporter writes OVA disks this way.
-		return false, refuse("ova-sparse", sugOVATar,
+		return false, refuse(events.RuleOVASparse, sugOVATar,
 			"the archive member %s is a sparse file claiming %s, which an OVA never holds", name, humanize.IBytes(uint64(max(h.Size, 0))))
 	}
 	switch h.Typeflag {
@@ -227,7 +229,7 @@ func checkHeader(h *tar.Header) (keep bool, err error) {
 		return false, nil
 	case tar.TypeDir:
 		if h.Size != 0 {
-			return false, refuse("ova-member", sugOVATar, "the archive member %s is a directory with contents", name)
+			return false, refuse(events.RuleOVAMember, sugOVATar, "the archive member %s is a directory with contents", name)
 		}
 		dir := strings.TrimSuffix(h.Name, "/")
 		if dir == "." {
@@ -235,10 +237,10 @@ func checkHeader(h *tar.Header) (keep bool, err error) {
 		}
 		return false, checkMemberName(dir)
 	case tar.TypeLink, tar.TypeSymlink:
-		return false, refuse("ova-member", sugOVATar,
+		return false, refuse(events.RuleOVAMember, sugOVATar,
 			"the archive member %s is a link to %s, which an OVA never holds", name, printable([]byte(h.Linkname)))
 	default:
-		return false, refuse("ova-member", sugOVATar,
+		return false, refuse(events.RuleOVAMember, sugOVATar,
 			"the archive member %s is a %s, which an OVA never holds", name, typeName(h.Typeflag))
 	}
 	return true, checkMemberName(h.Name)
@@ -275,16 +277,16 @@ func checkMemberName(name string) error {
 	q := printable([]byte(name))
 	switch {
 	case name == "" || name == "." || name == "..":
-		return refuse("ova-member-name", sugOVATar, "the archive has a member named %s", q)
+		return refuse(events.RuleOVAMemberName, sugOVATar, "the archive has a member named %s", q)
 	case strings.ContainsAny(name, `/\`):
-		return refuse("ova-member-name", sugOVATar,
+		return refuse(events.RuleOVAMemberName, sugOVATar,
 			"the archive member name %s is a path; an OVA's files are side by side, never in folders", q)
 	case len(name) > memberNameMax:
-		return refuse("ova-member-name", sugOVATar,
+		return refuse(events.RuleOVAMemberName, sugOVATar,
 			"the archive member name %s is %d bytes, more than the %d a file name may have", q, len(name), memberNameMax)
 	}
 	if err := CheckName("member name", name); err != nil {
-		return refuse("ova-member-name", sugOVATar, "archive member %s: %v", q, err)
+		return refuse(events.RuleOVAMemberName, sugOVATar, "archive member %s: %v", q, err)
 	}
 	return nil
 }
@@ -309,14 +311,14 @@ func (a *OVAArchive) findMetadata() error {
 	}
 	switch {
 	case len(ovf) == 0:
-		return refuse("ova-descriptor", sugOVA,
+		return refuse(events.RuleOVADescriptor, sugOVA,
 			"the tar archive holds no .ovf descriptor, so it is not an OVA (members: %s)", memberList(names))
 	case len(ovf) > 1:
-		return refuse("ova-descriptor", sugOVA, "the archive holds %d .ovf descriptors (%s); an OVA has one", len(ovf), memberList(ovf))
+		return refuse(events.RuleOVADescriptor, sugOVA, "the archive holds %d .ovf descriptors (%s); an OVA has one", len(ovf), memberList(ovf))
 	case len(mf) > 1:
-		return refuse("ova-manifest", sugOVA, "the archive holds %d manifests (%s); an OVA has one", len(mf), memberList(mf))
+		return refuse(events.RuleOVAManifest, sugOVA, "the archive holds %d manifests (%s); an OVA has one", len(mf), memberList(mf))
 	case len(cert) > 1:
-		return refuse("ova-member", sugOVA, "the archive holds %d certificates (%s); an OVA has one", len(cert), memberList(cert))
+		return refuse(events.RuleOVAMember, sugOVA, "the archive holds %d certificates (%s); an OVA has one", len(cert), memberList(cert))
 	}
 	a.Descriptor = ovf[0]
 	if len(mf) == 1 {

@@ -13,6 +13,8 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // manifestLine is one OVF manifest entry: SHA256(disk1.vmdk)= 0123…
@@ -33,19 +35,19 @@ func (a *OVAArchive) parseManifest(b []byte) ([]ovaDigest, error) {
 		}
 		m := manifestLine.FindStringSubmatch(line)
 		if m == nil {
-			return nil, refuse("ova-manifest", sugOVAManifest, "the OVA manifest has a line it cannot read: %s", printable([]byte(line)))
+			return nil, refuse(events.RuleOVAManifest, sugOVAManifest, "the OVA manifest has a line it cannot read: %s", printable([]byte(line)))
 		}
 		algo, name, sum := m[1], m[2], strings.ToLower(m[3])
 		if len(sum) != digestLen[algo] {
-			return nil, refuse("ova-manifest", sugOVAManifest, "the OVA manifest gives %s a %s digest of %d hex digits, not %d",
+			return nil, refuse(events.RuleOVAManifest, sugOVAManifest, "the OVA manifest gives %s a %s digest of %d hex digits, not %d",
 				printable([]byte(name)), algo, len(sum), digestLen[algo])
 		}
 		member, ok := a.member(name)
 		if !ok || name == a.Manifest {
-			return nil, refuse("ova-manifest", sugOVAManifest, "the OVA manifest lists %s, which is not a file it can vouch for in the archive", printable([]byte(name)))
+			return nil, refuse(events.RuleOVAManifest, sugOVAManifest, "the OVA manifest lists %s, which is not a file it can vouch for in the archive", printable([]byte(name)))
 		}
 		if listed[name] {
-			return nil, refuse("ova-manifest", sugOVAManifest, "the OVA manifest lists %s twice", printable([]byte(name)))
+			return nil, refuse(events.RuleOVAManifest, sugOVAManifest, "the OVA manifest lists %s twice", printable([]byte(name)))
 		}
 		listed[name] = true
 		out = append(out, ovaDigest{member: member, algo: algo, sum: sum})
@@ -67,7 +69,7 @@ func (a *OVAArchive) CheckManifest(ctx context.Context, r io.ReaderAt) error {
 			return fmt.Errorf("hash %s in the OVA: %w", d.member.Name, err)
 		}
 		if got := hex.EncodeToString(h.Sum(nil)); got != d.sum {
-			return refuse("ova-manifest", sugOVAManifest, "%s of %s is %s, the OVA manifest says %s",
+			return refuse(events.RuleOVAManifest, sugOVAManifest, "%s of %s is %s, the OVA manifest says %s",
 				d.algo, printable([]byte(d.member.Name)), got, d.sum)
 		}
 	}

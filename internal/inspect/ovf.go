@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"github.com/dustin/go-humanize"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // ovfEnvelope is the part of an OVF descriptor that says which files the
@@ -41,10 +43,10 @@ func parseOVF(b []byte) (*ovfEnvelope, error) {
 	// is ASCII; names outside ASCII then fail the membership check.
 	d.CharsetReader = func(_ string, r io.Reader) (io.Reader, error) { return r, nil }
 	if err := d.Decode(&env); err != nil {
-		return nil, refuse("ova-descriptor", sugOVA, "the OVA's .ovf descriptor is not valid XML: %v", err)
+		return nil, refuse(events.RuleOVADescriptor, sugOVA, "the OVA's .ovf descriptor is not valid XML: %v", err)
 	}
 	if env.XMLName.Local != "Envelope" {
-		return nil, refuse("ova-descriptor", sugOVA, "the OVA's .ovf descriptor is a <%s>, not an OVF <Envelope>", printable([]byte(env.XMLName.Local)))
+		return nil, refuse(events.RuleOVADescriptor, sugOVA, "the OVA's .ovf descriptor is a <%s>, not an OVF <Envelope>", printable([]byte(env.XMLName.Local)))
 	}
 	return &env, nil
 }
@@ -58,18 +60,18 @@ func (a *OVAArchive) checkDeclared(env *ovfEnvelope) error {
 	for _, f := range env.Files {
 		href := printable([]byte(f.Href))
 		if f.ChunkSize != "" {
-			return refuse("ova-descriptor", sugOVA, "the descriptor splits %s into chunks, which is not accepted", href)
+			return refuse(events.RuleOVADescriptor, sugOVA, "the descriptor splits %s into chunks, which is not accepted", href)
 		}
 		if f.Compression != "" && f.Compression != "identity" {
-			return refuse("ova-descriptor", sugOVA, "the descriptor says %s is %s-compressed, which is not accepted", href, printable([]byte(f.Compression)))
+			return refuse(events.RuleOVADescriptor, sugOVA, "the descriptor says %s is %s-compressed, which is not accepted", href, printable([]byte(f.Compression)))
 		}
 		m, ok := a.member(f.Href)
 		if !ok {
-			return refuse("ova-descriptor", sugOVA,
+			return refuse(events.RuleOVADescriptor, sugOVA,
 				"the descriptor references %s, which is not in the archive; an OVA holds every file of its appliance", href)
 		}
 		if declared[f.Href] {
-			return refuse("ova-descriptor", sugOVA, "the descriptor references %s twice", href)
+			return refuse(events.RuleOVADescriptor, sugOVA, "the descriptor references %s twice", href)
 		}
 		declared[f.Href] = true
 		if f.Size == "" {
@@ -77,13 +79,13 @@ func (a *OVAArchive) checkDeclared(env *ovfEnvelope) error {
 		}
 		size, err := strconv.ParseInt(f.Size, 10, 64)
 		if err != nil || size < 0 {
-			return refuse("ova-descriptor", sugOVA, "the descriptor gives %s the size %s, which is not a number of bytes", href, printable([]byte(f.Size)))
+			return refuse(events.RuleOVADescriptor, sugOVA, "the descriptor gives %s the size %s, which is not a number of bytes", href, printable([]byte(f.Size)))
 		}
 		// A member shorter than declared is left to the inspection of the
 		// disk itself (real exporters write estimates there); one longer
 		// holds bytes the appliance does not account for.
 		if m.Size > size {
-			return refuse("ova-member-size", sugOVA,
+			return refuse(events.RuleOVAMemberSize, sugOVA,
 				"the archive member %s is %d bytes, more than the %d its descriptor declares", href, m.Size, size)
 		}
 	}
@@ -92,7 +94,7 @@ func (a *OVAArchive) checkDeclared(env *ovfEnvelope) error {
 			strings.EqualFold(path.Ext(m.Name), ".cert") {
 			continue
 		}
-		return refuse("ova-undeclared-member", sugOVATar,
+		return refuse(events.RuleOVAUndeclaredMember, sugOVATar,
 			"the archive member %s is not declared in the descriptor's <References>, so nothing says what it is", printable([]byte(m.Name)))
 	}
 	return nil
@@ -119,20 +121,20 @@ func (a *OVAArchive) pickDisks(env *ovfEnvelope, lim Limits) error {
 			continue
 		}
 		if format, _ := FormatFromKey(m.Name); format == OVA {
-			return refuse("ova-member", sugOVA, "the OVA holds another OVA, %s; upload the appliances one by one", printable([]byte(m.Name)))
+			return refuse(events.RuleOVAMember, sugOVA, "the OVA holds another OVA, %s; upload the appliances one by one", printable([]byte(m.Name)))
 		}
 		if lim.MaxVirtualSize > 0 && m.Size > lim.MaxVirtualSize {
-			return refuse("ova-size", fmt.Sprintf("shrink the disk inside the guest and re-export it, or ask an operator to raise the limit of %s", humanize.IBytes(uint64(lim.MaxVirtualSize))),
+			return refuse(events.RuleOVASize, fmt.Sprintf("shrink the disk inside the guest and re-export it, or ask an operator to raise the limit of %s", humanize.IBytes(uint64(lim.MaxVirtualSize))),
 				"the OVA's disk %s is %s, above the limit of %s set by IMAGEPIPE_MAX_VIRTUAL_SIZE",
 				printable([]byte(m.Name)), humanize.IBytes(uint64(m.Size)), humanize.IBytes(uint64(lim.MaxVirtualSize)))
 		}
 		a.Disks = append(a.Disks, m)
 	}
 	if len(a.Disks) == 0 {
-		return refuse("ova-no-disk", sugOVA, "the OVA holds no disk image")
+		return refuse(events.RuleOVANoDisk, sugOVA, "the OVA holds no disk image")
 	}
 	if max := lim.ovaMaxDisks(); len(a.Disks) > max {
-		return refuse("ova-disks", "split the appliance, or ask an operator to raise IMAGEPIPE_OVA_MAX_DISKS",
+		return refuse(events.RuleOVADisks, "split the appliance, or ask an operator to raise IMAGEPIPE_OVA_MAX_DISKS",
 			"the OVA holds %d disks, more than the %d set by IMAGEPIPE_OVA_MAX_DISKS", len(a.Disks), max)
 	}
 	return nil

@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	"github.com/dustin/go-humanize"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // qcow2 header fields, big-endian (docs/interop/qcow2.txt in QEMU).
@@ -46,11 +48,11 @@ func inspectQcow(s *source, head []byte, lim Limits) (Report, error) {
 		if len(head) >= 32 {
 			detail = fmt.Sprintf(" (it claims a virtual size of %s)", humanize.IBytes(uint64(int64(min(be.Uint64(head[24:]), 1<<62)))))
 		}
-		return Report{}, refuse("qcow-v1", sugConvertFirst,
+		return Report{}, refuse(events.RuleQcowV1, sugConvertFirst,
 			"the file is a QCOW version 1 image%s; only qcow2 is accepted", detail)
 	case 2, 3:
 	default:
-		return rep, refuse("qcow2-header", sugReexport, "the qcow2 header has unknown version %d", version)
+		return rep, refuse(events.RuleQcow2Header, sugReexport, "the qcow2 header has unknown version %d", version)
 	}
 	rep.Details = append(rep.Details, fmt.Sprintf("qcow2 v%d", version))
 
@@ -61,7 +63,7 @@ func inspectQcow(s *source, head []byte, lim Limits) (Report, error) {
 		}
 		hdrLen = be.Uint32(head[100:])
 		if hdrLen < qcowV3HeaderLen {
-			return rep, refuse("qcow2-header", sugReexport, "the qcow2 v3 header claims a length of %d bytes, less than the minimum %d", hdrLen, qcowV3HeaderLen)
+			return rep, refuse(events.RuleQcow2Header, sugReexport, "the qcow2 v3 header claims a length of %d bytes, less than the minimum %d", hdrLen, qcowV3HeaderLen)
 		}
 	}
 	if len(head) < qcowV2HeaderLen {
@@ -82,24 +84,29 @@ func inspectQcow(s *source, head []byte, lim Limits) (Report, error) {
 	if version == 3 {
 		incompat = be.Uint64(head[72:])
 	}
+	// The size the header claims, so that a refusal still reports it;
+	// checkSize below decides whether it is acceptable.
+	if virtualSize <= 1<<62 {
+		rep.VirtualSize = int64(virtualSize)
+	}
 
 	if backingOff != 0 {
 		return rep, refuseQcowBacking(s, backingOff, backingLen)
 	}
 	if incompat&qcowIncompatDataFile != 0 {
-		return rep, refuse("data-file", sugMergeDataFile,
+		return rep, refuse(events.RuleDataFile, sugMergeDataFile,
 			"the qcow2 image keeps its data in an external data file, which qemu-img would open from the host")
 	}
 	if unknown := incompat &^ qcowIncompatKnown; unknown != 0 {
-		return rep, refuse("qcow2-unknown-feature", "rewrite the image with a current qemu-img (qemu-img convert -O qcow2) and upload the result",
+		return rep, refuse(events.RuleQcow2UnknownFeature, "rewrite the image with a current qemu-img (qemu-img convert -O qcow2) and upload the result",
 			"the qcow2 image sets incompatible feature bits this service does not know (%#x)", unknown)
 	}
 	if incompat&qcowIncompatCorrupt != 0 {
-		return rep, refuse("qcow2-corrupt", "repair a copy with qemu-img check -r all, or export the disk again, and upload the result",
+		return rep, refuse(events.RuleQcow2Corrupt, "repair a copy with qemu-img check -r all, or export the disk again, and upload the result",
 			"the qcow2 image is marked corrupt by the program that wrote it")
 	}
 	if cryptMethod != 0 {
-		return rep, refuse("qcow2-encrypted", "decrypt the image where its key is known (qemu-img convert with --object secret) and upload the plain image",
+		return rep, refuse(events.RuleQcow2Encrypted, "decrypt the image where its key is known (qemu-img convert with --object secret) and upload the plain image",
 			"the qcow2 image is encrypted (method %d)", cryptMethod)
 	}
 	if incompat&qcowIncompatDirty != 0 {
@@ -110,15 +117,15 @@ func inspectQcow(s *source, head []byte, lim Limits) (Report, error) {
 	}
 
 	if clusterBits < 9 || clusterBits > 21 {
-		return rep, refuse("qcow2-header", sugReexport, "the qcow2 cluster size 2^%d is outside the range qemu supports (2^9 to 2^21)", clusterBits)
+		return rep, refuse(events.RuleQcow2Header, sugReexport, "the qcow2 cluster size 2^%d is outside the range qemu supports (2^9 to 2^21)", clusterBits)
 	}
 	clusterSize := uint64(1) << clusterBits
 	if uint64(hdrLen) > clusterSize {
-		return rep, refuse("qcow2-header", sugReexport, "the qcow2 header (%d bytes) is larger than a cluster (%d bytes)", hdrLen, clusterSize)
+		return rep, refuse(events.RuleQcow2Header, sugReexport, "the qcow2 header (%d bytes) is larger than a cluster (%d bytes)", hdrLen, clusterSize)
 	}
 	if version == 3 {
 		if order := be.Uint32(head[96:]); order > 6 {
-			return rep, refuse("qcow2-header", sugReexport, "the qcow2 refcount order %d is above the maximum 6", order)
+			return rep, refuse(events.RuleQcow2Header, sugReexport, "the qcow2 refcount order %d is above the maximum 6", order)
 		}
 		if hdrLen > qcowV3HeaderLen && len(head) > qcowV3HeaderLen {
 			switch ct := head[104]; ct {
@@ -150,17 +157,17 @@ func inspectQcow(s *source, head []byte, lim Limits) (Report, error) {
 		needL1++
 	}
 	if uint64(l1Size)*8 > qcowMaxL1Bytes {
-		return rep, refuse("qcow2-l1-table", sugReexport, "the qcow2 L1 table claims %d entries, more than qemu allows", l1Size)
+		return rep, refuse(events.RuleQcow2L1Table, sugReexport, "the qcow2 L1 table claims %d entries, more than qemu allows", l1Size)
 	}
 	if uint64(l1Size) < needL1 {
-		return rep, refuse("qcow2-l1-table", sugReexport,
+		return rep, refuse(events.RuleQcow2L1Table, sugReexport,
 			"the qcow2 L1 table has %d entries but the virtual size of %s needs %d", l1Size, humanize.IBytes(uint64(size)), needL1)
 	}
 	if uint64(refTableClust)*clusterSize > qcowMaxRefTableBytes {
-		return rep, refuse("qcow2-header", sugReexport, "the qcow2 refcount table claims %d clusters, more than qemu allows", refTableClust)
+		return rep, refuse(events.RuleQcow2Header, sugReexport, "the qcow2 refcount table claims %d clusters, more than qemu allows", refTableClust)
 	}
 	if nbSnapshots > qcowMaxSnapshots {
-		return rep, refuse("qcow2-snapshots", "delete internal snapshots with qemu-img snapshot -d, or convert the image, and upload the result",
+		return rep, refuse(events.RuleQcow2Snapshots, "delete internal snapshots with qemu-img snapshot -d, or convert the image, and upload the result",
 			"the qcow2 image claims %d internal snapshots, more than qemu allows (%d)", nbSnapshots, qcowMaxSnapshots)
 	}
 	if nbSnapshots > 0 {
@@ -190,7 +197,7 @@ func refuseQcowBacking(s *source, off uint64, n uint32) error {
 	if strings.HasPrefix(strings.Trim(name, `"`), "json:") {
 		what = "a json: backing file specification " + name
 	}
-	return refuse("backing-file", sugFlatten,
+	return refuse(events.RuleBackingFile, sugFlatten,
 		"the qcow2 image depends on %s, which qemu-img would open from the host", what)
 }
 
@@ -225,10 +232,10 @@ func checkQcowExtensions(s *source, head []byte, hdrLen uint32, clusterSize uint
 			if end <= uint64(len(window)) {
 				name = " " + printable(window[off+8:end])
 			}
-			return refuse("data-file", sugMergeDataFile,
+			return refuse(events.RuleDataFile, sugMergeDataFile,
 				"the qcow2 image names an external data file%s, which qemu-img would open from the host", name)
 		case qcowExtCrypto:
-			return refuse("qcow2-encrypted", "decrypt the image where its key is known and upload the plain image",
+			return refuse(events.RuleQcow2Encrypted, "decrypt the image where its key is known and upload the plain image",
 				"the qcow2 image carries an encryption header")
 		}
 		off = end + (8-n%8)%8

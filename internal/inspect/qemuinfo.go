@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // CheckQemuInfo checks the output of `qemu-img info --output=json -f FMT`
@@ -26,19 +28,19 @@ func CheckQemuInfo(rep Report, infoJSON []byte, imagePath string, lim Limits) (v
 
 	format, _ := info["format"].(string)
 	if Format(format) != rep.Format {
-		return 0, refuse("format-mismatch", sugReexport,
+		return 0, refuse(events.RuleFormatMismatch, sugReexport,
 			"qemu-img reads the file as %s but its header says %s", printable([]byte(format)), rep.Format)
 	}
 	for _, k := range []string{"backing-filename", "full-backing-filename"} {
 		if v, ok := info[k]; ok {
-			return 0, refuse("backing-file", sugFlatten,
+			return 0, refuse(events.RuleBackingFile, sugFlatten,
 				"qemu-img reports a backing file %s", printable([]byte(fmt.Sprint(v))))
 		}
 	}
 	specific, _ := info["format-specific"].(map[string]any)
 	data, _ := specific["data"].(map[string]any)
 	if v, ok := data["data-file"]; ok {
-		return 0, refuse("data-file", sugMergeDataFile,
+		return 0, refuse(events.RuleDataFile, sugMergeDataFile,
 			"qemu-img reports an external data file %s", printable([]byte(fmt.Sprint(v))))
 	}
 	if rep.Format == VMDK {
@@ -47,7 +49,7 @@ func CheckQemuInfo(rep Report, infoJSON []byte, imagePath string, lim Limits) (v
 		}
 	}
 	if name, ok := findProtocolName(info); ok {
-		return 0, refuse("protocol-filename", sugReexport,
+		return 0, refuse(events.RuleProtocolFilename, sugReexport,
 			"qemu-img reports a file name with a protocol or JSON specification: %s", printable([]byte(name)))
 	}
 
@@ -57,7 +59,7 @@ func CheckQemuInfo(rep Report, infoJSON []byte, imagePath string, lim Limits) (v
 	}
 	size, err := n.Int64()
 	if err != nil || size < 0 {
-		return 0, refuse("virtual-size", sugReexport, "qemu-img reports an unusable virtual size %s", n)
+		return 0, refuse(events.RuleVirtualSize, sugReexport, "qemu-img reports an unusable virtual size %s", n)
 	}
 	if lim.MaxVirtualSize > 0 && size > lim.MaxVirtualSize {
 		return 0, refuseSize(rep.Format, size, lim)
@@ -70,13 +72,13 @@ func CheckQemuInfo(rep Report, infoJSON []byte, imagePath string, lim Limits) (v
 func checkExtents(data map[string]any, imagePath string) error {
 	extents, _ := data["extents"].([]any)
 	if len(extents) != 1 {
-		return refuse("vmdk-extent", sugSingleVMDK,
+		return refuse(events.RuleVMDKExtent, sugSingleVMDK,
 			"qemu-img reports %d extents; a single-file VMDK has exactly one", len(extents))
 	}
 	e, _ := extents[0].(map[string]any)
 	name, _ := e["filename"].(string)
 	if !samePath(name, imagePath) {
-		return refuse("vmdk-extent", sugSingleVMDK,
+		return refuse(events.RuleVMDKExtent, sugSingleVMDK,
 			"qemu-img reports the extent %s, which is not the uploaded file", printable([]byte(name)))
 	}
 	return nil

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strings"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // VirtualBox VDI, little-endian: a 64-byte text banner, the signature at
@@ -29,7 +31,7 @@ func inspectVDI(head []byte) (Report, error) {
 	}
 	le := binary.LittleEndian
 	if v := le.Uint32(head[0x44:]); v != vdiVersion11 {
-		return rep, refuse("vdi-header", sugReexport, "the VDI header has unsupported version %d.%d", v>>16, v&0xffff)
+		return rep, refuse(events.RuleVDIHeader, sugReexport, "the VDI header has unsupported version %d.%d", v>>16, v&0xffff)
 	}
 	var (
 		imageType = le.Uint32(head[0x4c:])
@@ -45,19 +47,19 @@ func inspectVDI(head []byte) (Report, error) {
 	case vdiTypeStatic:
 		rep.Details = append(rep.Details, "vdi fixed")
 	case vdiTypeDifferencing, vdiTypeUndo:
-		return rep, refuse("differencing-disk", sugMergeVDI,
+		return rep, refuse(events.RuleDifferencingDisk, sugMergeVDI,
 			"the VDI is a differencing disk (image type %d): its data depends on a parent disk that is not part of the upload", imageType)
 	default:
-		return rep, refuse("vdi-header", sugReexport, "the VDI header has unknown image type %d", imageType)
+		return rep, refuse(events.RuleVDIHeader, sugReexport, "the VDI header has unknown image type %d", imageType)
 	}
 	// QEMU refuses a linked image too, but only with a terse message; the
 	// parent is the real reason.
 	if !allZero(linkUUID) || !allZero(parentMod) {
-		return rep, refuse("differencing-disk", sugMergeVDI,
+		return rep, refuse(events.RuleDifferencingDisk, sugMergeVDI,
 			"the VDI names a parent image: its data depends on a parent disk that is not part of the upload")
 	}
 	if blockSize == 0 || diskSize > uint64(blocks)*uint64(blockSize) {
-		return rep, refuse("vdi-header", sugReexport,
+		return rep, refuse(events.RuleVDIHeader, sugReexport,
 			"the VDI disk size %d does not fit its %d blocks of %d bytes", diskSize, blocks, blockSize)
 	}
 	banner, _, _ := bytes.Cut(head[:0x40], []byte("\n"))

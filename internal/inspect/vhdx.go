@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"strings"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // VHDX layout, little-endian ([MS-VHDX]): file identifier at 0, two 4 KiB
@@ -93,11 +95,11 @@ func inspectVHDX(s *source) (Report, error) {
 		}
 	}
 	if current == nil {
-		return rep, refuse("vhdx-header-checksum", sugRepairVHDX,
+		return rep, refuse(events.RuleVHDXHeaderChecksum, sugRepairVHDX,
 			"neither VHDX header has a valid signature and CRC-32C checksum")
 	}
 	if v := le.Uint16(current[66:]); v != 1 {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX header has unsupported version %d", v)
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX header has unsupported version %d", v)
 	}
 	if !allZero(current[48:64]) {
 		rep.Details = append(rep.Details, "log not replayed (the disk was not closed cleanly)")
@@ -115,12 +117,12 @@ func inspectVHDX(s *source) (Report, error) {
 		}
 	}
 	if table == nil {
-		return rep, refuse("vhdx-header-checksum", sugRepairVHDX,
+		return rep, refuse(events.RuleVHDXHeaderChecksum, sugRepairVHDX,
 			"neither VHDX region table has a valid signature and CRC-32C checksum")
 	}
 	count := le.Uint32(table[8:])
 	if count > vhdxMaxEntries {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX region table claims %d entries", count)
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX region table claims %d entries", count)
 	}
 	var metaOff uint64
 	var metaLen uint32
@@ -133,35 +135,32 @@ func inspectVHDX(s *source) (Report, error) {
 		case vhdxRegionBAT:
 		default:
 			if le.Uint32(e[28:])&1 != 0 {
-				return rep, refuse("vhdx-header", sugReexport, "the VHDX requires a region this service does not know")
+				return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX requires a region this service does not know")
 			}
 		}
 	}
 	if metaOff == 0 {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX region table has no metadata region")
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX region table has no metadata region")
 	}
 	if uint64(metaLen) < vhdxMetaTableLen {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX metadata region is only %d bytes long", metaLen)
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX metadata region is only %d bytes long", metaLen)
 	}
-	if metaOff > uint64(s.size) {
-		return rep, truncated(VHDX, "metadata region")
-	}
-	meta, err := s.need(VHDX, int64(metaOff), vhdxMetaTableLen, "metadata table")
+	meta, err := s.needAt(VHDX, metaOff, vhdxMetaTableLen, "metadata region", "metadata table")
 	if err != nil {
 		return rep, err
 	}
 	if string(meta[:8]) != "metadata" {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX metadata region lacks its signature")
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX metadata region lacks its signature")
 	}
 	n := le.Uint16(meta[10:])
 	if n > vhdxMaxEntries {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX metadata table claims %d entries", n)
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX metadata table claims %d entries", n)
 	}
 
 	// item reads a small metadata item; offsets are relative to the region.
 	item := func(off, length uint32, want int) ([]byte, error) {
 		if length < uint32(want) || uint64(off)+uint64(want) > uint64(metaLen) {
-			return nil, refuse("vhdx-header", sugReexport, "a VHDX metadata item lies outside the metadata region")
+			return nil, refuse(events.RuleVHDXHeader, sugReexport, "a VHDX metadata item lies outside the metadata region")
 		}
 		return s.need(VHDX, int64(metaOff)+int64(off), want, "metadata item")
 	}
@@ -175,7 +174,7 @@ func inspectVHDX(s *source) (Report, error) {
 		off, length, flags := le.Uint32(e[16:]), le.Uint32(e[20:]), le.Uint32(e[24:])
 		switch id {
 		case vhdxItemParentLoc:
-			return rep, refuse("differencing-disk", sugMergeVHDX,
+			return rep, refuse(events.RuleDifferencingDisk, sugMergeVHDX,
 				"the VHDX is a differencing disk (it has a parent locator): its data depends on a parent disk that is not part of the upload")
 		case vhdxItemFileParams:
 			if fileParams, err = item(off, length, 8); err != nil {
@@ -194,23 +193,23 @@ func inspectVHDX(s *source) (Report, error) {
 		case vhdxItemPage83, vhdxItemPhysicalSect:
 		default:
 			if flags&vhdxMetaIsRequired != 0 {
-				return rep, refuse("vhdx-header", sugReexport, "the VHDX requires a metadata item this service does not know")
+				return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX requires a metadata item this service does not know")
 			}
 		}
 	}
 	if fileParams == nil || vsize == nil {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX metadata lacks its file parameters or virtual disk size")
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX metadata lacks its file parameters or virtual disk size")
 	}
 	block, flags := le.Uint32(fileParams), le.Uint32(fileParams[4:])
 	if flags&vhdxFlagHasParent != 0 {
-		return rep, refuse("differencing-disk", sugMergeVHDX,
+		return rep, refuse(events.RuleDifferencingDisk, sugMergeVHDX,
 			"the VHDX is a differencing disk (a Hyper-V checkpoint): its data depends on a parent disk that is not part of the upload")
 	}
 	if block < 1<<20 || block > 256<<20 || block&(block-1) != 0 {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX block size %d is outside 1 MiB to 256 MiB", block)
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX block size %d is outside 1 MiB to 256 MiB", block)
 	}
 	if logicalSector != 0 && logicalSector != 512 && logicalSector != 4096 {
-		return rep, refuse("vhdx-header", sugReexport, "the VHDX logical sector size %d is neither 512 nor 4096", logicalSector)
+		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX logical sector size %d is neither 512 nor 4096", logicalSector)
 	}
 	if flags&vhdxFlagLeaveAllocated != 0 {
 		rep.Details = append(rep.Details, "vhdx fixed")

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // VMDK hosted sparse extent header, little-endian and packed (VMware's
@@ -63,21 +65,21 @@ func inspectVMDK(s *source, head []byte, lim Limits) (Report, error) {
 	}
 	h := parseVMDKHeader(head)
 	if h.version == 0 || h.version > 3 {
-		return rep, refuse("vmdk-header", sugReexport, "the VMDK sparse header has unsupported version %d", h.version)
+		return rep, refuse(events.RuleVMDKHeader, sugReexport, "the VMDK sparse header has unsupported version %d", h.version)
 	}
 	// A zero capacity makes QEMU treat the embedded descriptor as a
 	// descriptor file and open every extent it lists, relative to the
 	// directory the image sits in.
 	if h.capacity == 0 {
-		return rep, refuse("vmdk-extent", sugSingleVMDK,
+		return rep, refuse(events.RuleVMDKExtent, sugSingleVMDK,
 			"the VMDK sparse header has zero capacity, which makes qemu-img open the extents its descriptor lists as separate files")
 	}
 	if h.descOffset == 0 || h.descSize == 0 {
-		return rep, refuse("vmdk-create-type", sugSingleVMDK,
+		return rep, refuse(events.RuleVMDKCreateType, sugSingleVMDK,
 			"the VMDK has no embedded descriptor, so it is one extent of a larger disk rather than a whole disk")
 	}
 	if h.descOffset != 1 {
-		return rep, refuse("vmdk-header", sugReexport,
+		return rep, refuse(events.RuleVMDKHeader, sugReexport,
 			"the VMDK descriptor is at sector %d; single-file VMDKs keep it at sector 1", h.descOffset)
 	}
 	descLen := int(min(h.descSize*512, vmdkMaxDescriptor))
@@ -88,7 +90,7 @@ func inspectVMDK(s *source, head []byte, lim Limits) (Report, error) {
 	// QEMU finds a parent with strstr over this region, not by parsing
 	// the descriptor, so the bytes are searched the same way.
 	if bytes.Contains(region[:min(len(region), vmdkParentScan)], []byte("parentFileNameHint")) {
-		return rep, refuse("backing-file", sugFlattenVMDK,
+		return rep, refuse(events.RuleBackingFile, sugFlattenVMDK,
 			"the VMDK names a parent disk (parentFileNameHint), which qemu-img would open from the host")
 	}
 	desc, err := parseDescriptor(region[:descLen])
@@ -108,7 +110,7 @@ func inspectVMDK(s *source, head []byte, lim Limits) (Report, error) {
 		rep.Details = append(rep.Details, "grain directory in footer")
 	}
 	if h.capacity > (1<<63-1)/512 {
-		return rep, refuse("virtual-size", sugReexport, "the VMDK claims %d sectors, more than any disk can have", h.capacity)
+		return rep, refuse(events.RuleVirtualSize, sugReexport, "the VMDK claims %d sectors, more than any disk can have", h.capacity)
 	}
 	size, err := checkSize(VMDK, h.capacity*512, lim)
 	if err != nil {
@@ -128,7 +130,7 @@ const sugFlattenVMDK = "consolidate the snapshots (or clone the disk) in the hyp
 // in the last three sectors. A file cut short fails here.
 func vmdkFooter(s *source, h vmdkHeader) (vmdkHeader, error) {
 	if s.size < 4*512 {
-		return h, refuse("vmdk-footer", sugUploadAgain, "the streamOptimized VMDK is too short to hold the footer its header announces")
+		return h, refuse(events.RuleVMDKFooter, sugUploadAgain, "the streamOptimized VMDK is too short to hold the footer its header announces")
 	}
 	b, err := s.try(s.size-3*512, 3*512)
 	if err != nil {
@@ -139,25 +141,25 @@ func vmdkFooter(s *source, h vmdkHeader) (vmdkHeader, error) {
 	if string(hdr[:4]) != "KDMV" ||
 		le.Uint32(marker[8:]) != 0 || le.Uint32(marker[12:]) != vmdkMarkerFooter ||
 		le.Uint64(eos[0:]) != 0 || le.Uint32(eos[8:]) != 0 || le.Uint32(eos[12:]) != vmdkMarkerEOS {
-		return h, refuse("vmdk-footer", sugUploadAgain,
+		return h, refuse(events.RuleVMDKFooter, sugUploadAgain,
 			"the streamOptimized VMDK has no valid footer at its end; the file is probably truncated")
 	}
 	f := parseVMDKHeader(hdr)
 	if f.gdOffset == vmdkGDAtEnd {
-		return h, refuse("vmdk-footer", sugReexport, "the VMDK footer points at yet another footer")
+		return h, refuse(events.RuleVMDKFooter, sugReexport, "the VMDK footer points at yet another footer")
 	}
 	if f.version != h.version || f.descOffset != h.descOffset || f.descSize != h.descSize {
-		return h, refuse("vmdk-footer", sugReexport, "the VMDK footer disagrees with the header about the descriptor")
+		return h, refuse(events.RuleVMDKFooter, sugReexport, "the VMDK footer disagrees with the header about the descriptor")
 	}
 	return f, nil
 }
 
 func checkVMDKGeometry(s *source, h vmdkHeader) error {
 	if h.gtesPerGT > vmdkMaxGTEs {
-		return refuse("vmdk-header", sugReexport, "the VMDK grain tables claim %d entries each, above the maximum %d", h.gtesPerGT, vmdkMaxGTEs)
+		return refuse(events.RuleVMDKHeader, sugReexport, "the VMDK grain tables claim %d entries each, above the maximum %d", h.gtesPerGT, vmdkMaxGTEs)
 	}
 	if h.grain == 0 || h.grain > vmdkMaxGrain || h.gtesPerGT == 0 {
-		return refuse("vmdk-header", sugReexport, "the VMDK grain geometry (grain %d sectors, %d entries per table) is invalid", h.grain, h.gtesPerGT)
+		return refuse(events.RuleVMDKHeader, sugReexport, "the VMDK grain geometry (grain %d sectors, %d entries per table) is invalid", h.grain, h.gtesPerGT)
 	}
 	perL1 := h.grain * uint64(h.gtesPerGT)
 	l1 := h.capacity / perL1
@@ -165,7 +167,7 @@ func checkVMDKGeometry(s *source, h vmdkHeader) error {
 		l1++
 	}
 	if l1 > vmdkMaxL1Entries {
-		return refuse("vmdk-header", sugReexport,
+		return refuse(events.RuleVMDKHeader, sugReexport,
 			"the VMDK grain directory would need %d entries for its capacity, more than qemu allows", l1)
 	}
 	if h.grainOffset > uint64(s.size)/512 {
@@ -207,7 +209,7 @@ func parseDescriptor(raw []byte) (vmdkDescriptor, error) {
 				d.createType = v
 			case "parentcid":
 				if !strings.EqualFold(v, "ffffffff") {
-					return d, refuse("differencing-disk", sugFlattenVMDK,
+					return d, refuse(events.RuleDifferencingDisk, sugFlattenVMDK,
 						"the VMDK is a delta disk of a parent (parentCID=%s) that is not part of the upload", printable([]byte(v)))
 				}
 			}
@@ -220,21 +222,21 @@ func parseDescriptor(raw []byte) (vmdkDescriptor, error) {
 		if d.createType != "" {
 			what = "createType " + printable([]byte(d.createType))
 		}
-		return d, refuse("vmdk-create-type", sugSingleVMDK,
+		return d, refuse(events.RuleVMDKCreateType, sugSingleVMDK,
 			"the VMDK descriptor has %s; only monolithicSparse and streamOptimized are accepted", what)
 	}
 	if len(extents) != 1 {
-		return d, refuse("vmdk-extent", sugSingleVMDK,
+		return d, refuse(events.RuleVMDKExtent, sugSingleVMDK,
 			"the VMDK descriptor lists %d extents; a single-file VMDK has exactly one", len(extents))
 	}
 	f := strings.Fields(extents[0])
 	if len(f) < 4 || !strings.EqualFold(f[2], vmdkExtentType) {
-		return d, refuse("vmdk-extent", sugSingleVMDK, "the VMDK extent %s is not a SPARSE extent", printable([]byte(extents[0])))
+		return d, refuse(events.RuleVMDKExtent, sugSingleVMDK, "the VMDK extent %s is not a SPARSE extent", printable([]byte(extents[0])))
 	}
 	name, ok := extentName(extents[0])
 	if !ok || name == "" || name == "." || name == ".." ||
 		strings.ContainsAny(name, `/\:`) || strings.HasPrefix(strings.ToLower(name), "json:") {
-		return d, refuse("vmdk-extent", sugSingleVMDK,
+		return d, refuse(events.RuleVMDKExtent, sugSingleVMDK,
 			"the VMDK extent names the file %s, which is not a plain file name beside the image", printable([]byte(name)))
 	}
 	return d, nil
@@ -268,7 +270,7 @@ func extentName(line string) (string, bool) {
 }
 
 func badDescriptorLine(line string) *Refusal {
-	return refuse("vmdk-descriptor-syntax", sugSingleVMDK,
+	return refuse(events.RuleVMDKDescriptorSyntax, sugSingleVMDK,
 		"the VMDK descriptor has a line this service does not understand: %s", printable([]byte(line)))
 }
 

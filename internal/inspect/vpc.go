@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strings"
+
+	"github.com/imagepipe/imagepipe/events"
 )
 
 // VHD (qemu's "vpc"): a big-endian 512-byte footer at the end of the file,
@@ -46,7 +48,7 @@ func inspectVPC(s *source, footer []byte, lim Limits) (Report, error) {
 	}
 	be := binary.BigEndian
 	if want := be.Uint32(footer[64:]); vpcChecksum(footer, 64) != want {
-		return rep, refuse("vpc-checksum", sugReexport,
+		return rep, refuse(events.RuleVPCChecksum, sugReexport,
 			"the VHD footer has an incorrect checksum, so none of its fields can be trusted")
 	}
 	var (
@@ -64,33 +66,30 @@ func inspectVPC(s *source, footer []byte, lim Limits) (Report, error) {
 	case vpcTypeDynamic:
 		rep.Details = append(rep.Details, "vpc dynamic")
 	case vpcTypeDifferencing:
-		return rep, refuse("differencing-disk", sugMergeVHD,
+		return rep, refuse(events.RuleDifferencingDisk, sugMergeVHD,
 			"the VHD is a differencing disk: its data depends on a parent disk that is not part of the upload")
 	default:
-		return rep, refuse("vpc-header", sugReexport, "the VHD footer has unknown disk type %d", diskType)
+		return rep, refuse(events.RuleVPCHeader, sugReexport, "the VHD footer has unknown disk type %d", diskType)
 	}
 	if c := strings.TrimRight(string(creator), "\x00 "); c != "" && isPrintableASCII(c) {
 		rep.Details = append(rep.Details, fmt.Sprintf("creator %q", c))
 	}
 
 	if diskType == vpcTypeDynamic {
-		if dataOffset > uint64(s.size) {
-			return rep, truncated(VPC, "dynamic disk header")
-		}
-		dyn, err := s.need(VPC, int64(dataOffset), vpcDynHeaderSize, "dynamic disk header")
+		dyn, err := s.needAt(VPC, dataOffset, vpcDynHeaderSize, "dynamic disk header", "dynamic disk header")
 		if err != nil {
 			return rep, err
 		}
 		if string(dyn[:8]) != "cxsparse" {
-			return rep, refuse("vpc-header", sugReexport, "the VHD footer announces a dynamic disk but its dynamic header is missing")
+			return rep, refuse(events.RuleVPCHeader, sugReexport, "the VHD footer announces a dynamic disk but its dynamic header is missing")
 		}
 		entries := be.Uint32(dyn[28:])
 		block := be.Uint32(dyn[32:])
 		if block < 512 || block&(block-1) != 0 {
-			return rep, refuse("vpc-header", sugReexport, "the VHD block size %d is not a power of two of at least 512", block)
+			return rep, refuse(events.RuleVPCHeader, sugReexport, "the VHD block size %d is not a power of two of at least 512", block)
 		}
 		if entries > vpcMaxTableEntries {
-			return rep, refuse("vpc-header", sugReexport, "the VHD block allocation table claims %d entries", entries)
+			return rep, refuse(events.RuleVPCHeader, sugReexport, "the VHD block allocation table claims %d entries", entries)
 		}
 		rep.Details = append(rep.Details, fmt.Sprintf("block size %d", block))
 	}

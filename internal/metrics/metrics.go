@@ -15,12 +15,6 @@ import (
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 )
 
-// Config turns the listener on.
-type Config struct {
-	// Addr is host:port for /metrics, /healthz and /readyz; empty is off.
-	Addr string `env:"IMAGEPIPE_METRICS_ADDR"`
-}
-
 // Worker is the part of a runtime worker the metrics follow.
 type Worker interface {
 	Observe(natsrt.Observer) (remove func())
@@ -29,10 +23,6 @@ type Worker interface {
 }
 
 var _ Worker = (*natsrt.Worker)(nil)
-
-// cancelledRule marks an operator's cancel in a failure event; see
-// control.CancelledRule, which this package does not import.
-const cancelledRule = "cancelled"
 
 // Metrics holds one process's Prometheus metrics.
 //
@@ -145,7 +135,7 @@ type observer struct {
 	function string
 }
 
-func (o *observer) Started(j natsrt.JobInfo) {
+func (o *observer) Started(j events.JobInfo) {
 	if j.ID == "" {
 		return
 	}
@@ -189,7 +179,7 @@ func (o *observer) Finished(f natsrt.Finished) {
 			}
 			outcome := "failed"
 			switch {
-			case fl.Rule == cancelledRule || f.Outcome == natsrt.OutcomeCancelled:
+			case fl.Rule == events.RuleCancelled || f.Outcome == natsrt.OutcomeCancelled:
 				outcome = "cancelled"
 			case fl.WillRetry:
 				outcome = "retried"
@@ -213,7 +203,7 @@ func format(f string) string {
 
 // follow shows a running job's conversion progress, which its handler
 // publishes on the job's progress subject.
-func (m *Metrics) follow(j natsrt.JobInfo) {
+func (m *Metrics) follow(j events.JobInfo) {
 	labels := prometheus.Labels{"job_id": j.ID, "bucket": j.Bucket, "key": j.Key}
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -112,8 +112,8 @@ func TestMetricsFollowJobsOfTheWorkerTheyWatch(t *testing.T) {
 	release := make(chan struct{})
 	w, err := natsrt.NewWorker(context.Background(), js, natsrt.Binding{
 		Stream: "WORK", Durable: "convert", FilterSubject: "work.>",
-		Describe: func(data []byte) natsrt.JobRef {
-			return natsrt.JobRef{ID: string(data), Bucket: "uploads", Key: "disks/" + string(data)}
+		Describe: func(data []byte) events.JobRef {
+			return events.JobRef{ID: string(data), Bucket: "uploads", Key: "disks/" + string(data)}
 		},
 	}, func(_ context.Context, data []byte, _ natsrt.Delivery) ([]events.Message, error) {
 		job := string(data)
@@ -138,7 +138,7 @@ func TestMetricsFollowJobsOfTheWorkerTheyWatch(t *testing.T) {
 	m.RecordDelivery("slack", "delivered")
 	srv, err := metrics.Serve("127.0.0.1:0", m.Handler(
 		metrics.NATSCheck(nc),
-		metrics.ConsumerCheck("convert", w, func() bool { return w.State() == natsrt.StateRunning }),
+		metrics.ConsumerCheck("convert", w, func() bool { return w.State() == events.WorkerRunning }),
 	), slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)

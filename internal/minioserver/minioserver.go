@@ -1,6 +1,8 @@
 // Package minioserver runs a MinIO server as a child process with its bucket
 // notification target wired to NATS JetStream, for `imagepipe dev` and for
-// tests. MinIO is a separate AGPL program: it is executed, never imported.
+// tests; StartCluster runs several as one distributed, erasure-coded
+// deployment on loopback. MinIO is a separate AGPL program: it is
+// executed, never imported.
 package minioserver
 
 import (
@@ -16,7 +18,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -93,15 +94,8 @@ func FindBinary() (string, error) {
 // Start launches MinIO and waits until /minio/health/cluster answers 200;
 // live and ready answer before the server can take requests.
 func Start(ctx context.Context, o Options) (*Server, error) {
-	if o.Binary == "" {
-		bin, err := FindBinary()
-		if err != nil {
-			return nil, err
-		}
-		o.Binary = bin
-	}
-	if len(o.SecretKey) < 8 {
-		return nil, errors.New("start minio: the secret key needs at least 8 characters")
+	if err := o.check(); err != nil {
+		return nil, err
 	}
 	if o.Addr == "" || o.Addr[len(o.Addr)-2:] == ":0" {
 		addr, err := freeAddr()
@@ -117,19 +111,56 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 	if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("start minio: %w", err)
 	}
-
+	queueDir := ""
+	if o.QueueEvents && o.NATSAddr != "" {
+		queueDir = filepath.Join(filepath.Dir(dataDir), filepath.Base(dataDir)+"-events")
+		if err := os.MkdirAll(queueDir, 0o700); err != nil {
+			return nil, fmt.Errorf("start minio: %w", err)
+		}
+	}
+	env := o.environ(queueDir)
 	args := []string{"server", dataDir, "--address", o.Addr, "--quiet"}
+	if o.ConsoleAddr != "" {
+		args = append(args, "--console-address", o.ConsoleAddr)
+	} else {
+		env = append(env, "MINIO_BROWSER=off")
+	}
+	s, logs, err := spawn(o, "", args, env)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.waitHealthy(ctx, 60*time.Second); err != nil {
+		s.Stop()
+		return nil, fmt.Errorf("start minio on %s: %w; its output:\n%s", o.Addr, err, logs.String())
+	}
+	return s, nil
+}
+
+// check fills in the binary and refuses what MinIO would refuse later,
+// with less to go on.
+func (o *Options) check() error {
+	if o.Binary == "" {
+		bin, err := FindBinary()
+		if err != nil {
+			return err
+		}
+		o.Binary = bin
+	}
+	if len(o.SecretKey) < 8 {
+		return errors.New("start minio: the secret key needs at least 8 characters")
+	}
+	return nil
+}
+
+// environ is the server's environment: credentials, the NATS target (with
+// its queue in queueDir, if set), compression.
+func (o Options) environ(queueDir string) []string {
 	env := append(os.Environ(),
 		"MINIO_ROOT_USER="+o.AccessKey,
 		"MINIO_ROOT_PASSWORD="+o.SecretKey,
 		"MINIO_UPDATE=off",
 		"MINIO_API_SYNC_EVENTS=on",
 	)
-	if o.ConsoleAddr != "" {
-		args = append(args, "--console-address", o.ConsoleAddr)
-	} else {
-		env = append(env, "MINIO_BROWSER=off")
-	}
 	if o.NATSAddr != "" {
 		env = append(env,
 			"MINIO_NOTIFY_NATS_ENABLE_"+TargetID+"=on",
@@ -139,11 +170,7 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 			// MinIO silently ignores.
 			"MINIO_NOTIFY_NATS_JETSTREAM_"+TargetID+"=on",
 		)
-		if o.QueueEvents {
-			queueDir := filepath.Join(filepath.Dir(dataDir), filepath.Base(dataDir)+"-events")
-			if err := os.MkdirAll(queueDir, 0o700); err != nil {
-				return nil, fmt.Errorf("start minio: %w", err)
-			}
+		if queueDir != "" {
 			env = append(env, "MINIO_NOTIFY_NATS_QUEUE_DIR_"+TargetID+"="+queueDir)
 		}
 	}
@@ -153,10 +180,16 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 			"MINIO_COMPRESSION_EXTENSIONS=.raw",
 		)
 	}
+	return env
+}
 
+// spawn starts the process in dir ("" for this process's own); the caller
+// waits for it to be healthy.
+func spawn(o Options, dir string, args, env []string) (*Server, *capped, error) {
 	cmd := exec.Command(o.Binary, args...)
+	cmd.Dir = dir
 	cmd.Env = env
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = sysProcAttr()
 	logBuf := &capped{buf: &bytes.Buffer{}, max: 64 << 10}
 	out := io.Writer(logBuf)
 	if o.Stdout != nil {
@@ -164,16 +197,11 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 	}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start minio: %w", err)
+		return nil, nil, fmt.Errorf("start minio: %w", err)
 	}
 	s := &Server{Endpoint: o.Addr, cmd: cmd, done: make(chan struct{})}
 	go func() { s.waitErr = cmd.Wait(); close(s.done) }()
-
-	if err := s.waitHealthy(ctx, 60*time.Second); err != nil {
-		s.Stop()
-		return nil, fmt.Errorf("start minio on %s: %w; its output:\n%s", o.Addr, err, logBuf.String())
-	}
-	return s, nil
+	return s, logBuf, nil
 }
 
 func (s *Server) waitHealthy(ctx context.Context, limit time.Duration) error {
@@ -206,11 +234,11 @@ func (s *Server) waitHealthy(ctx context.Context, limit time.Duration) error {
 // Stop terminates MinIO and its children and waits for it to exit.
 func (s *Server) Stop() {
 	s.stopOnce.Do(func() {
-		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGTERM)
+		terminate(s.cmd.Process)
 		select {
 		case <-s.done:
 		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+			kill(s.cmd.Process)
 			<-s.done
 		}
 	})
@@ -219,7 +247,7 @@ func (s *Server) Stop() {
 // Kill stops MinIO at once, as a crash would.
 func (s *Server) Kill() {
 	s.stopOnce.Do(func() {
-		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+		kill(s.cmd.Process)
 		<-s.done
 	})
 }

@@ -7,12 +7,12 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/caarlos0/env/v11"
 	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/imagepipe/imagepipe/internal/natsrt"
+	"github.com/imagepipe/imagepipe/internal/natstest"
 	"github.com/imagepipe/imagepipe/internal/secrets"
 )
 
@@ -20,19 +20,8 @@ import (
 // the given password.
 func startWithUser(t *testing.T, password string) string {
 	t.Helper()
-	s, err := server.NewServer(&server.Options{
-		Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
-		Users: []*server.User{{Username: "convert", Password: password}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Start()
-	t.Cleanup(s.Shutdown)
-	if !s.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server not ready")
-	}
-	return s.ClientURL()
+	users := []*server.User{{Username: "convert", Password: password}}
+	return natstest.StartServer(t, &server.Options{Users: users}).ClientURL()
 }
 
 // configFromEnv parses the settings as every command does, with the

@@ -48,7 +48,7 @@ type Binding struct {
 	// Describe, if set, names the input a message's job works on, so that
 	// an operator can cancel it by bucket and key. It must not fail: an
 	// undecodable message gets the zero JobRef.
-	Describe func(data []byte) JobRef
+	Describe func(data []byte) events.JobRef
 }
 
 func (b Binding) consumerConfig() jetstream.ConsumerConfig {
@@ -104,6 +104,7 @@ func (w *Worker) Also(f func(jobCtx context.Context)) { w.also = append(w.also, 
 
 // NewWorker creates or updates the durable consumer and returns a worker
 // bound to it. Creating is idempotent: every replica calls it at start.
+// While JetStream cannot answer yet it waits, for as long as ctx lasts.
 func NewWorker(ctx context.Context, js jetstream.JetStream, b Binding, h Handler, log *slog.Logger) (*Worker, error) {
 	if b.Concurrency < 1 {
 		b.Concurrency = 1
@@ -114,24 +115,17 @@ func NewWorker(ctx context.Context, js jetstream.JetStream, b Binding, h Handler
 	if b.MaxAttempts < 1 {
 		b.MaxAttempts = 4
 	}
-	if _, err := js.CreateOrUpdateConsumer(ctx, b.Stream, b.consumerConfig()); err != nil {
-		return nil, fmt.Errorf("create consumer %s on %s: %w", b.Durable, b.Stream, err)
+	// A loaded cluster may take a while to answer; the function waits
+	// for it rather than exiting (WaitJetStream).
+	what := fmt.Sprintf("create consumer %s on %s", b.Durable, b.Stream)
+	if err := WaitJetStream(ctx, js.Conn(), log, what, func(ctx context.Context) error {
+		_, err := js.CreateOrUpdateConsumer(ctx, b.Stream, b.consumerConfig())
+		return err
+	}); err != nil {
+		return nil, err
 	}
 	return &Worker{js: js, binding: b, handle: h, log: log.With("consumer", b.Durable)}, nil
 }
-
-// Pause stops fetching; in-flight messages finish. When it returns, no
-// message published afterwards goes to this worker until Resume.
-func (w *Worker) Pause() {
-	w.paused.Store(true)
-	w.interruptFetches(2 * time.Second)
-}
-
-// Resume starts fetching again.
-func (w *Worker) Resume() { w.paused.Store(false) }
-
-// Paused reports whether fetching is paused.
-func (w *Worker) Paused() bool { return w.paused.Load() }
 
 // InFlight is the number of messages being handled now.
 func (w *Worker) InFlight() int64 { return w.inFlight.Load() }
@@ -142,9 +136,14 @@ func (w *Worker) InFlight() int64 { return w.inFlight.Load() }
 func (w *Worker) Run(ctx, jobCtx context.Context) error {
 	ctx, jobCtx = w.begin(ctx, jobCtx)
 	defer w.end()
-	cons, err := w.js.Consumer(ctx, w.binding.Stream, w.binding.Durable)
+	var cons jetstream.Consumer
+	err := WaitJetStream(ctx, w.js.Conn(), w.log, "bind consumer "+w.binding.Durable, func(ctx context.Context) error {
+		var err error
+		cons, err = w.js.Consumer(ctx, w.binding.Stream, w.binding.Durable)
+		return err
+	})
 	if err != nil && ctx.Err() == nil {
-		return fmt.Errorf("bind consumer %s: %w", w.binding.Durable, err)
+		return err
 	}
 	// A drain that came while the consumer was still being bound ends the
 	// fetching before it starts; the work added with Also is waited for

@@ -1,6 +1,7 @@
 // Package natstest starts an embedded NATS server with JetStream for one
-// test, stopped when the test ends. Tests of every package that talks to
-// JetStream use it, so none of them fakes NATS.
+// test, stopped when the test ends, and gives tests a log destination they
+// can read while the code under test writes. Tests of every package that
+// talks to JetStream use it, so none of them fakes NATS.
 package natstest
 
 import (
@@ -21,7 +22,14 @@ func Start(t testing.TB) (*nats.Conn, jetstream.JetStream) {
 		t.Fatal(err)
 	}
 	t.Cleanup(srv.Shutdown)
-	nc, err := nats.Connect(srv.URL())
+	return Connect(t, srv.URL())
+}
+
+// Connect is a client of the server at url, closed when the test ends:
+// another process's view of the same server.
+func Connect(t testing.TB, url string) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(url)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -65,16 +65,19 @@ func (c *client) read(n int) []byte {
 func (c *client) greet(flags uint32) {
 	c.t.Helper()
 	g := c.read(18)
-	if m := be.Uint64(g); m != nbdMagic {
-		c.t.Fatalf("greeting magic %#x", m)
-	}
-	if m := be.Uint64(g[8:]); m != optMagic {
-		c.t.Fatalf("greeting option magic %#x", m)
-	}
-	if f := be.Uint16(g[16:]); f != flagFixedNewstyle|flagNoZeroes {
-		c.t.Fatalf("handshake flags %#x", f)
-	}
+	c.field("greeting magic", be.Uint64(g), nbdMagic)
+	c.field("greeting option magic", be.Uint64(g[8:]), optMagic)
+	c.field("handshake flags", uint64(be.Uint16(g[16:])), flagFixedNewstyle|flagNoZeroes)
 	c.send(flags)
+}
+
+// field fails the test unless a header field read from the server holds
+// want.
+func (c *client) field(name string, got, want uint64) {
+	c.t.Helper()
+	if got != want {
+		c.t.Fatalf("%s %#x, want %#x", name, got, want)
+	}
 }
 
 func (c *client) option(opt uint32, data []byte) {
@@ -86,12 +89,8 @@ func (c *client) option(opt uint32, data []byte) {
 func (c *client) optReply(opt uint32) (typ uint32, data []byte) {
 	c.t.Helper()
 	h := c.read(20)
-	if m := be.Uint64(h); m != repMagic {
-		c.t.Fatalf("option reply magic %#x", m)
-	}
-	if got := be.Uint32(h[8:]); got != opt {
-		c.t.Fatalf("reply to option %d, want %d", got, opt)
-	}
+	c.field("option reply magic", be.Uint64(h), repMagic)
+	c.field("reply to option", uint64(be.Uint32(h[8:])), uint64(opt))
 	return be.Uint32(h[12:]), c.read(int(be.Uint32(h[16:])))
 }
 
@@ -142,12 +141,8 @@ func (c *client) request(typ uint16, handle, off uint64, n uint32, payload []byt
 func (c *client) reply(handle uint64, dataLen int) (uint32, []byte) {
 	c.t.Helper()
 	h := c.read(16)
-	if m := be.Uint32(h); m != replyMagic {
-		c.t.Fatalf("reply magic %#x", m)
-	}
-	if got := be.Uint64(h[8:]); got != handle {
-		c.t.Fatalf("reply to handle %d, want %d", got, handle)
-	}
+	c.field("reply magic", uint64(be.Uint32(h)), replyMagic)
+	c.field("reply to handle", be.Uint64(h[8:]), handle)
 	errno := be.Uint32(h[4:])
 	if errno != 0 {
 		return errno, nil

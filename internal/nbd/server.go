@@ -9,7 +9,8 @@ import (
 	"log/slog"
 	"net"
 	"sync"
-	"syscall"
+
+	"github.com/imagepipe/imagepipe/internal/scratch"
 )
 
 // Device is what an export is backed by. The server calls it from one
@@ -133,17 +134,17 @@ type conn struct {
 // reaches maxPayload exactly, and every size is a whole number of pages.
 const minBuffer = 64 << 10
 
-// buffer returns n bytes of page-aligned memory for a payload. The Device
-// may write it with O_DIRECT, and anonymous mappings are page aligned where
-// the Go heap promises nothing. It is reused across requests, so one
-// conversion maps memory a handful of times rather than per write.
+// buffer returns n bytes of page-aligned memory for a payload: the Device
+// may write it with O_DIRECT (see package scratch). It is reused across
+// requests, so one conversion maps memory a handful of times rather than
+// per write.
 func (c *conn) buffer(n uint32) ([]byte, error) {
 	if int(n) > len(c.buf) {
 		size := max(minBuffer, len(c.buf))
 		for size < int(n) {
 			size *= 2
 		}
-		b, err := syscall.Mmap(-1, 0, size, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_ANON|syscall.MAP_PRIVATE)
+		b, err := scratch.AlignedBuffer(size)
 		if err != nil {
 			return nil, fmt.Errorf("map %d byte buffer: %w", size, err)
 		}
@@ -155,7 +156,7 @@ func (c *conn) buffer(n uint32) ([]byte, error) {
 
 func (c *conn) freeBuffer() {
 	if c.buf != nil {
-		syscall.Munmap(c.buf)
+		scratch.FreeBuffer(c.buf)
 		c.buf = nil
 	}
 }

@@ -43,6 +43,10 @@ type Guard struct {
 	// whoever cleans up after it can then abort that upload, and no other
 	// writer's (Store.Abort).
 	Started func(uploadID string)
+	// Zeros, if set, has the parts of the source that are holes copied
+	// server-side from the bucket's zero object instead of sent (see
+	// zero.go).
+	Zeros *Zeros
 }
 
 // started tells g.Started, if set, of a new upload.

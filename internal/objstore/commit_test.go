@@ -13,17 +13,17 @@ import (
 
 	"github.com/minio/minio-go/v7"
 
-	"github.com/imagepipe/imagepipe/internal/sparse"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 )
 
 // sparseFile writes data to a scratch file and opens it as Upload takes it.
-func sparseFile(t *testing.T, data []byte) *sparse.File {
+func sparseFile(t *testing.T, data []byte) *scratch.File {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "out.raw")
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	f, err := sparse.Open(path)
+	f, err := scratch.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,50 +6,34 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/minio/minio-go/v7"
 
-	"github.com/imagepipe/imagepipe/internal/minioserver"
-	"github.com/imagepipe/imagepipe/internal/sparse"
+	"github.com/imagepipe/imagepipe/internal/scratch"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 var testStore *Store
 
-func TestMain(m *testing.M) { os.Exit(run(m)) }
+func TestMain(m *testing.M) { stack.Main(m, openTestStore) }
 
-func run(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "objstore-test-")
+// openTestStore is the store every test of the package uses.
+func openTestStore(ms *stack.MinIO) (err error) {
+	testStore, err = New(Config{Endpoint: ms.Endpoint, AccessKey: ms.AccessKey, SecretKey: ms.SecretKey})
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	ms, err := minioserver.Start(context.Background(), minioserver.Options{
-		DataDir:   filepath.Join(dir, "minio"),
-		AccessKey: "objstore-test", SecretKey: "objstore-test-secret",
-	})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer ms.Stop()
-	testStore, err = New(Config{Endpoint: ms.Endpoint, AccessKey: "objstore-test", SecretKey: "objstore-test-secret"})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return err
 	}
 	// S3's smallest part, so that a test upload has several.
 	testStore.growingPart = 5 << 20
-	return m.Run()
+	return nil
 }
 
 func testBucket(t *testing.T) (context.Context, string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(60*time.Second))
 	t.Cleanup(cancel)
 	bucket := fmt.Sprintf("growing-%d", time.Now().UnixNano())
 	if err := testStore.client.MakeBucket(ctx, bucket, minio.MakeBucketOptions{}); err != nil {
@@ -60,9 +44,9 @@ func testBucket(t *testing.T) (context.Context, string) {
 
 // newStream is a scratch file the test writes in order, as qemu-img does
 // through convert's NBD export.
-func newStream(t *testing.T, size int) *sparse.Stream {
+func newStream(t *testing.T, size int) *scratch.Stream {
 	t.Helper()
-	st, err := sparse.CreateStream(filepath.Join(t.TempDir(), "out.raw"), int64(size))
+	st, err := scratch.CreateStream(filepath.Join(t.TempDir(), "out.raw"), int64(size))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +54,7 @@ func newStream(t *testing.T, size int) *sparse.Stream {
 	return st
 }
 
-func write(t *testing.T, st *sparse.Stream, data []byte, from, to int) {
+func write(t *testing.T, st *scratch.Stream, data []byte, from, to int) {
 	t.Helper()
 	if _, err := st.Writer().WriteAt(data[from:to], int64(from)); err != nil {
 		t.Fatal(err)
@@ -103,7 +87,7 @@ func uploadedParts(t *testing.T, ctx context.Context, bucket, key string) int {
 
 func eventually(t *testing.T, what string, ok func() bool) {
 	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); !ok(); time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(stack.Scaled(20 * time.Second)); !ok(); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)
 		}

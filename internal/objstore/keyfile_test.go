@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/caarlos0/env/v11"
+
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // keyFiles writes the keys as a mounted Kubernetes Secret holds them
@@ -33,7 +35,7 @@ func keyFiles(t *testing.T, access, secret string) Config {
 }
 
 func TestS3KeysFromFilesSignIn(t *testing.T) {
-	s, err := New(keyFiles(t, "objstore-test", "objstore-test-secret"))
+	s, err := New(keyFiles(t, stack.AccessKey, stack.SecretKey))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +43,7 @@ func TestS3KeysFromFilesSignIn(t *testing.T) {
 		t.Fatalf("list buckets with keys from files: %v", err)
 	}
 
-	wrong, err := New(keyFiles(t, "objstore-test", "not-the-secret"))
+	wrong, err := New(keyFiles(t, stack.AccessKey, "not-the-secret"))
 	if err != nil {
 		t.Fatal(err)
 	}

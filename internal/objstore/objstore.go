@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/imagepipe/imagepipe/internal/secrets"
-	"github.com/imagepipe/imagepipe/internal/sparse"
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
 	"github.com/minio/minio-go/v7/pkg/tags"
@@ -23,21 +22,27 @@ import (
 
 // Config is how to reach S3. Every function that touches storage embeds it.
 type Config struct {
-	Endpoint  string `env:"IMAGEPIPE_S3_ENDPOINT" envDefault:"127.0.0.1:9000"`
-	AccessKey string `env:"IMAGEPIPE_S3_ACCESS_KEY"`
-	SecretKey string `env:"IMAGEPIPE_S3_SECRET_KEY"`
-	Secure    bool   `env:"IMAGEPIPE_S3_SECURE" envDefault:"false"`
-	Region    string `env:"IMAGEPIPE_S3_REGION"`
+	Endpoint  string `env:"IMAGEPIPE_S3_ENDPOINT" envDefault:"127.0.0.1:9000" takes:"HOST or HOST:PORT, no scheme" doc:"S3 endpoint host:port"`
+	AccessKey string `env:"IMAGEPIPE_S3_ACCESS_KEY" doc:"S3 access key (minioadmin in imagepipe dev; refused unless the endpoint is on loopback); with no key set, the AWS credential chain (AWS_ACCESS_KEY_ID…, ~/.aws/credentials, instance role)"`
+	SecretKey string `env:"IMAGEPIPE_S3_SECRET_KEY" secret:"true" doc:"S3 secret key (minioadmin in imagepipe dev; refused unless the endpoint is on loopback)"`
+	Secure    bool   `env:"IMAGEPIPE_S3_SECURE" envDefault:"false" doc:"TLS to S3 (a CA of your own: SSL_CERT_FILE=/path/ca.pem)"`
+	Region    string `env:"IMAGEPIPE_S3_REGION" doc:"S3 region, for S3 services that need it"`
+	// SessionToken goes with temporary keys (STS AssumeRole and the like).
+	SessionToken string `env:"IMAGEPIPE_S3_SESSION_TOKEN" secret:"true" doc:"the session token that goes with temporary S3 keys (STS AssumeRole, AWS SSO)"`
 
 	// The same keys read from files (a mounted Kubernetes Secret), so
 	// they need not sit in the environment; used when
 	// IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY are empty.
-	AccessKeyFromFile string `env:"IMAGEPIPE_S3_ACCESS_KEY_FILE,file"`
-	SecretKeyFromFile string `env:"IMAGEPIPE_S3_SECRET_KEY_FILE,file"`
+	AccessKeyFromFile string `env:"IMAGEPIPE_S3_ACCESS_KEY_FILE,file" doc:"a file holding the S3 access key (a mounted Kubernetes Secret; a trailing newline is ignored), used when IMAGEPIPE_S3_ACCESS_KEY is empty"`
+	SecretKeyFromFile string `env:"IMAGEPIPE_S3_SECRET_KEY_FILE,file" secret:"true" doc:"a file holding the S3 secret key, used when IMAGEPIPE_S3_SECRET_KEY is empty"`
+
+	// ZeroObjectSize is the size of the zero object each output bucket
+	// keeps, and so the longest run of zeros one copied part covers.
+	ZeroObjectSize int64 `env:"IMAGEPIPE_S3_ZERO_OBJECT_SIZE" envDefault:"1073741824" doc:"size in bytes of the zero object kept in the output bucket (under .imagepipe/ below the output prefix), which raw outputs' runs of zeros are copied from server-side instead of sent; 5 MiB to 5 GiB"`
 }
 
-// Upload tuning: large parts in parallel, and a CRC32C trailer instead of
-// signing a SHA-256 of every payload, which costs a full extra read.
+// Upload tuning: large parts in parallel, and a CRC64NVME trailer instead
+// of signing a SHA-256 of every payload, which costs a full extra read.
 const (
 	partSize    = 128 << 20
 	partThreads = 4
@@ -52,6 +57,16 @@ type Store struct {
 	// growingPart overrides UploadGrowing's part size, for tests that
 	// cannot afford 128 MiB parts; 0 keeps the default.
 	growingPart int64
+	// zeroObjectSize is Config.ZeroObjectSize; 0 is the default.
+	zeroObjectSize int64
+}
+
+// zeroSize is the size of the zero object.
+func (s *Store) zeroSize() int64 {
+	if s.zeroObjectSize > 0 {
+		return s.zeroObjectSize
+	}
+	return DefaultZeroObjectSize
 }
 
 // New builds a client. It does not contact the server.
@@ -65,14 +80,23 @@ func New(cfg Config) (*Store, error) {
 	if cfg.SecretKey == "" {
 		cfg.SecretKey = strings.TrimRight(cfg.SecretKeyFromFile, "\r\n")
 	}
-	if cfg.AccessKey == "" || cfg.SecretKey == "" {
-		return nil, errors.New("s3: credentials missing (set IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY, or IMAGEPIPE_S3_ACCESS_KEY_FILE and IMAGEPIPE_S3_SECRET_KEY_FILE)")
+	if (cfg.AccessKey == "") != (cfg.SecretKey == "") {
+		return nil, errors.New("s3: IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY (or their _FILE forms) go together: set both, or neither to use the AWS credential chain")
 	}
-	if err := secrets.CheckS3(cfg.Endpoint, cfg.AccessKey, cfg.SecretKey); err != nil {
-		return nil, fmt.Errorf("s3: %w", err)
+	if cfg.ZeroObjectSize != 0 && (cfg.ZeroObjectSize < 5<<20 || cfg.ZeroObjectSize > maxCopyPart) {
+		return nil, fmt.Errorf("s3: IMAGEPIPE_S3_ZERO_OBJECT_SIZE is %d bytes; set it between 5 MiB (5242880) and 5 GiB (5368709120), S3's bounds for a copied part", cfg.ZeroObjectSize)
+	}
+	creds := awsChain()
+	if cfg.AccessKey != "" {
+		if err := secrets.CheckS3(cfg.Endpoint, cfg.AccessKey, cfg.SecretKey); err != nil {
+			return nil, fmt.Errorf("s3: %w", err)
+		}
+		creds = credentials.NewStaticV4(cfg.AccessKey, cfg.SecretKey, cfg.SessionToken)
+	} else if cfg.SessionToken != "" {
+		return nil, errors.New("s3: IMAGEPIPE_S3_SESSION_TOKEN goes with IMAGEPIPE_S3_ACCESS_KEY and IMAGEPIPE_S3_SECRET_KEY; with neither set, the AWS credential chain's own session token (AWS_SESSION_TOKEN, ~/.aws/credentials) is used")
 	}
 	c, err := minio.New(cfg.Endpoint, &minio.Options{
-		Creds:           credentials.NewStaticV4(cfg.AccessKey, cfg.SecretKey, ""),
+		Creds:           creds,
 		Secure:          cfg.Secure,
 		Region:          cfg.Region,
 		TrailingHeaders: true,
@@ -80,7 +104,23 @@ func New(cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("s3 client for %s: %w", cfg.Endpoint, err)
 	}
-	return &Store{client: c}, nil
+	return &Store{client: c, zeroObjectSize: cfg.ZeroObjectSize}, nil
+}
+
+// awsChain is the AWS SDKs' standard credential chain, for a deployment
+// that gives imagepipe no key of its own: the environment
+// (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), then the
+// shared credentials file (AWS_SHARED_CREDENTIALS_FILE or
+// ~/.aws/credentials, profile AWS_PROFILE or default), then the instance's
+// or pod's role (EC2 instance metadata, ECS task role, EKS web identity).
+// Each is asked when a request needs signing, not here, so New still
+// contacts nothing; temporary credentials are renewed as they expire.
+func awsChain() *credentials.Credentials {
+	return credentials.NewChainCredentials([]credentials.Provider{
+		&credentials.EnvAWS{},
+		&credentials.FileAWSCredentials{},
+		&credentials.IAM{},
+	})
 }
 
 // Client exposes the underlying client for provisioning and tests.
@@ -98,6 +138,14 @@ type Object struct {
 	Metadata     map[string]string
 	Checksum     string // x-amz-checksum-sha256, base64, when the uploader sent one
 	LastModified time.Time
+	// CRC64NVME is the object's full-object CRC64NVME, base64 as S3
+	// writes it: what the server stores for it, or, from an upload, what
+	// the upload combined from its parts (the server keeps it too unless
+	// parts were copied from the zero object).
+	CRC64NVME string
+	// ZeroBytes, from an upload, is how many of its bytes were copied
+	// from the zero object instead of sent.
+	ZeroBytes int64
 }
 
 func objectFrom(bucket string, info minio.ObjectInfo) Object {
@@ -113,6 +161,7 @@ func objectFrom(bucket string, info minio.ObjectInfo) Object {
 		VersionID: info.VersionID,
 		Metadata:  meta,
 		Checksum:  info.ChecksumSHA256,
+		CRC64NVME: info.ChecksumCRC64NVME,
 
 		LastModified: info.LastModified,
 	}
@@ -186,7 +235,7 @@ func (s *Store) putStreamIfAbsent(ctx context.Context, bucket, key string, r io.
 	}
 	partSize = max(partSize, minPartSize)
 	core := minio.Core{Client: s.client}
-	uploadID, err := startUpload(ctx, core, bucket, key, meta)
+	uploadID, err := startUpload(ctx, core, bucket, key, meta, true)
 	if err != nil {
 		return err
 	}
@@ -196,7 +245,7 @@ func (s *Store) putStreamIfAbsent(ctx context.Context, bucket, key string, r io.
 		}
 	}()
 	buf := make([]byte, partSize)
-	var parts []minio.ObjectPart
+	var parts []sentPart
 	for n := 1; ; n++ {
 		got, rerr := io.ReadFull(r, buf)
 		if rerr != nil && rerr != io.EOF && rerr != io.ErrUnexpectedEOF {
@@ -213,7 +262,7 @@ func (s *Store) putStreamIfAbsent(ctx context.Context, bucket, key string, r io.
 			break
 		}
 	}
-	complete, done := completion(parts)
+	complete, done, _ := completion(parts, true)
 	done.SetMatchETagExcept("*")
 	if _, err := core.CompleteMultipartUpload(ctx, bucket, key, uploadID, complete, done); err != nil {
 		return fmt.Errorf("complete: %w", err)
@@ -369,28 +418,41 @@ func (s *Store) copyParts(ctx context.Context, src minio.CopySrcOptions, dstBuck
 	return Object{Bucket: dstBucket, Key: dstKey, Size: size, ETag: done.ETag, VersionID: done.VersionID}, nil
 }
 
-// UploadFile uploads a local file with parallel multipart parts. progress,
-// if set, is fed the bytes as they are sent. It replaces whatever the key
-// holds.
-func (s *Store) UploadFile(ctx context.Context, bucket, key, path string, meta map[string]string, progress io.Reader) (Object, error) {
-	f, err := sparse.Open(path)
-	if err != nil {
-		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
-	}
-	defer f.Close()
-	return s.Upload(ctx, bucket, key, f, meta, progress, Guard{})
+// File is a complete local file to upload: its parts are read with
+// ReadAt, several at a time, so a reader that serves a sparse raw image's
+// holes from memory spares the disk reading them.
+type File interface {
+	io.ReaderAt
+	Size() int64
 }
 
-// Upload uploads f with parallel multipart parts, read with ReadAt: a
-// sparse raw image's holes come from memory, not the disk. guard
-// decides at the end whether the object may still be written and learns
-// its upload id (see commit.go).
-func (s *Store) Upload(ctx context.Context, bucket, key string, f *sparse.File, meta map[string]string, progress io.Reader, guard Guard) (Object, error) {
+// Upload uploads f with parallel multipart parts. progress, if set, is
+// fed the bytes as they are sent. guard decides at the end whether the
+// object may still be written and learns its upload id (see commit.go);
+// the zero Guard replaces whatever the key holds.
+func (s *Store) Upload(ctx context.Context, bucket, key string, f File, meta map[string]string, progress io.Reader, guard Guard) (Object, error) {
+	// The file is whole: if no part of it is a hole, nothing is copied,
+	// and the upload can have the server keep its CRC64NVME.
+	if guard.Zeros != nil && (guard.Zeros.Holes == nil || !s.anyHolePart(f.Size(), guard.Zeros.Holes)) {
+		guard.Zeros = nil
+	}
 	obj, err := s.uploadParts(ctx, bucket, key, final{f}, f.Size(), meta, progress, guard)
 	if err != nil {
 		return Object{}, fmt.Errorf("upload %s/%s: %w", bucket, key, err)
 	}
 	return obj, nil
+}
+
+// anyHolePart reports whether a part of an upload of size bytes would be
+// a hole; where the file system cannot say, none is.
+func (s *Store) anyHolePart(size int64, holes Holes) bool {
+	ps := growingPartSize(size, s.growingPart)
+	for off := int64(0); off < size; off += ps {
+		if hole, err := holes.Hole(off, min(ps, size-off)); err == nil && hole {
+			return true
+		}
+	}
+	return false
 }
 
 // SetTags replaces the tags of one version of an object ("" is the

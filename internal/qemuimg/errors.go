@@ -21,6 +21,9 @@ var (
 	ErrUnsupportedFormat = errors.New("unsupported image format")
 	// ErrOutputLimit means qemu-img printed more than this package buffers.
 	ErrOutputLimit = errors.New("qemu-img output exceeds limit")
+	// errTimeLimit is qemu-img killed for outliving its CPU time limit,
+	// taken as wall-clock time where prlimit is not used.
+	errTimeLimit = errors.New("qemu-img ran past its time limit")
 )
 
 // ExitError is qemu-img failing. Op is the subcommand ("info", "convert",
@@ -75,17 +78,18 @@ var memoryMessages = []string{
 // LimitExceeded reports whether qemu-img hit a resource limit: killed by
 // SIGXCPU or SIGKILL (RLIMIT_CPU's soft and hard limits; a cancelled
 // context is reported as the context's error instead, so SIGKILL here came
-// from the kernel), an allocation failure under RLIMIT_AS, or output past
-// what this package buffers. An image that needs more than the limits allow
+// from the kernel), an allocation failure under RLIMIT_AS, the wall-clock
+// stand-in for RLIMIT_CPU where prlimit is not used, or output past what
+// this package buffers. An image that needs more than the limits allow
 // is refused for good, not retried.
 func (e *ExitError) LimitExceeded() bool {
-	if errors.Is(e.Err, ErrOutputLimit) {
+	if errors.Is(e.Err, ErrOutputLimit) || errors.Is(e.Err, errTimeLimit) {
 		return true
 	}
 	var xe *exec.ExitError
 	if errors.As(e.Err, &xe) {
 		if ws, ok := xe.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			if s := ws.Signal(); s == syscall.SIGXCPU || s == syscall.SIGKILL {
+			if s := ws.Signal(); s == sigXCPU || s == syscall.SIGKILL {
 				return true
 			}
 		}

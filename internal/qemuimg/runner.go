@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -60,7 +59,7 @@ type Runner struct {
 	ConvertLimits Limits
 	// DirectIO makes convert read and write with O_DIRECT (-T none -t
 	// none), past the page cache. Set it only where the scratch file
-	// system supports O_DIRECT (see package direct): qemu-img fails to
+	// system supports O_DIRECT (see package scratch): qemu-img fails to
 	// open files elsewhere.
 	DirectIO bool
 	Log      *slog.Logger
@@ -128,13 +127,6 @@ func (r *Runner) logger() *slog.Logger {
 // context ended the process, an *ExitError when qemu-img failed, and a plain
 // error when the process could not be started as required.
 func (r *Runner) run(ctx context.Context, op string, lim Limits, stdout io.Writer, stderr *tailBuffer, args ...string) error {
-	// prlimit sets the limits on itself and then execs qemu-img, so they are
-	// in force before qemu-img reads a single byte; setting them from the
-	// parent after start would leave a window.
-	prlimit, err := exec.LookPath("prlimit")
-	if err != nil {
-		return fmt.Errorf("prlimit not found, install util-linux (qemu-img is never run without resource limits): %w", err)
-	}
 	bin := r.Binary
 	if bin == "" {
 		bin = defaultBinary
@@ -144,10 +136,10 @@ func (r *Runner) run(ctx context.Context, op string, lim Limits, stdout io.Write
 	if err != nil {
 		return fmt.Errorf("%s not found, install qemu-utils: %w", bin, err)
 	}
-
-	argv := append(lim.prlimitArgs(), "--", qemu)
-	argv = append(argv, args...)
-	cmd := exec.CommandContext(ctx, prlimit, argv...)
+	cmd, limitHit, err := limitedCommand(ctx, lim, qemu, args)
+	if err != nil {
+		return err
+	}
 	// LC_ALL=C keeps messages in English, which ExitError.LimitExceeded
 	// relies on; nothing else from our environment (credentials included)
 	// has any business in a process parsing hostile input.
@@ -157,18 +149,11 @@ func (r *Runner) run(ctx context.Context, op string, lim Limits, stdout io.Write
 	cmd.Stdout = stdout
 	cmd.Stderr = stderr
 	// Stdin stays nil, which os/exec connects to /dev/null.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error {
-		err := syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		if errors.Is(err, syscall.ESRCH) {
-			return os.ErrProcessDone
-		}
-		return err
-	}
 	cmd.WaitDelay = waitDelay
 
 	start := time.Now()
 	err = cmd.Run()
+	limitErr := limitHit()
 	r.logger().DebugContext(ctx, "qemu-img finished",
 		"op", op, "args", args, "elapsed", time.Since(start), "err", err)
 	if err == nil {
@@ -176,6 +161,9 @@ func (r *Runner) run(ctx context.Context, op string, lim Limits, stdout io.Write
 	}
 	if ctxErr := ctx.Err(); ctxErr != nil {
 		return ctxErr
+	}
+	if limitErr != nil {
+		return &ExitError{Op: op, Stderr: stderr.String(), Err: fmt.Errorf("%w (%v)", limitErr, err)}
 	}
 	var xe *exec.ExitError
 	if !errors.As(err, &xe) {

@@ -19,7 +19,7 @@ type BucketConfig struct {
 	// NotifyTarget is the id of MinIO's NATS target
 	// (MINIO_NOTIFY_NATS_*_<ID>); empty skips subscribing the bucket, for
 	// S3 services that are wired some other way.
-	NotifyTarget string `env:"IMAGEPIPE_MINIO_NOTIFY_TARGET" envDefault:"PRIMARY"`
+	NotifyTarget string `env:"IMAGEPIPE_MINIO_NOTIFY_TARGET" envDefault:"PRIMARY" doc:"id of MinIO's NATS notification target (MINIO_NOTIFY_NATS_*_ID) that ingest subscribes the input bucket to; empty leaves the bucket's notifications alone, for S3 services wired some other way"`
 }
 
 // ObjectConfig is what ObjectStore provisions.
@@ -30,11 +30,10 @@ type ObjectConfig struct {
 	NotifyTarget string
 }
 
-// Error reports are written beside the inputs, under ErrorReportPrefix
-// (events.ErrorPrefix) in the input bucket; the lifecycle rule
-// ErrorReportRule removes them after ErrorReportDays.
+// Error reports are written beside the inputs, under events.ErrorPrefix in
+// the input bucket; the lifecycle rule ErrorReportRule removes them after
+// ErrorReportDays.
 const (
-	ErrorReportPrefix = events.ErrorPrefix
 	ErrorReportDays   = 30
 	ErrorReportRuleID = "imagepipe-expire-error-reports"
 )
@@ -45,7 +44,7 @@ func ErrorReportRule() lifecycle.Rule {
 	return lifecycle.Rule{
 		ID:         ErrorReportRuleID,
 		Status:     "Enabled",
-		RuleFilter: lifecycle.Filter{Prefix: ErrorReportPrefix},
+		RuleFilter: lifecycle.Filter{Prefix: events.ErrorPrefix},
 		Expiration: lifecycle.Expiration{Days: ErrorReportDays},
 	}
 }
@@ -146,7 +145,7 @@ func ensureLifecycle(ctx context.Context, c *minio.Client, bucket string, want l
 			return ch, nil
 		}
 		cfg.Rules[i] = want
-		ch.Action, ch.Detail = Updated, fmt.Sprintf("expire %s after %d days", ErrorReportPrefix, ErrorReportDays)
+		ch.Action, ch.Detail = Updated, fmt.Sprintf("expire %s after %d days", events.ErrorPrefix, ErrorReportDays)
 	}
 	if !found {
 		cfg.Rules = append(cfg.Rules, want)

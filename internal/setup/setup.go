@@ -2,13 +2,20 @@
 // JetStream streams and status bucket, the S3 buckets with their lifecycle
 // rule, and MinIO's bucket notification.
 //
-// There are two ways in. JetStream and ObjectStore create or update
-// everything and report each change; `imagepipe setup` and `imagepipe dev`
-// use them. Streams, StatusKV, Buckets and Notification only create what is
-// missing and leave what exists alone; every function calls them at start,
-// so that a function runs with credentials that may read but not change the
-// streams, and a replica started with stale settings never undoes what the
-// operator's last setup decided (say, scales a replicated stream down).
+// There are two ways in. JetStream, ApplyKV and ObjectStore create or
+// update everything and report each change; `imagepipe setup` and
+// `imagepipe dev` use them. Streams, StatusKV, KV, Buckets and Notification
+// only create what is missing and leave what exists alone; every function
+// calls them at start, so that a function runs with credentials that may
+// read but not change the streams, and a replica started with stale
+// settings never undoes what the operator's last setup decided (say, scales
+// a replicated stream down, or shortens a bucket's TTL). KV is the one way
+// a function opens a key-value bucket of its own.
+//
+// The functions' calls make one attempt each: a function waits out a
+// JetStream that cannot answer yet with natsrt.WaitJetStream around them,
+// which also says in its log what it waits for. The setup calls wait
+// themselves, for a while, since setup usually starts with its cluster.
 package setup
 
 import (
@@ -20,14 +27,15 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/natsrt"
 )
 
 // StreamConfig sizes the streams.
 type StreamConfig struct {
-	Replicas int `env:"IMAGEPIPE_STREAM_REPLICAS" envDefault:"1"`
+	Replicas int `env:"IMAGEPIPE_STREAM_REPLICAS" envDefault:"1" doc:"JetStream replicas of every stream and bucket (3 in a cluster)"`
 	// DedupWindow is how long JetStream remembers a Nats-Msg-Id, so a
 	// repeated notification within it never makes a second job.
-	DedupWindow time.Duration `env:"IMAGEPIPE_DEDUP_WINDOW" envDefault:"2m"`
+	DedupWindow time.Duration `env:"IMAGEPIPE_DEDUP_WINDOW" envDefault:"2m" doc:"JetStream duplicate window for notifications, jobs and results"`
 }
 
 func (cfg StreamConfig) normalized() StreamConfig {
@@ -108,7 +116,7 @@ func JetStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig) (R
 		}
 		r = append(r, c)
 	}
-	c, err := applyKV(ctx, js, statusKVConfig(cfg.Replicas))
+	c, err := ApplyKV(ctx, js, statusKVConfig(cfg.Replicas))
 	if err != nil {
 		return r, err
 	}
@@ -117,21 +125,20 @@ func JetStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig) (R
 
 // Streams creates the streams and the status bucket that do not exist yet,
 // and leaves existing ones as they are. It needs only the right to read
-// stream information once `imagepipe setup` has run.
+// stream information once `imagepipe setup` has run. It makes one attempt
+// (see the package comment).
 func Streams(ctx context.Context, js jetstream.JetStream, cfg StreamConfig) error {
 	cfg = cfg.normalized()
 	for _, want := range streamConfigs(cfg) {
-		if err := retry(ctx, func(ctx context.Context) error {
-			_, err := js.Stream(ctx, want.Name)
-			if errors.Is(err, jetstream.ErrStreamNotFound) {
-				_, err = js.CreateStream(ctx, want)
-				if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-					return nil // another replica was quicker
-				}
+		_, err := js.Stream(ctx, want.Name)
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			_, err = js.CreateStream(ctx, want)
+			if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+				err = nil // another replica was quicker
 			}
-			return err
-		}); err != nil {
-			return fmt.Errorf("stream %s: %w (run `imagepipe setup` with an admin user if this user may not create it)", want.Name, err)
+		}
+		if err != nil {
+			return fmt.Errorf("stream %s: %w (run `imagepipe setup` with an admin user if this user may not create it)", want.Name, deniedOr(js, err))
 		}
 	}
 	_, err := StatusKV(ctx, js, cfg.Replicas)
@@ -140,20 +147,26 @@ func Streams(ctx context.Context, js jetstream.JetStream, cfg StreamConfig) erro
 
 // StatusKV opens the status bucket, creating it if it does not exist yet.
 func StatusKV(ctx context.Context, js jetstream.JetStream, replicas int) (jetstream.KeyValue, error) {
-	var kv jetstream.KeyValue
-	err := retry(ctx, func(ctx context.Context) error {
-		var err error
-		kv, err = js.KeyValue(ctx, events.StatusBucket)
-		if errors.Is(err, jetstream.ErrBucketNotFound) {
-			kv, err = js.CreateKeyValue(ctx, statusKVConfig(replicas))
-			if errors.Is(err, jetstream.ErrBucketExists) {
-				kv, err = js.KeyValue(ctx, events.StatusBucket)
-			}
+	return KV(ctx, js, statusKVConfig(replicas))
+}
+
+// KV opens the key-value bucket want names as it is, and creates it from
+// want only if it does not exist yet; it never changes an existing one,
+// which is `imagepipe setup`'s business (ApplyKV). Replicas starting
+// together may all find the bucket missing: the one whose create loses the
+// race opens what the winner made. It makes one attempt (see the package
+// comment).
+func KV(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+	want.Replicas = max(want.Replicas, 1)
+	kv, err := js.KeyValue(ctx, want.Bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		kv, err = js.CreateKeyValue(ctx, want)
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			kv, err = js.KeyValue(ctx, want.Bucket)
 		}
-		return err
-	})
+	}
 	if err != nil {
-		return nil, fmt.Errorf("open kv %s: %w", events.StatusBucket, err)
+		return nil, fmt.Errorf("open kv %s: %w", want.Bucket, deniedOr(js, err))
 	}
 	return kv, nil
 }
@@ -189,35 +202,27 @@ func applyStream(ctx context.Context, js jetstream.JetStream, want jetstream.Str
 			if len(diff) == 0 {
 				return nil
 			}
-			upd := have
-			upd.Description = want.Description
-			upd.Subjects = want.Subjects
-			upd.Retention = want.Retention
-			upd.MaxAge = keptAge(have.MaxAge, want.MaxAge)
-			upd.Duplicates = want.Duplicates
-			upd.Storage = want.Storage
-			upd.Replicas = want.Replicas
-			if _, err := js.UpdateStream(ctx, upd); err != nil {
-				return fmt.Errorf("%w (changing %s)", err, joinDiff(diff))
-			}
-			return nil
+			_, err = js.UpdateStream(ctx, managedStream(have, want))
+			return changing(err, diff)
 		})
 	}
 	if err != nil {
 		return c, fmt.Errorf("stream %s: %w", want.Name, err)
 	}
-	c.Action = Created
-	if before != nil {
-		c.Action = Unchanged
-		if d := streamDiff(*before, want); len(d) > 0 {
-			c.Action, c.Detail = Updated, joinDiff(d)
-		}
-	}
-	return c, nil
+	return applied(c, before, want, streamDiff), nil
 }
 
-// applyKV does for a key-value bucket what applyStream does for a stream.
-func applyKV(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValueConfig) (Change, error) {
+// ApplyKV creates the key-value bucket want names, or brings the settings
+// imagepipe manages (description, history, TTL, storage, replicas) to
+// want, and reports the difference from what was there before, as
+// JetStream does for the streams. Settings imagepipe does not manage are
+// kept. It is how `imagepipe setup` provisions the buckets a function
+// configures (convert's de-duplication records, ingest's reconcile lease)
+// from that function's own settings, so that both agree on what the
+// bucket should be, and so that the bucket exists, with the cluster's
+// replicas, before any replica starts.
+func ApplyKV(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValueConfig) (Change, error) {
+	want.Replicas = max(want.Replicas, 1)
 	c := Change{Kind: "kv", Name: want.Bucket}
 	before, err := kvConfig(ctx, js, want.Bucket)
 	if err != nil {
@@ -236,28 +241,51 @@ func applyKV(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValu
 		if len(diff) == 0 {
 			return nil
 		}
-		upd := *have
-		upd.Description = want.Description
-		upd.History = want.History
-		upd.TTL = want.TTL
-		upd.Storage = want.Storage
-		upd.Replicas = want.Replicas
-		if _, err := js.UpdateKeyValue(ctx, upd); err != nil {
-			return fmt.Errorf("%w (changing %s)", err, joinDiff(diff))
-		}
-		return nil
+		_, err = js.UpdateKeyValue(ctx, managedKV(*have, want))
+		return changing(err, diff)
 	})
 	if err != nil {
 		return c, fmt.Errorf("kv %s: %w", want.Bucket, err)
 	}
+	return applied(c, before, want, kvDiff), nil
+}
+
+// changing names, on a failed update, the settings it was changing.
+func changing(err error, diff []string) error {
+	if err != nil {
+		return fmt.Errorf("%w (changing %s)", err, joinDiff(diff))
+	}
+	return nil
+}
+
+// applied completes c with what applying want did: created where there
+// was nothing before, else updated by the settings that differed, or
+// unchanged.
+func applied[T any](c Change, before *T, want T, diff func(have, want T) []string) Change {
 	c.Action = Created
 	if before != nil {
 		c.Action = Unchanged
-		if d := kvDiff(*before, want); len(d) > 0 {
+		if d := diff(*before, want); len(d) > 0 {
 			c.Action, c.Detail = Updated, joinDiff(d)
 		}
 	}
-	return c, nil
+	return c
+}
+
+// managedStream is have with the settings imagepipe manages taken from
+// want.
+func managedStream(have, want jetstream.StreamConfig) jetstream.StreamConfig {
+	have.Description, have.Subjects, have.Retention = want.Description, want.Subjects, want.Retention
+	have.MaxAge, have.Duplicates = keptAge(have.MaxAge, want.MaxAge), want.Duplicates
+	have.Storage, have.Replicas = want.Storage, want.Replicas
+	return have
+}
+
+// managedKV is have with the settings imagepipe manages taken from want.
+func managedKV(have, want jetstream.KeyValueConfig) jetstream.KeyValueConfig {
+	have.Description, have.History, have.TTL = want.Description, want.History, want.TTL
+	have.Storage, have.Replicas = want.Storage, want.Replicas
+	return have
 }
 
 // waitJetStream waits until the JetStream API answers: a cluster that has
@@ -308,6 +336,16 @@ func retry(ctx context.Context, op func(context.Context) error) error {
 	}
 }
 
+// deniedOr is err, unless it is a request the NATS user may not make:
+// the server drops those, so they time out like a slow cluster, and
+// retrying would only wait out retryFor before saying so.
+func deniedOr(js jetstream.JetStream, err error) error {
+	if denied := natsrt.Denied(js.Conn(), err); denied != nil {
+		return denied
+	}
+	return err
+}
+
 type errTransient struct{ err error }
 
 func (e errTransient) Error() string { return e.err.Error() }
@@ -329,40 +367,6 @@ func transient(err error) bool {
 		return api.Code == 503 || api.ErrorCode == 10005 || api.ErrorCode == 10008
 	}
 	return isTimeoutOrNoResponders(err)
-}
-
-// OwnedKV runs open, the code with which a function creates or updates a
-// key-value bucket it alone configures (convert's de-duplication records,
-// say), and reports what that changed. Running it from setup means the
-// bucket exists, with the cluster's replicas, before any replica starts:
-// replicas starting together then find it instead of racing to create it,
-// which a JetStream cluster can answer with a timeout to both.
-func OwnedKV(ctx context.Context, js jetstream.JetStream, bucket string, open func(context.Context) error) (Change, error) {
-	c := Change{Kind: "kv", Name: bucket}
-	before, err := kvConfig(ctx, js, bucket)
-	if err != nil {
-		return c, err
-	}
-	if err := retry(ctx, open); err != nil {
-		return c, fmt.Errorf("kv %s: %w", bucket, err)
-	}
-	after, err := kvConfig(ctx, js, bucket)
-	if err != nil {
-		return c, err
-	}
-	switch {
-	case after == nil:
-		return c, fmt.Errorf("kv %s: still missing after it was opened", bucket)
-	case before == nil:
-		c.Action = Created
-	default:
-		if d := kvDiff(*before, *after); len(d) > 0 {
-			c.Action, c.Detail = Updated, joinDiff(d)
-		} else {
-			c.Action = Unchanged
-		}
-	}
-	return c, nil
 }
 
 // kvConfig is a bucket's configuration, or nil if it does not exist.

@@ -3,61 +3,35 @@ package setup_test
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/minio/minio-go/v7"
-	"github.com/minio/minio-go/v7/pkg/credentials"
 	"github.com/minio/minio-go/v7/pkg/lifecycle"
 	"github.com/minio/minio-go/v7/pkg/notification"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/minioserver"
-	"github.com/imagepipe/imagepipe/internal/natsserver"
 	"github.com/imagepipe/imagepipe/internal/natstest"
 	"github.com/imagepipe/imagepipe/internal/setup"
+	"github.com/imagepipe/imagepipe/test/stack"
 )
 
 // One MinIO for the package, each test in its own buckets; each JetStream
 // test gets its own NATS server, since stream names are fixed.
 var s3 *minio.Client
 
-func TestMain(m *testing.M) { os.Exit(run(m)) }
+func TestMain(m *testing.M) {
+	stack.Main(m, func(ms *stack.MinIO) (err error) { s3, err = ms.Client(); return err })
+}
 
-func run(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "imagepipe-setup-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	ns, err := natsserver.Start(natsserver.Options{Port: -1, StoreDir: filepath.Join(dir, "nats")})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer ns.Shutdown()
-	ms, err := minioserver.Start(context.Background(), minioserver.Options{
-		DataDir:   filepath.Join(dir, "minio"),
-		AccessKey: "setup-test", SecretKey: "setup-test-secret",
-		NATSAddr: ns.Addr(), NATSSubject: events.SubjectS3Events,
-	})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer ms.Stop()
-	s3, err = minio.New(ms.Endpoint, &minio.Options{Creds: credentials.NewStaticV4("setup-test", "setup-test-secret", "")})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return m.Run()
+// testBucket is a bucket name of this run's own: the package's MinIO
+// outlives a test, and -count runs each test again against it.
+func testBucket(base string) string {
+	return fmt.Sprintf("%s-%d", base, time.Now().UnixNano())
 }
 
 func startJetStream(t *testing.T) jetstream.JetStream {
@@ -66,7 +40,7 @@ func startJetStream(t *testing.T) jetstream.JetStream {
 }
 
 func ctx(t *testing.T) context.Context {
-	c, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	c, cancel := context.WithTimeout(context.Background(), stack.Scaled(60*time.Second))
 	t.Cleanup(cancel)
 	return c
 }
@@ -82,7 +56,8 @@ func lines(r setup.Report) []string {
 func TestSetupTwiceChangesNothingTheSecondTime(t *testing.T) {
 	js := startJetStream(t)
 	cfg := setup.StreamConfig{Replicas: 1, DedupWindow: 2 * time.Minute}
-	objs := setup.ObjectConfig{InputBucket: "twice-in", OutputBucket: "twice-out", NotifyTarget: minioserver.TargetID}
+	in, out := testBucket("twice-in"), testBucket("twice-out")
+	objs := setup.ObjectConfig{InputBucket: in, OutputBucket: out, NotifyTarget: minioserver.TargetID}
 
 	first, err := setup.JetStream(ctx(t), js, cfg)
 	if err != nil {
@@ -98,10 +73,10 @@ func TestSetupTwiceChangesNothingTheSecondTime(t *testing.T) {
 		"created stream JOBS",
 		"created stream RESULTS",
 		"created kv " + events.StatusBucket,
-		"created bucket twice-in",
-		"created bucket twice-out",
-		"created lifecycle twice-in " + setup.ErrorReportRuleID,
-		"created notification twice-in → arn:minio:sqs::PRIMARY:nats",
+		"created bucket " + in,
+		"created bucket " + out,
+		"created lifecycle " + in + " " + setup.ErrorReportRuleID,
+		"created notification " + in + " → arn:minio:sqs::PRIMARY:nats",
 	}
 	if got := lines(first); !slices.Equal(got, want) {
 		t.Fatalf("first run:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
@@ -255,7 +230,7 @@ func TestFunctionStartCreatesMissingStreams(t *testing.T) {
 }
 
 func TestSetupKeepsOtherLifecycleRulesAndNotifications(t *testing.T) {
-	const in = "keep-in"
+	in := testBucket("keep-in")
 	if err := s3.MakeBucket(ctx(t), in, minio.MakeBucketOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -266,7 +241,7 @@ func TestSetupKeepsOtherLifecycleRulesAndNotifications(t *testing.T) {
 	}, {
 		// imagepipe's rule, edited by hand to a week: setup puts it back.
 		ID: setup.ErrorReportRuleID, Status: "Enabled",
-		RuleFilter: lifecycle.Filter{Prefix: setup.ErrorReportPrefix}, Expiration: lifecycle.Expiration{Days: 7},
+		RuleFilter: lifecycle.Filter{Prefix: events.ErrorPrefix}, Expiration: lifecycle.Expiration{Days: 7},
 	}}
 	if err := s3.SetBucketLifecycle(ctx(t), in, lc); err != nil {
 		t.Fatal(err)
@@ -285,9 +260,9 @@ func TestSetupKeepsOtherLifecycleRulesAndNotifications(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{
-		"unchanged: bucket keep-in",
-		"updated lifecycle keep-in " + setup.ErrorReportRuleID + " (expire errors/ after 30 days)",
-		"created notification keep-in → arn:minio:sqs::PRIMARY:nats",
+		"unchanged: bucket " + in,
+		"updated lifecycle " + in + " " + setup.ErrorReportRuleID + " (expire errors/ after 30 days)",
+		"created notification " + in + " → arn:minio:sqs::PRIMARY:nats",
 	}
 	if got := lines(r); !slices.Equal(got, want) {
 		t.Errorf("report %q, want %q", got, want)
@@ -319,14 +294,8 @@ func TestSetupKeepsOtherLifecycleRulesAndNotifications(t *testing.T) {
 	}
 }
 
-func TestOwnedKVReportsWhatTheFunctionsOwnCodeChanged(t *testing.T) {
+func TestApplyKVReportsWhatTheFunctionsOwnSettingsChanged(t *testing.T) {
 	js := startJetStream(t)
-	open := func(ttl time.Duration) func(context.Context) error {
-		return func(ctx context.Context) error {
-			_, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "owned", History: 1, TTL: ttl})
-			return err
-		}
-	}
 	for _, tt := range []struct {
 		ttl  time.Duration
 		want string
@@ -335,7 +304,7 @@ func TestOwnedKVReportsWhatTheFunctionsOwnCodeChanged(t *testing.T) {
 		{time.Hour, "unchanged: kv owned"},
 		{2 * time.Hour, "updated kv owned (ttl 1h0m0s → 2h0m0s)"},
 	} {
-		c, err := setup.OwnedKV(ctx(t), js, "owned", open(tt.ttl))
+		c, err := setup.ApplyKV(ctx(t), js, jetstream.KeyValueConfig{Bucket: "owned", History: 1, TTL: tt.ttl})
 		if err != nil {
 			t.Fatal(err)
 		}

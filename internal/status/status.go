@@ -87,7 +87,13 @@ func rank(s events.State) int {
 // READY, FAILED, DUPLICATE or CANCELLED, and:
 //
 //   - another job id (a newer version of the upload, or a reconvert)
-//     starts a new sequence;
+//     starts a new sequence, except over a record another job finished:
+//     that is replaced only by a job not yet delivered (QUEUED or an
+//     import's UPLOADED, attempt 0) or by intake's refusal. A delivery
+//     still at work on an older job (superseded by a newer version that
+//     finished first) would otherwise hide the newer READY, and the
+//     newer job's READY would be written again when the older one hands
+//     the record back;
 //   - a job that ended never moves again, so a second READY is dropped;
 //   - a later delivery of the job (a higher attempt) takes the record
 //     over, and an earlier one that is still running can no longer move it;
@@ -98,7 +104,7 @@ func rank(s events.State) int {
 func Forward(cur, next events.Status) bool {
 	switch {
 	case cur.JobID != next.JobID:
-		return true
+		return !cur.State.Terminal() || notDelivered(next) || next.Phase == events.PhaseIntake
 	case cur.State.Terminal():
 		return false
 	case next.Attempt != cur.Attempt:
@@ -109,6 +115,11 @@ func Forward(cur, next events.Status) bool {
 		return true
 	}
 	return rank(next.State) > rank(cur.State)
+}
+
+// notDelivered is the record of a job no replica has had yet.
+func notDelivered(st events.Status) bool {
+	return st.Attempt == 0 && (st.State == events.StateQueued || st.State == events.StateUploaded)
 }
 
 // producing is a state of making or sending an output.

@@ -1,3 +1,5 @@
+//go:build linux
+
 package chaos
 
 import (
@@ -11,6 +13,7 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -25,6 +28,23 @@ type states struct {
 	mu   sync.Mutex
 	now  map[string]events.Status // by input key
 	subs map[chan events.Status]struct{}
+}
+
+// follow is what a test reads to judge a run of st: the results, collected
+// by a consumer named durable (stop them before st closes), and every
+// upload's state as it changes.
+func follow(ctx context.Context, t *testing.T, st *stack.Stack, durable string) (*stack.Results, *states) {
+	t.Helper()
+	results, err := st.CollectResults(ctx, durable)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sts, err := watchStates(ctx, st.JS)
+	if err != nil {
+		results.Stop()
+		t.Fatal(err)
+	}
+	return results, sts
 }
 
 func watchStates(ctx context.Context, js jetstream.JetStream) (*states, error) {

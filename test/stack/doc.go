@@ -4,4 +4,10 @@
 // `imagepipe` OS process that can be killed with SIGKILL. The fault suite
 // (test/chaos), the load test (test/load) and the benchmark report (bench)
 // share it, together with the disk images they feed it.
+//
+// It is also where a test package gets its real S3: Main, as the package's
+// TestMain, gives it one MinIO for all its tests (PackageMinIO), while
+// each test starts its own JetStream with natstest.Start. Every test
+// deadline goes through Scaled, so that one factor stretches them all on
+// a loaded machine.
 package stack

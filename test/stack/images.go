@@ -110,13 +110,15 @@ func Make(ctx context.Context, dir, keyBase string, spec Spec, expect bool) (Ima
 		if err := qemu(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", path, fmt.Sprint(spec.Virtual)); err != nil {
 			return img, err
 		}
-		img.Fail = &Expect{Phase: events.PhaseInspect, Rule: "backing-file"}
+		img.Fail = &Expect{Phase: events.PhaseInspect, Rule: events.RuleBackingFile}
 		return img, img.stat()
 	case KindHuge:
 		if err := qemu(ctx, "qemu-img", "create", "-q", "-f", "qcow2", path, fmt.Sprint(spec.Virtual)); err != nil {
 			return img, err
 		}
-		img.Fail = &Expect{Phase: events.PhaseInspect, Contains: "scratch space too small"}
+		// Sized beyond the whole scratch file system: refused by rule at
+		// once, never retried.
+		img.Fail = &Expect{Phase: events.PhaseInspect, Rule: events.RuleScratchSpace, Contains: "more than the whole scratch file system"}
 		return img, img.stat()
 	}
 
@@ -331,8 +333,13 @@ func FileSHA256(path string) (string, int64, error) {
 		return "", 0, err
 	}
 	defer f.Close()
+	return readerSHA256(f)
+}
+
+// readerSHA256 hashes what r holds, and says how many bytes that is.
+func readerSHA256(r io.Reader) (string, int64, error) {
 	h := sha256.New()
-	n, err := io.Copy(h, f)
+	n, err := io.Copy(h, r)
 	return hex.EncodeToString(h.Sum(nil)), n, err
 }
 
@@ -358,7 +365,5 @@ func (s *Stack) ObjectSHA256(ctx context.Context, bucket, key string) (string, i
 		return "", 0, err
 	}
 	defer obj.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, obj)
-	return hex.EncodeToString(h.Sum(nil)), n, err
+	return readerSHA256(obj)
 }

@@ -32,6 +32,14 @@ type Proc struct {
 	started time.Time
 }
 
+// NewProc is a process of bin with args and exactly the environment env,
+// its output appended to logPath; Start starts it. A test that runs a
+// replica beside a stack of its own making (one not started by Start)
+// uses it to kill that replica as a crash would.
+func NewProc(name, bin string, args, env []string, logPath string) *Proc {
+	return newProc(name, bin, args, env, logPath)
+}
+
 func newProc(name, bin string, args, env []string, logPath string) *Proc {
 	return &Proc{Name: name, bin: bin, args: args, env: env, logPath: logPath}
 }
@@ -58,7 +66,7 @@ func (p *Proc) Start() error {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// A test that dies must not leave replicas behind; an orderly kill of
 	// the process itself is what the faults are made of.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = dieWithParent()
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		return fmt.Errorf("start %s: %w", p.Name, err)

@@ -28,8 +28,8 @@ import (
 const (
 	InputBucket  = "uploads"
 	OutputBucket = "images"
-	accessKey    = "imagepipe-stack"
-	secretKey    = "imagepipe-stack-secret"
+	AccessKey    = "imagepipe-stack"
+	SecretKey    = "imagepipe-stack-secret"
 )
 
 // Config describes a stack.
@@ -103,7 +103,7 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 		cfg.ScratchDir = filepath.Join(cfg.Dir, "scratch")
 	}
 	if cfg.Functions == nil {
-		cfg.Functions = []string{"ingest", "convert", "notify"}
+		cfg.Functions = events.Functions()
 	}
 	for _, d := range []string{cfg.ScratchDir, filepath.Join(cfg.Dir, "logs")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -140,7 +140,7 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 	if s.JS, err = jetstream.New(s.NC); err != nil {
 		return nil, err
 	}
-	s.S3, err = minio.New(s.s3Addr, &minio.Options{Creds: credentials.NewStaticV4(accessKey, secretKey, "")})
+	s.S3, err = minio.New(s.s3Addr, &minio.Options{Creds: credentials.NewStaticV4(AccessKey, SecretKey, "")})
 	if err != nil {
 		return nil, err
 	}
@@ -165,8 +165,8 @@ func (s *Stack) startMinIO(ctx context.Context) error {
 	m, err := minioserver.Start(ctx, minioserver.Options{
 		DataDir:     filepath.Join(s.cfg.Dir, "minio"),
 		Addr:        s.s3Addr,
-		AccessKey:   accessKey,
-		SecretKey:   secretKey,
+		AccessKey:   AccessKey,
+		SecretKey:   SecretKey,
 		NATSAddr:    s.nats.Addr(),
 		NATSSubject: events.SubjectS3Events,
 		Compress:    s.cfg.Compress,
@@ -191,8 +191,8 @@ func (s *Stack) env(name string) []string {
 		"TMPDIR":                        filepath.Join(s.cfg.Dir, "tmp"),
 		"IMAGEPIPE_NATS_URL":            fmt.Sprintf("nats://127.0.0.1:%d", s.natsPort),
 		"IMAGEPIPE_S3_ENDPOINT":         s.s3Addr,
-		"IMAGEPIPE_S3_ACCESS_KEY":       accessKey,
-		"IMAGEPIPE_S3_SECRET_KEY":       secretKey,
+		"IMAGEPIPE_S3_ACCESS_KEY":       AccessKey,
+		"IMAGEPIPE_S3_SECRET_KEY":       SecretKey,
 		"IMAGEPIPE_INPUT_BUCKET":        InputBucket,
 		"IMAGEPIPE_OUTPUT_BUCKET":       OutputBucket,
 		"IMAGEPIPE_SCRATCH_DIR":         s.cfg.ScratchDir,
@@ -239,7 +239,7 @@ func (s *Stack) ScratchDir() string { return s.cfg.ScratchDir }
 func (s *Stack) S3Endpoint() string { return s.s3Addr }
 
 // Credentials are the stack's S3 access and secret keys.
-func (s *Stack) Credentials() (string, string) { return accessKey, secretKey }
+func (s *Stack) Credentials() (string, string) { return AccessKey, SecretKey }
 
 // NATSURL is the NATS client URL, the same across restarts.
 func (s *Stack) NATSURL() string { return fmt.Sprintf("nats://127.0.0.1:%d", s.natsPort) }
@@ -332,7 +332,7 @@ func max0(n int) int { return max(n, 0) }
 // WaitConsumers waits until each function has bound its durable consumer,
 // so that a measurement does not include a replica's start.
 func (s *Stack) WaitConsumers(ctx context.Context) error {
-	want := map[string]string{"ingest": events.StreamS3Events, "convert": events.StreamJobs, "notify": events.StreamResults}
+	want := map[string]string{events.ConsumerIngest: events.StreamS3Events, events.ConsumerConvert: events.StreamJobs, events.ConsumerNotify: events.StreamResults}
 	for _, name := range s.cfg.Functions {
 		stream, ok := want[name]
 		if !ok {

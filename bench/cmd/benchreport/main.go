@@ -2,17 +2,21 @@
 // on the real stack and writes bench/REPORT.md. `go tool task bench` runs
 // it. Sizes come from the environment so that a run can be scaled down:
 //
-//	BENCH_REPS            repetitions; medians are reported (3)
-//	BENCH_P1_VIRTUAL      P1 image's virtual size (8GiB)
-//	BENCH_P1_DATA         data written into it (1GiB)
-//	BENCH_P2_IMAGES       small images sent one at a time (10)
-//	BENCH_P3_IMAGES       images in the burst (16)
-//	BENCH_P3_CONCURRENCY  jobs per replica in the burst (2)
-//	BENCH_P4_SIZES        virtual sizes for the memory check (1GiB,20GiB)
-//	BENCH_P4_DATA         data in each of those images (64MiB)
-//	BENCH_ONLY            run only these parts, e.g. p1,micro or sync (all)
-//	BENCH_DIR             where to work; needs room for the P1 outputs (OS temp dir)
-//	BENCH_KEEP            keep the work dir, with every process's log, when set
+//	BENCH_REPS                 repetitions; medians are reported (3)
+//	BENCH_LARGE_VIRTUAL        the large sparse image's virtual size (8GiB)
+//	BENCH_LARGE_DATA           data written into it (1GiB)
+//	BENCH_VERYSPARSE_VIRTUAL   the very sparse large image's virtual size (64GiB)
+//	BENCH_VERYSPARSE_DATA      data written into it (1GiB)
+//	BENCH_OVERHEAD_IMAGES      small images sent one at a time (10)
+//	BENCH_BURST_IMAGES         images in the burst, 256MiB-1GiB virtual with 32-128MiB of data each (100)
+//	BENCH_BURST_CONCURRENCY    jobs per replica in the burst, and bare stages at a time (2)
+//	BENCH_MEMORY_SIZES         virtual sizes for the memory check (1GiB,8GiB,64GiB)
+//	BENCH_MEMORY_DATA          data in each of those images (64MiB)
+//	BENCH_ZEROPARTS_SIZE       zeros stored each way in the zero-parts measurement (4GiB)
+//	BENCH_ONLY                 run only these parts, e.g. large,verysparse,micro
+//	                           (all of large, verysparse, overhead, burst, memory, sync, zeroparts, micro)
+//	BENCH_DIR                  where to work; needs room for the sparse images' outputs (OS temp dir)
+//	BENCH_KEEP                 keep the work dir, with every process's log, when set
 package main
 
 import (
@@ -45,30 +49,36 @@ func main() {
 
 func run(ctx context.Context, out string) error {
 	cfg := bench.Config{
-		Reps:     envInt("BENCH_REPS", 3),
-		P2Images: envInt("BENCH_P2_IMAGES", 10), P3Images: envInt("BENCH_P3_IMAGES", 16),
-		P3Concurrency: envInt("BENCH_P3_CONCURRENCY", 2),
-		Logf:          log.Printf,
+		Reps:           envInt("BENCH_REPS", 3),
+		OverheadImages: envInt("BENCH_OVERHEAD_IMAGES", 10), BurstImages: envInt("BENCH_BURST_IMAGES", 100),
+		BurstConcurrency: envInt("BENCH_BURST_CONCURRENCY", 2),
+		Logf:             log.Printf,
 	}
 	var err error
-	if cfg.P1Virtual, err = envSize("BENCH_P1_VIRTUAL", "8GiB"); err != nil {
+	if cfg.LargeVirtual, err = envSize("BENCH_LARGE_VIRTUAL", "8GiB"); err != nil {
 		return err
 	}
-	if cfg.P1Data, err = envSize("BENCH_P1_DATA", "1GiB"); err != nil {
+	if cfg.LargeData, err = envSize("BENCH_LARGE_DATA", "1GiB"); err != nil {
 		return err
 	}
-	if cfg.P4Data, err = envSize("BENCH_P4_DATA", "64MiB"); err != nil {
+	if cfg.VerySparseVirtual, err = envSize("BENCH_VERYSPARSE_VIRTUAL", "64GiB"); err != nil {
 		return err
 	}
-	for _, s := range strings.Split(envString("BENCH_P4_SIZES", "1GiB,20GiB"), ",") {
+	if cfg.VerySparseData, err = envSize("BENCH_VERYSPARSE_DATA", "1GiB"); err != nil {
+		return err
+	}
+	if cfg.MemoryData, err = envSize("BENCH_MEMORY_DATA", "64MiB"); err != nil {
+		return err
+	}
+	for _, s := range strings.Split(envString("BENCH_MEMORY_SIZES", "1GiB,8GiB,64GiB"), ",") {
 		n, err := parseSize(s)
 		if err != nil {
-			return fmt.Errorf("BENCH_P4_SIZES: %w", err)
+			return fmt.Errorf("BENCH_MEMORY_SIZES: %w", err)
 		}
-		cfg.P4Sizes = append(cfg.P4Sizes, n)
+		cfg.MemorySizes = append(cfg.MemorySizes, n)
 	}
 	only := map[string]bool{}
-	for _, p := range strings.Split(envString("BENCH_ONLY", "p1,p2,p3,p4,sync,micro"), ",") {
+	for _, p := range strings.Split(envString("BENCH_ONLY", "large,verysparse,overhead,burst,memory,sync,zeroparts,micro"), ",") {
 		only[strings.TrimSpace(strings.ToLower(p))] = true
 	}
 	if err := stack.CheckTools(); err != nil {
@@ -92,8 +102,19 @@ func run(ctx context.Context, out string) error {
 			return err
 		}
 	}
+	if only["zeroparts"] {
+		// Its own MinIO too, before the stack starts.
+		size, err := envSize("BENCH_ZEROPARTS_SIZE", "4GiB")
+		if err != nil {
+			return err
+		}
+		log.Print("storing runs of zeros")
+		if rep.ZeroParts, err = bench.RunZeroParts(ctx, filepath.Join(dir, "zeroparts"), size, []int64{128 << 20, 1 << 30}, cfg.Reps, log.Printf); err != nil {
+			return fmt.Errorf("zero parts: %w", err)
+		}
+	}
 	var r *bench.Runner
-	if only["p1"] || only["p2"] || only["p3"] || only["p4"] {
+	if only["large"] || only["verysparse"] || only["overhead"] || only["burst"] || only["memory"] {
 		if cfg.Binary, err = stack.Build(ctx, dir); err != nil {
 			return err
 		}
@@ -109,24 +130,29 @@ func run(ctx context.Context, out string) error {
 			return err
 		}
 	}
-	if only["p1"] {
-		if rep.P1, err = r.RunP1(ctx); err != nil {
-			return fmt.Errorf("P1: %w", err)
+	if only["large"] {
+		if rep.Large, err = r.RunSparse(ctx, "large", cfg.LargeVirtual, cfg.LargeData); err != nil {
+			return fmt.Errorf("large sparse image: %w", err)
 		}
 	}
-	if only["p2"] {
-		if rep.P2, err = r.RunP2(ctx); err != nil {
-			return fmt.Errorf("P2: %w", err)
+	if only["verysparse"] {
+		if rep.VerySparse, err = r.RunSparse(ctx, "verysparse", cfg.VerySparseVirtual, cfg.VerySparseData); err != nil {
+			return fmt.Errorf("very sparse large image: %w", err)
 		}
 	}
-	if only["p3"] {
-		if rep.P3, err = r.RunP3(ctx); err != nil {
-			return fmt.Errorf("P3: %w", err)
+	if only["overhead"] {
+		if rep.Overhead, err = r.RunOverhead(ctx); err != nil {
+			return fmt.Errorf("per-job overhead: %w", err)
 		}
 	}
-	if only["p4"] {
-		if rep.P4, err = r.RunP4(ctx); err != nil {
-			return fmt.Errorf("P4: %w", err)
+	if only["burst"] {
+		if rep.Burst, err = r.RunBurst(ctx); err != nil {
+			return fmt.Errorf("burst: %w", err)
+		}
+	}
+	if only["memory"] {
+		if rep.Memory, err = r.RunMemory(ctx); err != nil {
+			return fmt.Errorf("memory: %w", err)
 		}
 	}
 	rep.Took = time.Since(rep.Started)
