@@ -7,21 +7,18 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
-	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/minio/minio-go/v7"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
-	"github.com/imagepipe/imagepipe/internal/natstest"
 	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/qemuimg"
-	"github.com/imagepipe/imagepipe/internal/setup"
+	"github.com/imagepipe/imagepipe/internal/setup/setuptest"
 	"github.com/imagepipe/imagepipe/internal/status"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
@@ -50,45 +47,14 @@ func (q *countingQemu) ConvertToNBD(ctx context.Context, src, srcFormat, socket 
 	return q.QemuImg.ConvertToNBD(ctx, src, srcFormat, socket, onProgress)
 }
 
-// realStack is what a convert replica talks to: JetStream with the
-// product's streams and status bucket, and the package's MinIO with an
-// input and an output bucket of the test's own.
-type realStack struct {
-	js      jetstream.JetStream
-	kv      jetstream.KeyValue
-	store   *objstore.Store
-	in, out string
-}
+// realStack is what a convert replica talks to, on the package's MinIO.
+type realStack struct{ *setuptest.Stack }
 
 func TestMain(m *testing.M) { stack.Main(m) }
 
 func startRealStack(t *testing.T) *realStack {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	_, js := natstest.Start(t)
-	if err := setup.Streams(ctx, js, setup.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := setup.StatusKV(ctx, js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ms := stack.PackageMinIO(t)
-	store, err := objstore.New(objstore.Config{Endpoint: ms.Endpoint, AccessKey: ms.AccessKey, SecretKey: ms.SecretKey})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Buckets named for this run, so a repeated run (-count) finds none of
-	// the last one's objects.
-	run := strconv.FormatInt(time.Now().UnixNano(), 36)
-	s := &realStack{js: js, kv: kv, store: store, in: "uploads-" + run, out: "images-" + run}
-	for _, b := range []string{s.in, s.out} {
-		if err := store.Client().MakeBucket(ctx, b, minio.MakeBucketOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return s
+	return &realStack{setuptest.Start(t, stack.PackageMinIO(t))}
 }
 
 // watchStates records every state the status key takes, as `imagepipe
@@ -149,7 +115,7 @@ func TestJobDeliveredAgainAfterItSucceededIsReadyOnceAndConvertedOnce(t *testing
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	s, job, rawSHA := queuedVHDX(ctx, t)
-	watch := watchKey(t, s.kv, job.Bucket, job.Key)
+	watch := watchKey(t, s.KV, job.Bucket, job.Key)
 	qemu := &countingQemu{QemuImg: qemuimg.New(nil)}
 	h := s.handler(t, qemu)
 
@@ -162,7 +128,7 @@ func TestJobDeliveredAgainAfterItSucceededIsReadyOnceAndConvertedOnce(t *testing
 		if len(out) != 1 || out[0].Subject != events.SubjectConverted {
 			t.Fatalf("delivery %d published %+v, want one converted event", attempt, out)
 		}
-		if err := natsrt.Publish(ctx, s.js, out...); err != nil {
+		if err := natsrt.Publish(ctx, s.JS, out...); err != nil {
 			t.Fatal(err)
 		}
 		ids = append(ids, out[0].Event.ID)
@@ -176,7 +142,7 @@ func TestJobDeliveredAgainAfterItSucceededIsReadyOnceAndConvertedOnce(t *testing
 	}
 	s.checkReadyOnce(ctx, t, watch, job)
 	s.checkOneResult(ctx, t)
-	if sum := storedSHA256(t, s.store, s.out, "disks/win.vhdx.raw"); sum != rawSHA {
+	if sum := storedSHA256(t, s.Store, s.Out, "disks/win.vhdx.raw"); sum != rawSHA {
 		t.Errorf("output sha256 %s, want %s (qemu-img's own conversion)", sum, rawSHA)
 	}
 }
@@ -201,16 +167,16 @@ func queuedVHDX(ctx context.Context, t *testing.T) (s *realStack, job events.Con
 	t.Helper()
 	s = startRealStack(t)
 	body, rawSHA := vhdxWithScatteredData(t)
-	if err := s.store.PutBytes(ctx, s.in, "disks/win.vhdx", body, "application/octet-stream", nil); err != nil {
+	if err := s.Store.PutBytes(ctx, s.In, "disks/win.vhdx", body, "application/octet-stream", nil); err != nil {
 		t.Fatal(err)
 	}
-	up, err := s.store.Stat(ctx, s.in, "disks/win.vhdx")
+	up, err := s.Store.Stat(ctx, s.In, "disks/win.vhdx")
 	if err != nil {
 		t.Fatal(err)
 	}
-	job = events.ConvertJob{JobID: events.JobIDFor(s.in + "/disks/win.vhdx@" + up.ETag), Bucket: s.in, Key: "disks/win.vhdx",
+	job = events.ConvertJob{JobID: events.JobIDFor(s.In + "/disks/win.vhdx@" + up.ETag), Bucket: s.In, Key: "disks/win.vhdx",
 		VersionID: up.VersionID, ETag: up.ETag, Size: up.Size, QueuedAt: time.Now().UTC()}
-	if err := status.New(s.kv, nil).Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID}); err != nil {
+	if err := status.New(s.KV, nil).Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID}); err != nil {
 		t.Fatal(err)
 	}
 	return s, job, rawSHA
@@ -218,16 +184,16 @@ func queuedVHDX(ctx context.Context, t *testing.T) (s *realStack, job events.Con
 
 func (s *realStack) handler(t *testing.T, qemu QemuImg) *Handler {
 	t.Helper()
-	cfg := Config{OutputBucket: s.out, OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
+	cfg := Config{OutputBucket: s.Out, OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
 		ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute, AckWait: time.Minute}
-	return New(cfg, s.store, qemu, status.New(s.kv, nil), nil, slog.New(slog.DiscardHandler))
+	return New(cfg, s.Store, qemu, status.New(s.KV, nil), nil, slog.New(slog.DiscardHandler))
 }
 
 // checkReadyOnce asserts that the job's status became READY exactly once
 // and stayed so.
 func (s *realStack) checkReadyOnce(ctx context.Context, t *testing.T, watch *watchStates, job events.ConvertJob) {
 	t.Helper()
-	entry, err := s.kv.Get(ctx, events.StatusKey(job.Bucket, job.Key))
+	entry, err := s.KV.Get(ctx, events.StatusKey(job.Bucket, job.Key))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,7 +209,7 @@ func (s *realStack) checkReadyOnce(ctx context.Context, t *testing.T, watch *wat
 // checkOneResult asserts that RESULTS holds one converted event.
 func (s *realStack) checkOneResult(ctx context.Context, t *testing.T) {
 	t.Helper()
-	results, err := s.js.Stream(ctx, events.StreamResults)
+	results, err := s.JS.Stream(ctx, events.StreamResults)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +230,7 @@ func TestJobDeliveredAgainWhileItsFirstDeliveryConvertsIsLeftToIt(t *testing.T) 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	s, job, rawSHA := queuedVHDX(ctx, t)
-	watch := watchKey(t, s.kv, job.Bucket, job.Key)
+	watch := watchKey(t, s.KV, job.Bucket, job.Key)
 	qemu := &countingQemu{QemuImg: qemuimg.New(nil), held: make(chan struct{}), hold: make(chan struct{})}
 	h := s.handler(t, qemu)
 
@@ -282,7 +248,7 @@ func TestJobDeliveredAgainWhileItsFirstDeliveryConvertsIsLeftToIt(t *testing.T) 
 	case r := <-first:
 		t.Fatalf("first delivery ended before it converted: %v", r.err)
 	}
-	before, err := s.kv.Get(ctx, events.StatusKey(job.Bucket, job.Key))
+	before, err := s.KV.Get(ctx, events.StatusKey(job.Bucket, job.Key))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -294,7 +260,7 @@ func TestJobDeliveredAgainWhileItsFirstDeliveryConvertsIsLeftToIt(t *testing.T) 
 	if n := qemu.converts.Load(); n != 1 {
 		t.Fatalf("qemu-img started %d conversions, want only the first delivery's", n)
 	}
-	after, err := s.kv.Get(ctx, events.StatusKey(job.Bucket, job.Key))
+	after, err := s.KV.Get(ctx, events.StatusKey(job.Bucket, job.Key))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +280,7 @@ func TestJobDeliveredAgainWhileItsFirstDeliveryConvertsIsLeftToIt(t *testing.T) 
 	if len(third) != 1 || len(r.out) != 1 || third[0].Event.ID != r.out[0].Event.ID {
 		t.Fatalf("third delivery published %+v, want the first one's result %+v again", third, r.out)
 	}
-	if err := natsrt.Publish(ctx, s.js, append(r.out, third...)...); err != nil {
+	if err := natsrt.Publish(ctx, s.JS, append(r.out, third...)...); err != nil {
 		t.Fatal(err)
 	}
 	if n := qemu.converts.Load(); n != 1 {
@@ -322,7 +288,7 @@ func TestJobDeliveredAgainWhileItsFirstDeliveryConvertsIsLeftToIt(t *testing.T) 
 	}
 	s.checkReadyOnce(ctx, t, watch, job)
 	s.checkOneResult(ctx, t)
-	if sum := storedSHA256(t, s.store, s.out, "disks/win.vhdx.raw"); sum != rawSHA {
+	if sum := storedSHA256(t, s.Store, s.Out, "disks/win.vhdx.raw"); sum != rawSHA {
 		t.Errorf("output sha256 %s, want %s (qemu-img's own conversion)", sum, rawSHA)
 	}
 }

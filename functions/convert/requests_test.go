@@ -90,12 +90,12 @@ func requestCounts(t *testing.T, logs *natstest.LogBuffer) map[string]int {
 // whose log is kept, raw outputs streamed as in production.
 func (s *realStack) countingHandler(t *testing.T) (*Handler, *statCounter, *natstest.LogBuffer) {
 	t.Helper()
-	counter := &statCounter{Storage: s.store}
+	counter := &statCounter{Storage: s.Store}
 	logs := &natstest.LogBuffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	cfg := Config{OutputBucket: s.out, OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
+	cfg := Config{OutputBucket: s.Out, OutputFormat: "raw", ScratchDir: t.TempDir(), MaxVirtualSize: 1 << 40,
 		ConvertTimeoutBase: time.Minute, ConvertTimeoutPerGiB: time.Minute, AckWait: time.Minute, StreamOutput: true}
-	h := New(cfg, counter, qemuimg.New(nil), status.New(s.kv, nil), nil, log)
+	h := New(cfg, counter, qemuimg.New(nil), status.New(s.KV, nil), nil, log)
 	h.streamAbove = 0 // the test image is smaller than one part
 	return h, counter, logs
 }
@@ -140,10 +140,10 @@ func TestAConvertedRawJobLooksAtItsInputAndOutputOnceEach(t *testing.T) {
 	if err != nil || len(out) != 1 || out[0].Subject != events.SubjectConverted {
 		t.Fatalf("Handle = %+v, %v; want one converted event", out, err)
 	}
-	if sum := storedSHA256(t, s.store, s.out, "disks/win.vhdx.raw"); sum != rawSHA {
+	if sum := storedSHA256(t, s.Store, s.Out, "disks/win.vhdx.raw"); sum != rawSHA {
 		t.Fatalf("output sha256 %s, want %s", sum, rawSHA)
 	}
-	checkStats(t, counter, logs, s.in+"/disks/win.vhdx", s.out+"/disks/win.vhdx.raw", 3, 2)
+	checkStats(t, counter, logs, s.In+"/disks/win.vhdx", s.Out+"/disks/win.vhdx.raw", 3, 2)
 }
 
 func TestARawUploadCopiedServerSideLooksAtItsInputAndOutputOnceEach(t *testing.T) {
@@ -151,22 +151,22 @@ func TestARawUploadCopiedServerSideLooksAtItsInputAndOutputOnceEach(t *testing.T
 	defer cancel()
 	s := startRealStack(t)
 	body := bytes.Repeat([]byte("imagepipe raw disk "), 1<<16)[:1<<20]
-	if err := s.store.PutBytes(ctx, s.in, "disks/plain.raw", body, "application/octet-stream", nil); err != nil {
+	if err := s.Store.PutBytes(ctx, s.In, "disks/plain.raw", body, "application/octet-stream", nil); err != nil {
 		t.Fatal(err)
 	}
-	up, err := s.store.Stat(ctx, s.in, "disks/plain.raw")
+	up, err := s.Store.Stat(ctx, s.In, "disks/plain.raw")
 	if err != nil {
 		t.Fatal(err)
 	}
-	job := events.ConvertJob{JobID: events.JobIDFor(s.in + "/disks/plain.raw@" + up.ETag), Bucket: s.in, Key: "disks/plain.raw",
+	job := events.ConvertJob{JobID: events.JobIDFor(s.In + "/disks/plain.raw@" + up.ETag), Bucket: s.In, Key: "disks/plain.raw",
 		VersionID: up.VersionID, ETag: up.ETag, Size: up.Size, QueuedAt: time.Now().UTC()}
 	h, counter, logs := s.countingHandler(t)
 	out, err := h.Handle(ctx, job, 1, 4)
 	if err != nil || len(out) != 1 || out[0].Subject != events.SubjectConverted {
 		t.Fatalf("Handle = %+v, %v; want one converted event", out, err)
 	}
-	if sum, want := storedSHA256(t, s.store, s.out, "disks/plain.raw.raw"), sha256.Sum256(body); sum != hex.EncodeToString(want[:]) {
+	if sum, want := storedSHA256(t, s.Store, s.Out, "disks/plain.raw.raw"), sha256.Sum256(body); sum != hex.EncodeToString(want[:]) {
 		t.Fatalf("output sha256 %s, want %s", sum, want)
 	}
-	checkStats(t, counter, logs, s.in+"/disks/plain.raw", s.out+"/disks/plain.raw.raw", 2, 1)
+	checkStats(t, counter, logs, s.In+"/disks/plain.raw", s.Out+"/disks/plain.raw.raw", 2, 1)
 }

@@ -5,12 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/minio/minio-go/v7"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -18,9 +16,8 @@ import (
 	"github.com/imagepipe/imagepipe/internal/lease"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/natstest"
-	"github.com/imagepipe/imagepipe/internal/objstore"
 	"github.com/imagepipe/imagepipe/internal/orphan"
-	"github.com/imagepipe/imagepipe/internal/setup"
+	"github.com/imagepipe/imagepipe/internal/setup/setuptest"
 	"github.com/imagepipe/imagepipe/internal/status"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
@@ -66,26 +63,8 @@ func (l *countedLease) Acquire(ctx context.Context) (bool, error) {
 func TestPeriodicReconcileRequeuesAStuckUploadWhoseJobIsLost(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(2*time.Minute))
 	defer cancel()
-	_, js := natstest.Start(t)
-	if err := setup.Streams(ctx, js, setup.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := setup.StatusKV(ctx, js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ms := stack.FreshMinIO(t)
-	store, err := objstore.New(objstore.Config{Endpoint: ms.Endpoint, AccessKey: ms.AccessKey, SecretKey: ms.SecretKey})
-	if err != nil {
-		t.Fatal(err)
-	}
-	run := strconv.FormatInt(time.Now().UnixNano(), 36)
-	in, out := "uploads-"+run, "images-"+run
-	for _, b := range []string{in, out} {
-		if err := store.Client().MakeBucket(ctx, b, minio.MakeBucketOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	world := setuptest.Start(t, stack.FreshMinIO(t))
+	js, kv, store, in, out := world.JS, world.KV, world.Store, world.In, world.Out
 	const key = "disk.vhdx"
 	if err := store.PutBytes(ctx, in, key, []byte("vhdxfile and then some"), "application/octet-stream", nil); err != nil {
 		t.Fatal(err)
