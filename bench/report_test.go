@@ -64,9 +64,7 @@ func TestReportHeadlineHasEveryFigureWithItsTarget(t *testing.T) {
 		"| burst of 4 images (256 MiB–1 GiB virtual, 32 MiB–128 MiB of data) at 2 jobs per replica: pipeline throughput ÷ bare stages' | 0.50× | ≥ 0.80× | **not met** | 0.50×, 0.40× |",
 		"| convert replica peak RSS, 64 GiB ÷ 1 GiB virtual | 1.05× (largest 42 MiB) | flat (≤ 1.20×), every peak < 100 MiB | met |",
 	} {
-		if !strings.Contains(out, want) {
-			t.Errorf("report lacks the row\n%s\nin\n%s", want, out)
-		}
+		hasLine(t, out, want)
 	}
 	// Every headline row names a target and a verdict.
 	verdict := regexp.MustCompile(`\| [^|]*[≤≥<][^|]* \| (met|\*\*not met\*\*) \|`)
@@ -77,9 +75,7 @@ func TestReportHeadlineHasEveryFigureWithItsTarget(t *testing.T) {
 	}
 	// The burst's section says where the CPU went.
 	for _, want := range []string{"| qemu-img | 10.0 s | 10.0 s |", "| whole machine | 30.0 s | 15.0 s |"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("burst section lacks %q", want)
-		}
+		hasLine(t, out, want)
 	}
 	if m := regexp.MustCompile(`\bP[1-4]\b`).FindString(out); m != "" {
 		t.Errorf("report refers to a figure by number (%s) instead of by what it measures", m)
@@ -127,8 +123,14 @@ func TestReportShowsWhatDurableAcknowledgementsCost(t *testing.T) {
 		"| embedded server | 1.0 ms | 7.0 ms | 7.00× | 2000 | 200 | 0.10× |",
 		"| three-node cluster, 3 replicas | 3.0 ms | 12.0 ms | 4.00× | 800 | 200 | 0.25× |",
 	} {
-		if !strings.Contains(out, want) {
-			t.Errorf("report lacks\n%s\nin\n%s", want, out)
-		}
+		hasLine(t, out, want)
+	}
+}
+
+// hasLine fails the test unless the report out holds want.
+func hasLine(t *testing.T, out, want string) {
+	t.Helper()
+	if !strings.Contains(out, want) {
+		t.Errorf("report lacks\n%s\nin\n%s", want, out)
 	}
 }
