@@ -259,9 +259,16 @@ func (r *Runner) through(ctx context.Context, img stack.Image, key string) (trip
 // await returns the final result for key, which must be a conversion.
 func (r *Runner) await(ctx context.Context, key string) (stack.Result, error) {
 	var found stack.Result
+	var retried *events.Failed
 	err := r.results.Wait(ctx, func(rs []stack.Result) bool {
 		for _, x := range rs {
-			if x.Key == key && x.Final() {
+			if x.Key != key {
+				continue
+			}
+			if x.Failed != nil && x.Failed.WillRetry && retried == nil {
+				retried = x.Failed
+			}
+			if x.Final() {
 				found = x
 				return true
 			}
@@ -270,6 +277,11 @@ func (r *Runner) await(ctx context.Context, key string) (stack.Result, error) {
 	})
 	if err != nil {
 		return found, fmt.Errorf("no result for %s: %w", key, err)
+	}
+	// A time that holds a retry's back-off is not the pipeline's: the run
+	// stops rather than report it.
+	if retried != nil {
+		return found, fmt.Errorf("%s was tried again after failing in %s (%s); fix what failed and run the bench again", key, retried.Phase, retried.Message)
 	}
 	if found.Failed != nil {
 		return found, fmt.Errorf("%s failed in %s: %s", key, found.Failed.Phase, found.Failed.Message)

@@ -305,7 +305,8 @@ func printFleet(w io.Writer, rep fleetReport) {
 	fmt.Fprintf(tw, "  retried\t%d\tfailed attempts that were tried again\n", r.Retried)
 	fmt.Fprintf(tw, "  success rate\t%s\t\n", percent(r.SuccessRate, r.Converted+r.Duplicates+r.Failed))
 	fmt.Fprintf(tw, "  conversion time\tavg %s\tp50 %s  p95 %s\n", seconds(r.AvgSeconds), seconds(r.P50Seconds), seconds(r.P95Seconds))
-	fmt.Fprintf(tw, "  bytes\tin %s\tout %s\n", humanize.IBytes(uint64(r.BytesIn)), humanize.IBytes(uint64(r.BytesOut)))
+	fmt.Fprintf(tw, "  bytes\tin %s\tout %s, of which zeros copied server-side %s (%.0f%%)\n", humanize.IBytes(uint64(r.BytesIn)), humanize.IBytes(uint64(r.BytesOut)),
+		humanize.IBytes(uint64(r.BytesZero)), 100*r.ZeroFraction)
 	fmt.Fprintf(tw, "  queue\t%d\t(%d waiting, %d held by replicas)\n", rep.Queue.Depth, rep.Queue.Pending, rep.Queue.AckPending)
 	fmt.Fprintf(tw, "  in flight\t%d\tacross convert replicas\n", rep.InFlight)
 	if o := rep.Orphaned; o != nil {

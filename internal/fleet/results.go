@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"time"
 
@@ -68,9 +69,15 @@ type ResultStats struct {
 	P50Seconds float64 `json:"p50_seconds"`
 	P95Seconds float64 `json:"p95_seconds"`
 	// BytesIn is the size of the inputs converted, BytesOut of the outputs.
-	BytesIn  int64                   `json:"bytes_in"`
-	BytesOut int64                   `json:"bytes_out"`
-	ByFormat map[string]*FormatStats `json:"by_format"`
+	BytesIn  int64 `json:"bytes_in"`
+	BytesOut int64 `json:"bytes_out"`
+	// BytesZero is the part of BytesOut that was runs of zeros copied
+	// server-side from the zero object instead of sent, and ZeroFraction
+	// is BytesZero / BytesOut: how much of what the fleet stores its
+	// uploads never carried.
+	BytesZero    int64                   `json:"bytes_zero"`
+	ZeroFraction float64                 `json:"zero_fraction"`
+	ByFormat     map[string]*FormatStats `json:"by_format"`
 }
 
 // Aggregator folds result events into ResultStats.
@@ -119,6 +126,7 @@ func (a *Aggregator) Add(data []byte) {
 			a.s.BytesIn += c.InputSize
 		}
 		a.s.BytesOut += c.OutputSize
+		a.s.BytesZero += zeroBytes(c)
 	case events.TypeFailed:
 		var fl events.Failed
 		if ev.DecodeData(events.TypeFailed, &fl) != nil {
@@ -172,6 +180,9 @@ func (a *Aggregator) Stats() ResultStats {
 	}
 	s.Processed = s.Converted + s.Duplicates + s.Failed + s.Cancelled
 	s.rate()
+	if s.BytesOut > 0 {
+		s.ZeroFraction = float64(s.BytesZero) / float64(s.BytesOut)
+	}
 	if n := len(a.durations); n > 0 {
 		d := slices.Clone(a.durations)
 		slices.Sort(d)
@@ -184,6 +195,14 @@ func (a *Aggregator) Stats() ResultStats {
 		s.P95Seconds = float64(percentile(d, 95)) / 1000
 	}
 	return s
+}
+
+// zeroBytes is how many of a converted output's bytes were copied from the
+// zero object. The event carries the fraction, rounded as a float; the
+// byte count is what sums across outputs of different sizes.
+func zeroBytes(c events.Converted) int64 {
+	f := min(max(c.ZeroFraction, 0), 1)
+	return int64(math.Round(f * float64(c.OutputSize)))
 }
 
 func rate(ok, failed int64) float64 {

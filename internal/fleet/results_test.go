@@ -74,6 +74,33 @@ func TestFleetStatsCountRetriesApartFromFailures(t *testing.T) {
 	}
 }
 
+func TestFleetStatsSayHowMuchOfTheOutputsWereZerosCopiedServerSide(t *testing.T) {
+	a := fleet.NewAggregator()
+	for _, c := range []events.Converted{
+		{JobID: "job-a", OutputSize: 64 << 30, ZeroFraction: 0.984375}, // 1 GiB of data
+		{JobID: "job-b", OutputSize: 1 << 30},                          // no zero part
+		{JobID: "job-c", OutputSize: 1 << 30, ZeroFraction: 1},         // all zeros
+		{JobID: "job-d", OutputSize: 2 << 30, ZeroFraction: 1.5},       // out of range: at most all of it
+	} {
+		ev, err := events.New("ev-"+c.JobID, events.TypeConverted, "/test", "k", time.Unix(1_800_000_000, 0), c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.Add(raw(t, events.Message{Subject: events.SubjectConverted, Event: ev}))
+	}
+	s := a.Stats()
+	wantZero := int64(63<<30 + 1<<30 + 2<<30)
+	if s.BytesOut != 68<<30 || s.BytesZero != wantZero {
+		t.Errorf("bytes out %d, zero %d; want %d and %d", s.BytesOut, s.BytesZero, int64(68<<30), wantZero)
+	}
+	if want := float64(wantZero) / float64(68<<30); math.Abs(s.ZeroFraction-want) > 1e-12 {
+		t.Errorf("zero fraction = %v, want %v", s.ZeroFraction, want)
+	}
+	if fleet.NewAggregator().Stats().ZeroFraction != 0 {
+		t.Error("no output at all has a zero fraction")
+	}
+}
+
 func TestFleetStatsAreTheSameForAnyNewReader(t *testing.T) {
 	s := startNATS(t)
 	ctx := context.Background()

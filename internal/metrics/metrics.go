@@ -40,6 +40,7 @@ type Metrics struct {
 	duration   *prometheus.HistogramVec
 	bytesIn    prometheus.Counter
 	bytesOut   prometheus.Counter
+	zeroOut    prometheus.Counter
 	progress   *prometheus.GaugeVec
 	deliveries *prometheus.CounterVec
 
@@ -83,6 +84,10 @@ func New(version string, nc *nats.Conn) *Metrics {
 			Name: "imagepipe_output_bytes_total",
 			Help: "Bytes of output images written.",
 		}),
+		zeroOut: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagepipe_output_zero_bytes_total",
+			Help: "Bytes of output images that were runs of zeros copied server-side from the zero object instead of sent; divided by imagepipe_output_bytes_total, the part of the outputs uploads never carried.",
+		}),
 		progress: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "imagepipe_conversion_progress_percent",
 			Help: "Progress of each conversion running in this process; the series goes away when the job ends.",
@@ -99,7 +104,7 @@ func New(version string, nc *nats.Conn) *Metrics {
 		Help: "Always 1; the version label says which build runs.",
 	}, []string{"version"})
 	build.WithLabelValues(version).Set(1)
-	m.reg.MustRegister(m.messages, m.jobs, m.duration, m.bytesIn, m.bytesOut, m.progress, m.deliveries, build,
+	m.reg.MustRegister(m.messages, m.jobs, m.duration, m.bytesIn, m.bytesOut, m.zeroOut, m.progress, m.deliveries, build,
 		&workerCollector{m: m},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -171,6 +176,7 @@ func (o *observer) Finished(f natsrt.Finished) {
 				m.bytesIn.Add(float64(c.InputSize))
 			}
 			m.bytesOut.Add(float64(c.OutputSize))
+			m.zeroOut.Add(min(max(c.ZeroFraction, 0), 1) * float64(c.OutputSize))
 			counted = true
 		case events.TypeFailed:
 			var fl events.Failed

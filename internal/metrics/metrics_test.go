@@ -121,7 +121,7 @@ func TestMetricsFollowJobsOfTheWorkerTheyWatch(t *testing.T) {
 		_ = nc.Publish(events.ProgressSubject(job), p)
 		<-release
 		ev, _ := events.New("ev-"+job, events.TypeConverted, "/test", job, time.Now(), events.Converted{
-			JobID: job, InputFormat: "vhdx", InputSize: 10, OutputSize: 64, DurationMS: 2500,
+			JobID: job, InputFormat: "vhdx", InputSize: 10, OutputSize: 64, DurationMS: 2500, ZeroFraction: 0.75,
 		})
 		return []events.Message{{Subject: events.SubjectConverted, Event: ev}}, nil
 	}, slog.New(slog.DiscardHandler))
@@ -184,6 +184,7 @@ func TestMetricsFollowJobsOfTheWorkerTheyWatch(t *testing.T) {
 		{"imagepipe_job_duration_seconds", map[string]string{"outcome": "converted"}, 1},
 		{"imagepipe_input_bytes_total", nil, 10},
 		{"imagepipe_output_bytes_total", nil, 64},
+		{"imagepipe_output_zero_bytes_total", nil, 48},
 		{"imagepipe_notifications_total", map[string]string{"channel": "slack", "outcome": "delivered"}, 1},
 		{"imagepipe_build_info", map[string]string{"version": "0.1.0"}, 1},
 	} {

@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"github.com/imagepipe/imagepipe/bench"
+	"github.com/imagepipe/imagepipe/internal/scratch"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
 
@@ -95,6 +96,9 @@ func run(ctx context.Context, out string) error {
 		log.Printf("work dir and logs kept in %s", dir)
 	}
 	cfg.Dir = dir
+	if err := checkRoom(dir, cfg, only); err != nil {
+		return err
+	}
 	rep := &bench.Report{Started: time.Now(), Config: cfg, Machine: bench.DescribeMachine(ctx, dir)}
 	if only["sync"] {
 		// Its own servers, before the stack starts: nothing else runs.
@@ -179,6 +183,44 @@ func envString(name, def string) string {
 	}
 	return def
 }
+
+// benchHeadroom is what the bench's own files (inputs, their copies in
+// MinIO, the baselines' sparse outputs) take beside the largest output
+// being converted.
+const benchHeadroom = 4 << 30
+
+// checkRoom refuses to start a run that would stall: convert waits, and
+// retries after a back-off, until its scratch file system has the disk's
+// whole virtual size free (rule scratch-space), and a run whose timings
+// include that back-off measures nothing.
+func checkRoom(dir string, cfg bench.Config, only map[string]bool) error {
+	var largest int64
+	if only["large"] {
+		largest = max(largest, cfg.LargeVirtual)
+	}
+	if only["verysparse"] {
+		largest = max(largest, cfg.VerySparseVirtual)
+	}
+	if only["memory"] {
+		for _, s := range cfg.MemorySizes {
+			largest = max(largest, s)
+		}
+	}
+	if largest == 0 {
+		return nil
+	}
+	free, _, err := scratch.DiskSpace(dir)
+	if err != nil {
+		return nil // unknown here; convert's own check still holds
+	}
+	if need := largest + benchHeadroom; free < need {
+		return fmt.Errorf("%s has %.1f GiB free; the largest image's conversion needs its virtual size free in scratch, %.1f GiB, plus %.0f GiB for the bench's own files: free space there, set BENCH_DIR to a larger disk, or lower BENCH_VERYSPARSE_VIRTUAL and BENCH_MEMORY_SIZES",
+			dir, gib(free), gib(largest), gib(benchHeadroom))
+	}
+	return nil
+}
+
+func gib(n int64) float64 { return float64(n) / (1 << 30) }
 
 func envInt(name string, def int) int {
 	v := os.Getenv(name)
