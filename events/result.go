@@ -1,5 +1,7 @@
 package events
 
+import "math"
+
 // Phase is the stage of a job, named in every failure.
 type Phase string
 
@@ -66,4 +68,11 @@ type SystemInfo struct {
 	Host             string `json:"host,omitempty"`
 	ScratchFreeBytes int64  `json:"scratch_free_bytes,omitempty"`
 	QemuImgVersion   string `json:"qemu_img_version,omitempty"`
+}
+
+// ZeroBytes is how many of the output's bytes were copied from the zero
+// object: the fraction the event carries, held to 0…1, as a byte count,
+// which is what sums across outputs of different sizes.
+func (c Converted) ZeroBytes() int64 {
+	return int64(math.Round(min(max(c.ZeroFraction, 0), 1) * float64(c.OutputSize)))
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"slices"
 	"time"
 
@@ -126,7 +125,7 @@ func (a *Aggregator) Add(data []byte) {
 			a.s.BytesIn += c.InputSize
 		}
 		a.s.BytesOut += c.OutputSize
-		a.s.BytesZero += zeroBytes(c)
+		a.s.BytesZero += c.ZeroBytes()
 	case events.TypeFailed:
 		var fl events.Failed
 		if ev.DecodeData(events.TypeFailed, &fl) != nil {
@@ -195,14 +194,6 @@ func (a *Aggregator) Stats() ResultStats {
 		s.P95Seconds = float64(percentile(d, 95)) / 1000
 	}
 	return s
-}
-
-// zeroBytes is how many of a converted output's bytes were copied from the
-// zero object. The event carries the fraction, rounded as a float; the
-// byte count is what sums across outputs of different sizes.
-func zeroBytes(c events.Converted) int64 {
-	f := min(max(c.ZeroFraction, 0), 1)
-	return int64(math.Round(f * float64(c.OutputSize)))
 }
 
 func rate(ok, failed int64) float64 {

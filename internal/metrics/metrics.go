@@ -176,7 +176,7 @@ func (o *observer) Finished(f natsrt.Finished) {
 				m.bytesIn.Add(float64(c.InputSize))
 			}
 			m.bytesOut.Add(float64(c.OutputSize))
-			m.zeroOut.Add(min(max(c.ZeroFraction, 0), 1) * float64(c.OutputSize))
+			m.zeroOut.Add(float64(c.ZeroBytes()))
 			counted = true
 		case events.TypeFailed:
 			var fl events.Failed
