@@ -116,6 +116,7 @@ func run(ctx context.Context, out string) error {
 		if rep.ZeroParts, err = bench.RunZeroParts(ctx, filepath.Join(dir, "zeroparts"), size, []int64{128 << 20, 1 << 30}, cfg.Reps, log.Printf); err != nil {
 			return fmt.Errorf("zero parts: %w", err)
 		}
+		_ = os.RemoveAll(filepath.Join(dir, "zeroparts"))
 	}
 	var r *bench.Runner
 	if only["large"] || only["verysparse"] || only["overhead"] || only["burst"] || only["memory"] {
@@ -134,29 +135,38 @@ func run(ctx context.Context, out string) error {
 			return err
 		}
 	}
-	if only["large"] {
-		if rep.Large, err = r.RunSparse(ctx, "large", cfg.LargeVirtual, cfg.LargeData); err != nil {
-			return fmt.Errorf("large sparse image: %w", err)
-		}
+	// Each part's files go when it ends, so that the next finds the disk
+	// as the first did. Memory runs right after the very sparse image:
+	// its largest conversion needs as much scratch space, which the
+	// burst's leftovers in MinIO may still hold for a while.
+	parts := []struct {
+		name string
+		run  func() error
+	}{
+		{"large", func() (err error) {
+			rep.Large, err = r.RunSparse(ctx, "large", cfg.LargeVirtual, cfg.LargeData)
+			return err
+		}},
+		{"verysparse", func() (err error) {
+			rep.VerySparse, err = r.RunSparse(ctx, "verysparse", cfg.VerySparseVirtual, cfg.VerySparseData)
+			return err
+		}},
+		{"memory", func() (err error) { rep.Memory, err = r.RunMemory(ctx); return err }},
+		{"overhead", func() (err error) { rep.Overhead, err = r.RunOverhead(ctx); return err }},
+		{"burst", func() (err error) { rep.Burst, err = r.RunBurst(ctx); return err }},
 	}
-	if only["verysparse"] {
-		if rep.VerySparse, err = r.RunSparse(ctx, "verysparse", cfg.VerySparseVirtual, cfg.VerySparseData); err != nil {
-			return fmt.Errorf("very sparse large image: %w", err)
+	for _, p := range parts {
+		if !only[p.name] {
+			continue
 		}
-	}
-	if only["overhead"] {
-		if rep.Overhead, err = r.RunOverhead(ctx); err != nil {
-			return fmt.Errorf("per-job overhead: %w", err)
+		if free, _, err := scratch.DiskSpace(dir); err == nil {
+			log.Printf("%s: %.1f GiB free in %s", p.name, gib(free), dir)
 		}
-	}
-	if only["burst"] {
-		if rep.Burst, err = r.RunBurst(ctx); err != nil {
-			return fmt.Errorf("burst: %w", err)
+		if err := p.run(); err != nil {
+			return fmt.Errorf("%s: %w", p.name, err)
 		}
-	}
-	if only["memory"] {
-		if rep.Memory, err = r.RunMemory(ctx); err != nil {
-			return fmt.Errorf("memory: %w", err)
+		if err := os.RemoveAll(filepath.Join(dir, p.name)); err != nil {
+			return err
 		}
 	}
 	rep.Took = time.Since(rep.Started)
