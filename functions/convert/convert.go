@@ -44,6 +44,7 @@ type Storage interface {
 // QemuImg is the part of qemu-img convert uses.
 type QemuImg interface {
 	Info(ctx context.Context, path, format string) (qemuimg.InfoResult, error)
+	Measure(ctx context.Context, path, format string) (int64, error)
 	Convert(ctx context.Context, src, srcFormat, dst, dstFormat string, onProgress func(percent float64)) error
 	ConvertToNBD(ctx context.Context, src, srcFormat, socket string, onProgress func(percent float64)) error
 	Version(ctx context.Context) (string, error)
@@ -70,6 +71,9 @@ type Handler struct {
 	// streamAbove is the smallest raw output uploaded while it converts
 	// (see stream.go); tests lower it.
 	streamAbove int64
+	// diskSpace reports the scratch file system's free and total bytes;
+	// tests shrink it.
+	diskSpace func(dir string) (free, total int64, err error)
 }
 
 // New returns a handler. dd may be nil: content de-duplication is then
@@ -80,7 +84,7 @@ func New(cfg Config, store Storage, qemu QemuImg, report Reporter, dd Deduper, l
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Handler{cfg: cfg, store: store, qemu: qemu, report: report, dedup: dd, log: log, now: time.Now,
-		streamAbove: objstore.PartSize}
+		streamAbove: objstore.PartSize, diskSpace: scratch.DiskSpace}
 }
 
 // Sweep reclaims what the jobs of processes that died left behind: their

@@ -94,22 +94,48 @@ func (h *Handler) check(ctx context.Context, j *job, d disk, rep inspect.Report)
 	if err != nil {
 		return 0, err
 	}
-	// An image that needs more than the whole file system can never fit,
-	// however long it waits; one that needs more than is free now waits
-	// for other jobs to finish.
-	free, total, err := scratch.DiskSpace(j.dir)
-	switch {
-	case err != nil:
-	case vsize > total:
-		return 0, failure.Refused(events.PhaseInspect, events.RuleScratchSpace,
-			fmt.Errorf("the image's virtual size, %d bytes, is more than the whole scratch file system (%d bytes)", vsize, total),
-			"point IMAGEPIPE_SCRATCH_DIR at a larger disk, or set IMAGEPIPE_MAX_VIRTUAL_SIZE to what it holds so that such images are refused at once")
-	case vsize > free:
-		return 0, failure.Retryable(events.PhaseInspect,
-			fmt.Errorf("scratch space too small: the image needs up to %d bytes, %d are free", vsize, free),
-			"free space in IMAGEPIPE_SCRATCH_DIR, lower IMAGEPIPE_MAX_CONCURRENT_JOBS, or point IMAGEPIPE_SCRATCH_DIR at a larger disk")
+	if err := h.makeRoom(ctx, j, d, rep.Format, vsize); err != nil {
+		return 0, err
 	}
 	return vsize, nil
+}
+
+// makeRoom makes sure the disk's output will fit the scratch file system.
+// The output's data is at most the disk's virtual size, which costs
+// nothing to ask; a disk larger than what is free is measured, since its
+// output holds only what the disk holds (a thin 2 TiB disk with 20 GiB in
+// it needs 20 GiB). qemu-img measure counts every guest cluster the image
+// says holds data, so a hostile image that points many clusters at the
+// same bytes is counted in full; where a driver cannot tell (VHDX), it
+// counts the whole disk.
+//
+// An output that needs more than the whole file system can never fit,
+// however long it waits; one that needs more than is free now waits for
+// other jobs to finish.
+func (h *Handler) makeRoom(ctx context.Context, j *job, d disk, format inspect.Format, vsize int64) error {
+	free, total, err := h.diskSpace(j.dir)
+	if err != nil || vsize <= free {
+		return nil
+	}
+	need, err := h.qemu.Measure(ctx, d.input, string(format))
+	if err != nil {
+		return classifyQemu(events.PhaseInspect, err, format)
+	}
+	if j.outFormat == "raw" {
+		need = min(need, vsize) // measure adds qcow2's tables
+	}
+	switch {
+	case need > total:
+		return failure.Refused(events.PhaseInspect, events.RuleScratchSpace,
+			fmt.Errorf("the image's output needs up to %d bytes of scratch space (virtual size %d; runs of zeros take none), more than the whole scratch file system (%d bytes)", need, vsize, total),
+			"point IMAGEPIPE_SCRATCH_DIR at a larger disk, or set IMAGEPIPE_MAX_VIRTUAL_SIZE to what it holds so that such images are refused at once")
+	case need > free:
+		return failure.Retryable(events.PhaseInspect,
+			fmt.Errorf("scratch space too small: the image's output needs up to %d bytes, %d are free", need, free),
+			"free space in IMAGEPIPE_SCRATCH_DIR, lower IMAGEPIPE_MAX_CONCURRENT_JOBS, or point IMAGEPIPE_SCRATCH_DIR at a larger disk")
+	}
+	j.log.Info("disk larger than the free scratch space; its data fits", "virtual_size", vsize, "need", need, "free", free)
+	return nil
 }
 
 // convert runs qemu-img on d into dest under the stage's deadline,

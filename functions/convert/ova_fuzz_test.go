@@ -31,6 +31,7 @@ var _ QemuImg = noQemu{}
 func (noQemu) Info(context.Context, string, string) (qemuimg.InfoResult, error) {
 	return qemuimg.InfoResult{}, errNoQemu
 }
+func (noQemu) Measure(context.Context, string, string) (int64, error) { return 0, errNoQemu }
 func (noQemu) Convert(context.Context, string, string, string, string, func(float64)) error {
 	return errNoQemu
 }

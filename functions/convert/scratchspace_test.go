@@ -5,43 +5,93 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/failure"
-	"github.com/imagepipe/imagepipe/internal/scratch"
 )
 
-// An image whose virtual size is more than the whole scratch file system
-// can never be converted there: waiting for other jobs to free space
-// would only spend its attempts, so it is refused at once by rule.
-func TestImageLargerThanTheWholeScratchFileSystemIsRefusedNotRetried(t *testing.T) {
-	dir := t.TempDir() // the scratch dir's file system too
-	_, total, err := scratch.DiskSpace(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	vsize := (total/512 + 1<<21) * 512 // 1 GiB more, in whole sectors
-	img := filepath.Join(dir, "big.qcow2")
-	run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, strconv.FormatInt(vsize, 10))
-	body, err := os.ReadFile(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, _ := memStore("big.qcow2", body, nil)
-	rep := &fakeReporter{}
-	h := newTestHandler(t, store, rep)
-	h.cfg.MaxVirtualSize = 2 * vsize
+// measuringQemu counts the disks it measures.
+type measuringQemu struct {
+	QemuImg
+	measured atomic.Int32
+}
 
-	out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "big.qcow2", ETag: "e1", Size: int64(len(body))}, 1, 4)
-	if !failure.IsPermanent(err) {
-		t.Fatalf("err = %v, want a permanent refusal", err)
-	}
-	var f events.Failed
-	if err := out[0].Event.DecodeData(events.TypeFailed, &f); err != nil {
-		t.Fatal(err)
-	}
-	if f.Rule != events.RuleScratchSpace || f.WillRetry || f.Phase != events.PhaseInspect {
-		t.Errorf("failed = %+v, want rule %s in %s, not retried", f, events.RuleScratchSpace, events.PhaseInspect)
+func (q *measuringQemu) Measure(ctx context.Context, path, format string) (int64, error) {
+	q.measured.Add(1)
+	return q.QemuImg.Measure(ctx, path, format)
+}
+
+// A disk's output needs room for its data, not for its virtual size: on a
+// scratch disk of 48 MiB with 24 MiB free, a thin 96 MiB disk converts,
+// one whose data does not fit what is free waits for other jobs, and one
+// whose data is more than the whole disk is refused at once by rule, since
+// waiting would only spend its attempts. A disk that fits what is free
+// whole is not measured: the check costs the common job nothing.
+func TestScratchSpaceIsJudgedByTheDisksDataNotItsVirtualSize(t *testing.T) {
+	const free, total = 24 << 20, 48 << 20
+	for _, tc := range []struct {
+		name     string
+		virtual  string
+		dataMiB  int
+		measured bool
+		want     string
+	}{
+		{"fits what is free whole", "16M", 1, false, "converted"},
+		{"larger than the disk, its data fits", "96M", 1, true, "converted"},
+		{"data more than is free", "96M", 32, true, "retried"},
+		{"data more than the whole disk", "96M", 56, true, "refused"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			img, ref := filepath.Join(dir, "in.qcow2"), filepath.Join(dir, "ref.raw")
+			run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, tc.virtual)
+			run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 "+strconv.Itoa(tc.dataMiB)+"M", img)
+			run(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, ref)
+			body, err := os.ReadFile(img)
+			if err != nil {
+				t.Fatal(err)
+			}
+			store, _ := memStore("thin.qcow2", body, nil)
+			h := newTestHandler(t, store, &fakeReporter{})
+			q := &measuringQemu{QemuImg: h.qemu}
+			h.qemu = q
+			h.diskSpace = func(string) (int64, int64, error) { return free, total, nil }
+
+			out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "thin.qcow2", ETag: "e1", Size: int64(len(body))}, 1, 4)
+			if got := q.measured.Load() > 0; got != tc.measured {
+				t.Errorf("measured %v, want %v", got, tc.measured)
+			}
+			switch tc.want {
+			case "converted":
+				if err != nil {
+					t.Fatal(err)
+				}
+				var c events.Converted
+				if err := out[0].Event.DecodeData(events.TypeConverted, &c); err != nil {
+					t.Fatal(err)
+				}
+				if want := fileSHA256(t, ref); c.SHA256 != want {
+					t.Errorf("output sha256 %s, want qemu-img's %s", c.SHA256, want)
+				}
+			case "retried":
+				if err == nil || failure.IsPermanent(err) || !strings.Contains(err.Error(), "scratch space too small") {
+					t.Fatalf("err = %v, want a retryable shortage of scratch space", err)
+				}
+			case "refused":
+				if !failure.IsPermanent(err) {
+					t.Fatalf("err = %v, want a permanent refusal", err)
+				}
+				var f events.Failed
+				if err := out[0].Event.DecodeData(events.TypeFailed, &f); err != nil {
+					t.Fatal(err)
+				}
+				if f.Rule != events.RuleScratchSpace || f.WillRetry || f.Phase != events.PhaseInspect || f.Suggestion == "" {
+					t.Errorf("failed = %+v, want rule %s in %s, not retried, with a suggestion", f, events.RuleScratchSpace, events.PhaseInspect)
+				}
+			}
+		})
 	}
 }

@@ -65,6 +65,32 @@ func (r *Runner) Info(ctx context.Context, path, format string) (InfoResult, err
 	return res, nil
 }
 
+// Measure returns how many bytes converting path (read as format) can
+// write at most: `qemu-img measure`'s required size for a qcow2 output,
+// which counts every cluster the image has data in (zeros included where
+// the image stores them) and qcow2's own tables. A raw output written with
+// -S, or to an NBD export, stores no more than that data. Like convert, it
+// walks the image's allocation, so its cost grows with the image and it
+// runs under the convert limits.
+func (r *Runner) Measure(ctx context.Context, path, format string) (int64, error) {
+	if err := checkArgs(path, format); err != nil {
+		return 0, fmt.Errorf("qemu-img measure %s: %w", path, err)
+	}
+	stdout := &headBuffer{max: stderrCap}
+	err := r.run(ctx, "measure", r.convertLimits(), stdout, newTailBuffer(stderrCap),
+		"measure", "--output=json", "-O", "qcow2", "-f", format, "--", path)
+	if err != nil {
+		return 0, fmt.Errorf("qemu-img measure %s: %w", path, err)
+	}
+	var res struct {
+		Required *int64 `json:"required"`
+	}
+	if err := json.Unmarshal(stdout.b, &res); err != nil || stdout.overflow || res.Required == nil || *res.Required < 0 {
+		return 0, fmt.Errorf("qemu-img measure %s: no required size in %q", path, cleanText(string(stdout.b)))
+	}
+	return *res.Required, nil
+}
+
 // CacheArgs are convert's cache modes for its scratch source and output.
 // Both files are read once and deleted. With O_DIRECT (directIO) they stay
 // out of the page cache. Without it, -t unsafe at least skips the closing

@@ -517,3 +517,78 @@ func TestStderrIsCappedAndCleaned(t *testing.T) {
 		t.Errorf("got %q", s)
 	}
 }
+
+// Measure bounds the scratch space a conversion takes: for each input
+// format, the raw and the qcow2 output of an 8 GiB image holding 1.5 MiB
+// take no more disk than it says, and it says little more than the data
+// where qemu-img sees the image's allocation.
+func TestMeasureBoundsWhatAConversionWrites(t *testing.T) {
+	for _, tt := range []struct {
+		format string
+		opts   []string
+		// blind: qemu-img's driver reports no allocation (VHDX in
+		// qemu-img 7.2), so every byte counts.
+		blind bool
+	}{
+		{"qcow2", nil, false},
+		{"vhdx", nil, true},
+		{"vpc", []string{"-o", "force_size=on"}, false},
+		{"vmdk", nil, false},
+		{"vmdk", []string{"-o", "subformat=streamOptimized"}, false},
+		{"vdi", nil, false},
+		{"raw", nil, false},
+	} {
+		t.Run(tt.format+strings.Join(tt.opts, ""), func(t *testing.T) {
+			dir := parallelToolDir(t)
+			src := filepath.Join(dir, "src.qcow2")
+			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", src, "8G")
+			sh(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0xa5 3G 512k", "-c", "write -P 1 8191M 4k", src)
+			in := filepath.Join(dir, "in."+tt.format)
+			sh(t, "qemu-img", append(append([]string{"convert", "-f", "qcow2", "-O", tt.format}, tt.opts...), src, in)...)
+
+			r := New(nil)
+			need, err := r.Measure(context.Background(), in, tt.format)
+			if err != nil {
+				t.Fatal(err)
+			}
+			const data = mib + mib/2 + 4<<10
+			// The slack is qcow2's tables for 8 GiB and a format's block
+			// granularity (VHDX and VDI allocate 1 or 2 MiB at a time).
+			switch {
+			case tt.blind && need < 8<<30:
+				t.Errorf("measure says %d bytes for an image whose allocation qemu-img cannot see, want at least its 8 GiB", need)
+			case !tt.blind && (need < data || need > data+16*mib):
+				t.Errorf("measure says %d bytes for %d of data in 8 GiB", need, data)
+			}
+			for _, out := range []string{"raw", "qcow2"} {
+				dst := filepath.Join(dir, "out."+out)
+				if err := r.Convert(context.Background(), in, tt.format, dst, out, nil); err != nil {
+					t.Fatal(err)
+				}
+				fi, err := os.Stat(dst)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if used := fi.Sys().(*syscall.Stat_t).Blocks * 512; used > need {
+					t.Errorf("the %s output takes %d bytes of disk, more than the %d measured", out, used, need)
+				}
+			}
+		})
+	}
+}
+
+func TestMeasureOfAnImageQemuImgCannotReadIsExitError(t *testing.T) {
+	dir := parallelToolDir(t)
+	p := filepath.Join(dir, "not.qcow2")
+	if err := os.WriteFile(p, bytes.Repeat([]byte("x"), 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := New(nil).Measure(context.Background(), p, "qcow2")
+	var ee *ExitError
+	if !errors.As(err, &ee) {
+		t.Fatalf("err = %v, want an *ExitError", err)
+	}
+	if _, err := New(nil).Measure(context.Background(), "json:{}", "qcow2"); !errors.Is(err, ErrUnsafePath) {
+		t.Fatalf("err = %v, want ErrUnsafePath", err)
+	}
+}
