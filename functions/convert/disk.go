@@ -94,7 +94,7 @@ func (h *Handler) check(ctx context.Context, j *job, d disk, rep inspect.Report)
 	if err != nil {
 		return 0, err
 	}
-	if err := h.makeRoom(ctx, j, d, rep.Format, vsize); err != nil {
+	if err := h.makeRoom(ctx, j, d, rep, vsize); err != nil {
 		return 0, err
 	}
 	return vsize, nil
@@ -106,24 +106,23 @@ func (h *Handler) check(ctx context.Context, j *job, d disk, rep inspect.Report)
 // output holds only what the disk holds (a thin 2 TiB disk with 20 GiB in
 // it needs 20 GiB). qemu-img measure counts every guest cluster the image
 // says holds data, so a hostile image that points many clusters at the
-// same bytes is counted in full; where a driver cannot tell (VHDX), it
-// counts the whole disk.
+// same bytes is counted in full; where its driver cannot tell (VHDX), the
+// inspector counts the blocks the image's own table marks present, in the
+// same way.
 //
 // An output that needs more than the whole file system can never fit,
 // however long it waits; one that needs more than is free now waits for
 // other jobs to finish.
-func (h *Handler) makeRoom(ctx context.Context, j *job, d disk, format inspect.Format, vsize int64) error {
+func (h *Handler) makeRoom(ctx context.Context, j *job, d disk, rep inspect.Report, vsize int64) error {
 	free, total, err := h.diskSpace(j.dir)
 	if err != nil || vsize <= free {
 		return nil
 	}
-	need, err := h.qemu.Measure(ctx, d.input, string(format))
+	measured, err := h.qemu.Measure(ctx, d.input, string(rep.Format))
 	if err != nil {
-		return classifyQemu(events.PhaseInspect, err, format)
+		return classifyQemu(events.PhaseInspect, err, rep.Format)
 	}
-	if j.outFormat == "raw" {
-		need = min(need, vsize) // measure adds qcow2's tables
-	}
+	need := outputNeed(j.outFormat, vsize, measured, storedData(d.input, rep))
 	switch {
 	case need > total:
 		return failure.Refused(events.PhaseInspect, events.RuleScratchSpace,
@@ -136,6 +135,45 @@ func (h *Handler) makeRoom(ctx context.Context, j *job, d disk, format inspect.F
 	}
 	j.log.Info("disk larger than the free scratch space; its data fits", "virtual_size", vsize, "need", need, "free", free)
 	return nil
+}
+
+// rawFirstBlock is what a raw output takes beyond its data: qemu-img
+// allocates the first block of every raw file it creates, to learn the
+// file system's alignment.
+const rawFirstBlock = 64 << 10
+
+// outputNeed bounds the scratch space a disk's output takes, from what
+// qemu-img measure said a qcow2 output needs (its data and its tables)
+// and, where the inspector knows it (stored >= 0), the data the disk
+// stores.
+func outputNeed(outFormat string, vsize, measured, stored int64) int64 {
+	if outFormat == "raw" {
+		need := min(measured, vsize+rawFirstBlock)
+		if stored >= 0 {
+			need = min(need, stored+rawFirstBlock)
+		}
+		return need
+	}
+	// qcow2's tables for the data stored are at most those for the whole
+	// disk, which is what measure added to a disk it sees as all data.
+	if stored >= 0 {
+		return min(measured, stored+max(measured-vsize, 0))
+	}
+	return measured
+}
+
+// storedData is the data the disk at path stores as the inspector counts
+// it, or -1 where qemu-img measure is the better judge.
+func storedData(path string, rep inspect.Report) int64 {
+	f, err := os.Open(path)
+	if err != nil {
+		return -1
+	}
+	defer f.Close()
+	if n, ok := inspect.StoredData(rep, f); ok {
+		return n
+	}
+	return -1
 }
 
 // convert runs qemu-img on d into dest under the stage's deadline,

@@ -28,39 +28,49 @@ func (q *measuringQemu) Measure(ctx context.Context, path, format string) (int64
 // scratch disk of 48 MiB with 24 MiB free, a thin 96 MiB disk converts,
 // one whose data does not fit what is free waits for other jobs, and one
 // whose data is more than the whole disk is refused at once by rule, since
-// waiting would only spend its attempts. A disk that fits what is free
-// whole is not measured: the check costs the common job nothing.
+// waiting would only spend its attempts; a VHDX, whose allocation
+// qemu-img cannot see, alike. A disk that fits what is free whole is not
+// measured: the check costs the common job nothing.
 func TestScratchSpaceIsJudgedByTheDisksDataNotItsVirtualSize(t *testing.T) {
 	const free, total = 24 << 20, 48 << 20
 	for _, tc := range []struct {
 		name     string
+		format   string
 		virtual  string
 		dataMiB  int
 		measured bool
 		want     string
 	}{
-		{"fits what is free whole", "16M", 1, false, "converted"},
-		{"larger than the disk, its data fits", "96M", 1, true, "converted"},
-		{"data more than is free", "96M", 32, true, "retried"},
-		{"data more than the whole disk", "96M", 56, true, "refused"},
+		{"fits what is free whole", "qcow2", "16M", 1, false, "converted"},
+		{"larger than the disk, its data fits", "qcow2", "96M", 1, true, "converted"},
+		{"data more than is free", "qcow2", "96M", 32, true, "retried"},
+		{"data more than the whole disk", "qcow2", "96M", 56, true, "refused"},
+		// qemu-img sees no allocation in a VHDX: its block table counts.
+		{"VHDX larger than the disk, its data fits", "vhdx", "96M", 1, true, "converted"},
+		{"VHDX data more than the whole disk", "vhdx", "96M", 56, true, "refused"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			img, ref := filepath.Join(dir, "in.qcow2"), filepath.Join(dir, "ref.raw")
-			run(t, "qemu-img", "create", "-q", "-f", "qcow2", img, tc.virtual)
-			run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 "+strconv.Itoa(tc.dataMiB)+"M", img)
-			run(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, ref)
+			key := "thin." + tc.format
+			img, ref := filepath.Join(dir, key), filepath.Join(dir, "ref.raw")
+			opts := "cluster_size=64k"
+			if tc.format == "vhdx" {
+				opts = "block_size=1M"
+			}
+			run(t, "qemu-img", "create", "-q", "-f", tc.format, "-o", opts, img, tc.virtual)
+			run(t, "qemu-io", "-f", tc.format, "-c", "write -P 0x5a 0 "+strconv.Itoa(tc.dataMiB)+"M", img)
+			run(t, "qemu-img", "convert", "-f", tc.format, "-O", "raw", img, ref)
 			body, err := os.ReadFile(img)
 			if err != nil {
 				t.Fatal(err)
 			}
-			store, _ := memStore("thin.qcow2", body, nil)
+			store, _ := memStore(key, body, nil)
 			h := newTestHandler(t, store, &fakeReporter{})
 			q := &measuringQemu{QemuImg: h.qemu}
 			h.qemu = q
 			h.diskSpace = func(string) (int64, int64, error) { return free, total, nil }
 
-			out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "thin.qcow2", ETag: "e1", Size: int64(len(body))}, 1, 4)
+			out, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: key, ETag: "e1", Size: int64(len(body))}, 1, 4)
 			if got := q.measured.Load() > 0; got != tc.measured {
 				t.Errorf("measured %v, want %v", got, tc.measured)
 			}

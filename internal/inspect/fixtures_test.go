@@ -197,14 +197,15 @@ func makeTar(t testing.TB, members ...tarMember) []byte {
 const ovfText = `<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"/>` + "\n"
 
 // buildVHDX writes a minimal VHDX in memory: valid headers and region
-// tables, and a metadata region right after them rather than at the
-// 1 MiB-aligned place real writers use, so that it stays small enough to
-// seed a fuzzer.
+// tables, a metadata region right after them rather than at the
+// 1 MiB-aligned place real writers use, and a block table for a disk of
+// 1 GiB after that, so that it stays small enough to seed a fuzzer.
 func buildVHDX(virtualSize uint64, fileFlags uint32) []byte {
 	const metaOff = vhdxMinSize
 	const itemOff = 64 << 10
+	const batOff, batLen = metaOff + itemOff + 4096, 8 << 10
 	le := binary.LittleEndian
-	b := make([]byte, metaOff+itemOff+4096)
+	b := make([]byte, batOff+batLen)
 	copy(b, "vhdxfile")
 	for i, off := range []int{vhdxHeader1, vhdxHeader2} {
 		h := b[off : off+vhdxHeaderSize]
@@ -216,27 +217,41 @@ func buildVHDX(virtualSize uint64, fileFlags uint32) []byte {
 	for _, off := range []int{vhdxRegionTable1, vhdxRegionTable2} {
 		tb := b[off : off+vhdxRegionSize]
 		copy(tb, "regi")
-		le.PutUint32(tb[8:], 1)
-		e := tb[16:48]
-		copy(e, vhdxRegionMetadata[:])
-		le.PutUint64(e[16:], metaOff)
-		le.PutUint32(e[24:], 1<<20)
-		le.PutUint32(e[28:], 1)
+		le.PutUint32(tb[8:], 2)
+		for i, r := range []struct {
+			id       [16]byte
+			off, len int
+		}{{vhdxRegionMetadata, metaOff, 1 << 20}, {vhdxRegionBAT, batOff, batLen}} {
+			e := tb[16+32*i:]
+			copy(e, r.id[:])
+			le.PutUint64(e[16:], uint64(r.off))
+			le.PutUint32(e[24:], uint32(r.len))
+			le.PutUint32(e[28:], 1)
+		}
 		le.PutUint32(tb[4:], crc32.Checksum(tb, castagnoli))
 	}
 	m := b[metaOff:]
 	copy(m, "metadata")
-	le.PutUint16(m[10:], 2)
-	for i, it := range [][16]byte{vhdxItemFileParams, vhdxItemVirtualSize} {
+	le.PutUint16(m[10:], 3)
+	for i, it := range []struct {
+		id  [16]byte
+		len uint32
+	}{{vhdxItemFileParams, 8}, {vhdxItemVirtualSize, 8}, {vhdxItemLogicalSect, 4}} {
 		e := m[32+32*i:]
-		copy(e, it[:])
+		copy(e, it.id[:])
 		le.PutUint32(e[16:], uint32(itemOff+8*i))
-		le.PutUint32(e[20:], 8)
+		le.PutUint32(e[20:], it.len)
 		le.PutUint32(e[24:], vhdxMetaIsRequired)
 	}
 	le.PutUint32(m[itemOff:], 1<<20)
 	le.PutUint32(m[itemOff+4:], fileFlags)
 	le.PutUint64(m[itemOff+8:], virtualSize)
+	le.PutUint32(m[itemOff+16:], 512)
+	// Two 1 MiB blocks of the table's 1024 are present, both at the
+	// file's first MiB.
+	for _, i := range []int{0, 5} {
+		le.PutUint64(b[batOff+8*i:], 6)
+	}
 	return b
 }
 

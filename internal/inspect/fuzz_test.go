@@ -82,6 +82,9 @@ func FuzzInspect(f *testing.F) {
 		if rep.VirtualSize < 0 || rep.VirtualSize > limit {
 			t.Fatalf("accepted with virtual size %d", rep.VirtualSize)
 		}
+		if n, ok := StoredData(rep, bytes.NewReader(data)); ok && (n < 0 || n > rep.VirtualSize) {
+			t.Fatalf("stored data %d of a disk of %d bytes", n, rep.VirtualSize)
+		}
 	})
 }
 

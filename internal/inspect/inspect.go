@@ -41,6 +41,8 @@ type Report struct {
 	// Details are human-readable facts for logs and failure events, such as
 	// "qcow2 v3" or "vmdk createType=streamOptimized".
 	Details []string
+	// vhdx locates a VHDX's block allocation table, for StoredData.
+	vhdx *vhdxLayout
 }
 
 // Refusal is a permanent refusal naming the rule that refused the file. No
@@ -49,6 +51,18 @@ type Refusal struct {
 	Rule       string // stable kebab-case name, e.g. "backing-file"
 	Reason     string // plain words for the person who uploaded the file
 	Suggestion string // what that person can do about it
+}
+
+// StoredData returns how many bytes of rep's guest disk the image maps to
+// stored data, for the formats whose allocation qemu-img cannot report
+// (its VHDX driver reads every block as data), and ok false for the rest
+// or where the map cannot be read. f is the file rep was made from. The
+// count bounds the data a conversion writes, runs of zeros aside.
+func StoredData(rep Report, f io.ReaderAt) (n int64, ok bool) {
+	if rep.vhdx == nil {
+		return 0, false
+	}
+	return rep.vhdx.storedData(f)
 }
 
 func (r *Refusal) Error() string {

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"strings"
 
 	"github.com/imagepipe/imagepipe/events"
@@ -124,8 +125,8 @@ func inspectVHDX(s *source) (Report, error) {
 	if count > vhdxMaxEntries {
 		return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX region table claims %d entries", count)
 	}
-	var metaOff uint64
-	var metaLen uint32
+	var metaOff, batOff uint64
+	var metaLen, batLen uint32
 	for i := range count {
 		e := table[16+32*i : 16+32*(i+1)]
 		id := [16]byte(e[:16])
@@ -133,6 +134,7 @@ func inspectVHDX(s *source) (Report, error) {
 		case vhdxRegionMetadata:
 			metaOff, metaLen = le.Uint64(e[16:]), le.Uint32(e[24:])
 		case vhdxRegionBAT:
+			batOff, batLen = le.Uint64(e[16:]), le.Uint32(e[24:])
 		default:
 			if le.Uint32(e[28:])&1 != 0 {
 				return rep, refuse(events.RuleVHDXHeader, sugReexport, "the VHDX requires a region this service does not know")
@@ -222,7 +224,55 @@ func inspectVHDX(s *source) (Report, error) {
 		return rep, err
 	}
 	rep.VirtualSize = size
+	rep.vhdx = &vhdxLayout{bat: batOff, batLen: uint64(batLen), block: int64(block), sector: int64(logicalSector), size: size}
 	return rep, nil
+}
+
+// vhdxLayout is what it takes to read a VHDX's block allocation table:
+// one 8-byte entry per payload block, with a sector bitmap entry after
+// each chunk of payload entries ([MS-VHDX] 2.5).
+type vhdxLayout struct {
+	bat, batLen         uint64
+	block, sector, size int64
+}
+
+// BAT entry states that read as zeros in qemu's driver (block/vhdx.c):
+// not present, undefined, zero, unmapped and its draft value 5. Every
+// other state is data, or an error.
+const vhdxZeroStates = 1<<0 | 1<<1 | 1<<2 | 1<<3 | 1<<5
+
+// storedData counts the payload blocks whose BAT entries say they hold
+// data, each in full whatever file offset it names: blocks that share
+// bytes count once each, so the count bounds what qemu-img writes.
+func (l *vhdxLayout) storedData(f io.ReaderAt) (int64, bool) {
+	if l.bat == 0 || l.sector == 0 {
+		return 0, false
+	}
+	chunk := (1 << 23) * l.sector / l.block // payload entries per sector bitmap entry
+	blocks := (l.size + l.block - 1) / l.block
+	entries := blocks + (blocks-1)/chunk
+	if uint64(entries)*8 > l.batLen {
+		return 0, false // a table too short for the disk, which qemu-img refuses
+	}
+	buf := make([]byte, 1<<20)
+	var n int64
+	for first := int64(0); first < entries; {
+		k := min(entries-first, int64(len(buf)/8))
+		if _, err := f.ReadAt(buf[:k*8], int64(l.bat)+first*8); err != nil {
+			return 0, false
+		}
+		for i := first; i < first+k; i++ {
+			if (i+1)%(chunk+1) == 0 {
+				continue // a sector bitmap entry
+			}
+			if state := binary.LittleEndian.Uint64(buf[(i-first)*8:]) & 7; vhdxZeroStates&(1<<state) == 0 {
+				payload := i - i/(chunk+1)
+				n += min(l.block, l.size-payload*l.block)
+			}
+		}
+		first += k
+	}
+	return n, true
 }
 
 const sugRepairVHDX = "the VHDX headers are damaged; check the disk with Hyper-V Manager (Edit Disk) or export it again, and upload the new file"
