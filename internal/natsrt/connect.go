@@ -6,11 +6,13 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/url"
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -181,12 +183,13 @@ func Connect(ctx context.Context, cfg Config, role string, log *slog.Logger) (*n
 	}
 	deadline, cancel := context.WithTimeout(ctx, cfg.Timeout())
 	defer cancel()
+	var closedAfterTLS int
 	for {
 		nc, err := nats.Connect(cfg.URL, opts...)
 		if err == nil {
 			return nc, nil
 		}
-		if refused(err) {
+		if err := cfg.refusal(err, &closedAfterTLS); err != nil {
 			return nil, fmt.Errorf("connect to NATS at %s (IMAGEPIPE_NATS_URL): %w", config.RedactURLs(cfg.Servers()), err)
 		}
 		select {
@@ -209,6 +212,7 @@ func ConnectRetrying(ctx context.Context, cfg Config, role string, log *slog.Log
 	}
 	where := config.RedactURLs(cfg.Servers())
 	wait := time.Second
+	var closedAfterTLS int
 	for attempt := 1; ; attempt++ {
 		nc, err := nats.Connect(cfg.URL, opts...)
 		if err == nil {
@@ -217,7 +221,7 @@ func ConnectRetrying(ctx context.Context, cfg Config, role string, log *slog.Log
 			}
 			return nc, nil
 		}
-		if refused(err) {
+		if err := cfg.refusal(err, &closedAfterTLS); err != nil {
 			return nil, fmt.Errorf("connect to NATS at %s (IMAGEPIPE_NATS_URL): %w", where, err)
 		}
 		log.Warn("NATS not reachable; retrying", "url", where, "attempt", attempt, "retry_in", wait, "err", err)
@@ -228,6 +232,39 @@ func ConnectRetrying(ctx context.Context, cfg Config, role string, log *slog.Log
 		}
 		wait = min(wait*2, 30*time.Second)
 	}
+}
+
+// closedAfterTLSLimit is how many connections in a row the server may
+// close right after the TLS handshake before a client without a
+// certificate concludes that the server wants one. Under TLS 1.3 the
+// client's side of the handshake ends before the server has judged its
+// certificate, and the server's alert is lost when the client's first
+// write races it: all the client sees is a closed connection, which once
+// may also be a server going down.
+const closedAfterTLSLimit = 3
+
+// refusal returns, for an error waiting will not change, that error with
+// what to do about it, and nil for one worth waiting out. closedAfterTLS
+// counts the connections in a row the server closed right after the TLS
+// handshake.
+func (cfg Config) refusal(err error, closedAfterTLS *int) error {
+	const wantCert = "the server requires a client certificate: set IMAGEPIPE_NATS_CERT and IMAGEPIPE_NATS_KEY"
+	if refused(err) {
+		if cfg.Cert == "" && strings.Contains(err.Error(), "tls: certificate required") {
+			return fmt.Errorf("%w; %s", err, wantCert)
+		}
+		return err
+	}
+	closed := errors.Is(err, nats.ErrTLS) &&
+		(errors.Is(err, io.EOF) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET))
+	if !closed || cfg.Cert != "" {
+		*closedAfterTLS = 0
+		return nil
+	}
+	if *closedAfterTLS++; *closedAfterTLS < closedAfterTLSLimit {
+		return nil
+	}
+	return fmt.Errorf("%w (%d times in a row); most likely %s", err, *closedAfterTLS, wantCert)
 }
 
 // refused reports whether the server turned the credentials down, or the

@@ -84,6 +84,40 @@ func TestNATSClientCertificateSignsInWhereTheServerVerifiesClients(t *testing.T)
 	}
 }
 
+// A function without a client certificate, on a server that verifies
+// clients, is a settings mistake, not an outage: it gives up rather than
+// wait, and says which settings it lacks, whether the server's alert
+// reached it or only the connection the server closed (under TLS 1.3,
+// which of the two is a race; -count=20 sees both).
+func TestNATSServerWantingAClientCertificateIsRefusedAtOnceNamingTheSettings(t *testing.T) {
+	pki := makePKI(t)
+	tc, err := server.GenTLSConfig(&server.TLSConfigOpts{
+		CertFile: pki.serverCert, KeyFile: pki.serverKey, CaFile: pki.ca, Verify: true, Timeout: 2,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := natstest.StartServer(t, &server.Options{TLS: true, TLSVerify: true, TLSConfig: tc, TLSTimeout: 2})
+	url := fmt.Sprintf("tls://127.0.0.1:%d", s.Addr().(*net.TCPAddr).Port)
+	cfg := natsrt.Config{URL: url, CA: pki.ca, ConnectTimeout: time.Hour}
+
+	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(30*time.Second))
+	defer cancel()
+	nc, err := natsrt.ConnectRetrying(ctx, cfg, "convert", slog.New(slog.DiscardHandler))
+	if err == nil {
+		nc.Close()
+		t.Fatal("signed in without a client certificate to a server that verifies clients")
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("retried until the test's deadline instead of refusing: %v", err)
+	}
+	for _, want := range []string{url, "IMAGEPIPE_NATS_URL", "client certificate", "IMAGEPIPE_NATS_CERT", "IMAGEPIPE_NATS_KEY"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+}
+
 // A server whose certificate the CA does not vouch for is a settings
 // mistake, not an outage: a long-running function, which waits out an
 // outage for as long as it lives, gives up at once and says why.
