@@ -2,6 +2,8 @@ package inspect
 
 import (
 	"bytes"
+	"encoding/binary"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -102,22 +104,32 @@ func TestVHDXBlocksSharingBytesAreEachCounted(t *testing.T) {
 	}
 }
 
-// The table's entries are read where the region table says, a sector
-// bitmap entry skipped, and a table too short for the disk is not
+// The table's entries are read where the region table says; a table too
+// short for the disk, or one a log not replayed may have changed, is not
 // trusted.
 func TestVHDXStoredDataReadsTheTableTheRegionTableNames(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		vsize uint64
+		dirty bool
 		want  int64
 		ok    bool
 	}{
-		{"1 GiB", 1 << 30, 2 << 20, true},
-		{"the first six blocks", 6<<20 - 4096, 2<<20 - 4096, true},
-		{"a table too short for 2 GiB", 2 << 30, 0, false},
+		{"1 GiB", 1 << 30, false, 2 << 20, true},
+		{"the first six blocks", 6<<20 - 4096, false, 2<<20 - 4096, true},
+		{"a table too short for 2 GiB", 2 << 30, false, 0, false},
+		{"a log not replayed", 1 << 30, true, 0, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := buildVHDX(tc.vsize, 0)
+			if tc.dirty {
+				for _, off := range []int{vhdxHeader1, vhdxHeader2} {
+					h := b[off : off+vhdxHeaderSize]
+					h[48] = 1 // the log GUID
+					binary.LittleEndian.PutUint32(h[4:], 0)
+					binary.LittleEndian.PutUint32(h[4:], crc32.Checksum(h, castagnoli))
+				}
+			}
 			rep, err := Inspect(bytes.NewReader(b), int64(len(b)), Limits{})
 			if err != nil {
 				t.Fatal(err)

@@ -224,7 +224,11 @@ func inspectVHDX(s *source) (Report, error) {
 		return rep, err
 	}
 	rep.VirtualSize = size
-	rep.vhdx = &vhdxLayout{bat: batOff, batLen: uint64(batLen), block: int64(block), sector: int64(logicalSector), size: size}
+	// A log not replayed may hold newer table entries than the file's own
+	// table: such a disk's stored data is not counted.
+	if allZero(current[48:64]) {
+		rep.vhdx = &vhdxLayout{bat: batOff, batLen: uint64(batLen), block: int64(block), sector: int64(logicalSector), size: size}
+	}
 	return rep, nil
 }
 
