@@ -302,9 +302,9 @@ func makeImages(ctx context.Context, t *testing.T, dir string, z size, rng *rand
 	if err := syscall.Statfs(scratchFS, &sfs); err != nil {
 		t.Fatal(err)
 	}
-	// A virtual size no job could ever fit in scratch, yet under the 2 TiB
-	// cap: on a host with more free space than that, this case is left out
-	// rather than converting terabytes of zeros.
+	// A disk whose data no job could ever fit in scratch, yet under the
+	// 2 TiB cap: on a host with more free space than that, this case is
+	// left out rather than converting terabytes.
 	if huge := max(4*int64(sfs.Blocks)*sfs.Bsize, 64<<30); huge < 2<<40 {
 		add(0, "chaos/r0/too-big-for-scratch", stack.Spec{Kind: stack.KindHuge, Virtual: huge})
 	} else {

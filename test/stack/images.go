@@ -37,7 +37,9 @@ const (
 	KindQcow2Gzip  = "qcow2-gz"
 	// KindBackingFile is a qcow2 that names a backing file: refused.
 	KindBackingFile = "backing-file"
-	// KindHuge claims a virtual size larger than scratch can hold.
+	// KindHuge holds more data than scratch can: a VHDX of Spec.Virtual
+	// bytes whose every block names the same 8 MiB stored once, a few MiB
+	// that qemu-img reads as all of the disk.
 	KindHuge = "huge"
 )
 
@@ -79,7 +81,7 @@ var formatOf = map[string]struct{ format, ext string }{
 	KindVHDX: {"vhdx", ".vhdx"}, KindVMDK: {"vmdk", ".vmdk"}, KindVMDKStream: {"vmdk", ".vmdk"},
 	KindQcow2: {"qcow2", ".qcow2"}, KindVHD: {"vpc", ".vhd"}, KindVDI: {"vdi", ".vdi"}, KindRaw: {"raw", ".img"},
 	KindOVA: {"vmdk", ".ova"}, KindQcow2Gzip: {"qcow2", ".qcow2.gz"},
-	KindBackingFile: {"qcow2", ".qcow2"}, KindHuge: {"qcow2", ".qcow2"},
+	KindBackingFile: {"qcow2", ".qcow2"}, KindHuge: {"vhdx", ".vhdx"},
 }
 
 // Ext is the file name extension an upload of kind gets.
@@ -113,10 +115,17 @@ func Make(ctx context.Context, dir, keyBase string, spec Spec, expect bool) (Ima
 		img.Fail = &Expect{Phase: events.PhaseInspect, Rule: events.RuleBackingFile}
 		return img, img.stat()
 	case KindHuge:
-		if err := qemu(ctx, "qemu-img", "create", "-q", "-f", "qcow2", path, fmt.Sprint(spec.Virtual)); err != nil {
+		err := qemu(ctx, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=8M", path, fmt.Sprint(spec.Virtual))
+		if err == nil {
+			err = qemu(ctx, "qemu-io", "-f", "vhdx", "-c", "write -P 0x5a 0 4k", path)
+		}
+		if err == nil {
+			err = aliasVHDXBlocks(path, spec.Virtual, 8<<20)
+		}
+		if err != nil {
 			return img, err
 		}
-		// Sized beyond the whole scratch file system: refused by rule at
+		// Data beyond the whole scratch file system: refused by rule at
 		// once, never retried.
 		img.Fail = &Expect{Phase: events.PhaseInspect, Rule: events.RuleScratchSpace, Contains: "more than the whole scratch file system"}
 		return img, img.stat()
@@ -176,6 +185,49 @@ func Make(ctx context.Context, dir, keyBase string, spec Spec, expect bool) (Ima
 		_ = os.Remove(disk)
 	}
 	return img, img.stat()
+}
+
+// aliasVHDXBlocks points every payload entry of the block table of the
+// VHDX at path, which qemu-img made with blocks of block bytes and
+// 512-byte sectors, at the block its first entry names.
+func aliasVHDXBlocks(path string, virtual, block int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	// The first region table, at 192 KiB: a 16-byte header, then 32-byte
+	// entries of GUID, offset and length.
+	table := make([]byte, 64<<10)
+	if _, err := f.ReadAt(table, 192<<10); err != nil {
+		return err
+	}
+	batGUID := []byte{0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08}
+	le := binary.LittleEndian
+	var bat int64 = -1
+	for i := range int(le.Uint32(table[8:])) {
+		if e := table[16+32*i:]; bytes.Equal(e[:16], batGUID) {
+			bat = int64(le.Uint64(e[16:]))
+		}
+	}
+	if bat < 0 {
+		return fmt.Errorf("%s: no block table", path)
+	}
+	chunk := (1 << 23) * 512 / block // payload entries per sector bitmap entry
+	blocks := (virtual + block - 1) / block
+	entries := make([]byte, 8*(blocks+(blocks-1)/chunk))
+	if _, err := f.ReadAt(entries, bat); err != nil {
+		return err
+	}
+	for i := int64(0); i < int64(len(entries)/8); i++ {
+		if (i+1)%(chunk+1) != 0 {
+			copy(entries[8*i:], entries[:8])
+		}
+	}
+	if _, err := f.WriteAt(entries, bat); err != nil {
+		return err
+	}
+	return f.Close()
 }
 
 func (img *Image) stat() error {
