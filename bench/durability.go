@@ -14,6 +14,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/infra"
+	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/natsserver"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/test/stack"
@@ -162,11 +163,11 @@ func startSyncCluster(dir, confDir string, always bool) (*syncTarget, error) {
 	var ports, cports []int
 	var routes []string
 	for range 3 {
-		p, err := infra.FreePort()
+		p, err := freeport.Pick()
 		if err != nil {
 			return nil, err
 		}
-		cp, err := infra.FreePort()
+		cp, err := freeport.Pick()
 		if err != nil {
 			return nil, err
 		}

@@ -23,6 +23,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/test/stack"
@@ -511,7 +512,7 @@ func TestMinIONotifyEnvMatchesTheNATSSide(t *testing.T) {
 func TestMinIODeliversUploadsMadeWhileNATSWasDown(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), stack.Scaled(2*time.Minute))
 	defer cancel()
-	port, err := FreePort()
+	port, err := freeport.Pick()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/freeport"
 )
 
 // NATSNode says where a server config from nats/ runs in a test: the same
@@ -93,7 +95,7 @@ func LoadNATS(n NATSNode) (*server.Options, error) {
 		return nil, fmt.Errorf("%s: %w", n.Config, err)
 	}
 	if n.Port == 0 {
-		if n.Port, err = FreePort(); err != nil {
+		if n.Port, err = freeport.Pick(); err != nil {
 			return nil, err
 		}
 	}
@@ -167,38 +169,52 @@ func ClientURL(opts *server.Options, user string, ports ...int) (string, error) 
 	return strings.Join(urls, ","), nil
 }
 
-// FreePort returns a loopback port nothing listens on now. A node that
-// must come back on the same port is given one up front.
-func FreePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("find a free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
 // ServerLog keeps what servers say about refused subjects, so that a test
 // whose client hangs on a missing permission can say which one.
 type ServerLog struct {
 	mu         sync.Mutex
 	violations []string
+	// repeats counts each violation past its first, by its text without
+	// the connection's id: a route or client that keeps retrying is told
+	// once, not in thousands of lines that hide a test's failure.
+	repeats map[string]int
 }
 
-// Violations returns the permission violations logged so far.
+// connID is the id a server gives each connection in its log lines.
+var connID = regexp.MustCompile(`\b([crlg]id):\d+`)
+
+// Violations returns the permission violations logged so far, each once,
+// with how many times it was seen where that is more than once.
 func (l *ServerLog) Violations() []string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return append([]string(nil), l.violations...)
+	out := make([]string, len(l.violations))
+	for i, v := range l.violations {
+		out[i] = v
+		if n := l.repeats[v]; n > 0 {
+			out[i] += fmt.Sprintf(" (%d times)", n+1)
+		}
+	}
+	return out
 }
 
 func (l *ServerLog) record(format string, v ...any) {
 	line := fmt.Sprintf(format, v...)
-	if strings.Contains(line, "Violation") {
-		l.mu.Lock()
-		l.violations = append(l.violations, line)
-		l.mu.Unlock()
+	if !strings.Contains(line, "Violation") {
+		return
 	}
+	line = connID.ReplaceAllString(line, "$1:*")
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, seen := l.repeats[line]; seen {
+		l.repeats[line]++
+		return
+	}
+	if l.repeats == nil {
+		l.repeats = make(map[string]int)
+	}
+	l.repeats[line] = 0
+	l.violations = append(l.violations, line)
 }
 
 // Errorf records permission violations; servers log them as errors.

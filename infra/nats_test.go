@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/fleet"
+	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/orphan"
 	"github.com/imagepipe/imagepipe/internal/setup"
@@ -148,11 +150,11 @@ type cluster struct {
 func clusterPorts(t *testing.T, n int) (ports, cports []int, routes []string) {
 	t.Helper()
 	for range n {
-		p, err := FreePort()
+		p, err := freeport.Pick()
 		if err != nil {
 			t.Fatal(err)
 		}
-		cp, err := FreePort()
+		cp, err := freeport.Pick()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -666,5 +668,21 @@ func TestNATSConfigsSyncEveryWriteBeforeAcknowledging(t *testing.T) {
 	}
 	if checked != 5 {
 		t.Errorf("checked %d server configs, want single, cluster-1..3 and the TLS example", checked)
+	}
+}
+
+func TestServerLogTellsARepeatedViolationOnceWithItsCount(t *testing.T) {
+	var l ServerLog
+	for rid := range 3 {
+		l.Errorf("%s - rid:%d - Route Error 'Authorization Violation'", "127.0.0.1:6222", 9000+rid)
+	}
+	l.Errorf("%s - cid:7 - \"v1.38.0:go:convert\" - Publish Violation - User \"convert\", Subject %q", "127.0.0.1:5000", "imagepipe.x")
+	l.Noticef("%s - cid:8 - Violation in a notice is not recorded", "127.0.0.1:5000")
+	want := []string{
+		"127.0.0.1:6222 - rid:* - Route Error 'Authorization Violation' (3 times)",
+		`127.0.0.1:5000 - cid:* - "v1.38.0:go:convert" - Publish Violation - User "convert", Subject "imagepipe.x"`,
+	}
+	if got := l.Violations(); !slices.Equal(got, want) {
+		t.Fatalf("violations:\n%q\nwant:\n%q", got, want)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/imagepipe/imagepipe/internal/freeport"
 )
 
 // ClusterOptions configures a distributed MinIO on loopback: Nodes server
@@ -57,7 +59,7 @@ func StartCluster(ctx context.Context, o ClusterOptions) (*Cluster, error) {
 	o.DataDir = root
 	c := &Cluster{opts: o, nodes: make([]*Server, o.Nodes)}
 	for range o.Nodes {
-		addr, err := freeAddr()
+		addr, err := freeport.Addr()
 		if err != nil {
 			return nil, err
 		}

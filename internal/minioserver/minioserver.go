@@ -11,14 +11,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
+
+	"github.com/imagepipe/imagepipe/internal/freeport"
 )
 
 // Version is the MinIO server pinned by the project (it has no semver tags).
@@ -98,7 +98,7 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 		return nil, err
 	}
 	if o.Addr == "" || o.Addr[len(o.Addr)-2:] == ":0" {
-		addr, err := freeAddr()
+		addr, err := freeport.Addr()
 		if err != nil {
 			return nil, err
 		}
@@ -254,15 +254,6 @@ func (s *Server) Kill() {
 
 // Done is closed when the process has exited.
 func (s *Server) Done() <-chan struct{} { return s.done }
-
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("find a free port: %w", err)
-	}
-	defer l.Close()
-	return "127.0.0.1:" + strconv.Itoa(l.Addr().(*net.TCPAddr).Port), nil
-}
 
 // capped keeps the first max bytes of MinIO's output for error messages.
 type capped struct {

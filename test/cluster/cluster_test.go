@@ -31,6 +31,7 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/infra"
+	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
@@ -693,11 +694,11 @@ func startCluster(t *testing.T, dir string) *cluster {
 	var routes []string
 	var cports []int
 	for range 3 {
-		p, err := infra.FreePort()
+		p, err := freeport.Pick()
 		if err != nil {
 			t.Fatal(err)
 		}
-		cp, err := infra.FreePort()
+		cp, err := freeport.Pick()
 		if err != nil {
 			t.Fatal(err)
 		}
