@@ -18,6 +18,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 const (
@@ -30,6 +31,14 @@ const (
 	tries        = 200
 )
 
+// given holds the ports this process has handed out: a server not yet
+// started, or down for a restart, does not hold its port, and must not
+// find it given to another.
+var given = struct {
+	sync.Mutex
+	ports map[int]bool
+}{ports: make(map[int]bool)}
+
 // Pick returns a loopback port nothing listens on now, below the
 // kernel's ephemeral range.
 func Pick() (int, error) {
@@ -41,6 +50,9 @@ func Pick() (int, error) {
 	}
 	for range tries {
 		p := low + rand.IntN(high-low)
+		if !claim(p) {
+			continue
+		}
 		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
 		if err != nil {
 			continue
@@ -49,6 +61,17 @@ func Pick() (int, error) {
 		return p, nil
 	}
 	return 0, fmt.Errorf("find a free port: none free in %d tries between %d and %d", tries, low, high)
+}
+
+// claim marks p given, or says it already was.
+func claim(p int) bool {
+	given.Lock()
+	defer given.Unlock()
+	if given.ports[p] {
+		return false
+	}
+	given.ports[p] = true
+	return true
 }
 
 // Addr is Pick as a loopback host:port.

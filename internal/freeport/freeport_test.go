@@ -41,3 +41,19 @@ func TestPickedPortsAreFreeAndBelowTheKernelsOwn(t *testing.T) {
 		l.Close()
 	}
 }
+
+func TestNoPortIsPickedTwice(t *testing.T) {
+	// Ports are let go as soon as they are picked, as a test does until
+	// its server starts: a second pick must still not return one of them.
+	seen := make(map[int]bool)
+	for range 2000 {
+		p, err := Pick()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen[p] {
+			t.Fatalf("port %d picked twice", p)
+		}
+		seen[p] = true
+	}
+}
