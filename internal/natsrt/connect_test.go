@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,20 +13,20 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
 
+	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/natstest"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
 
-// closedPort is a loopback port nothing listens on.
+// closedPort is a loopback port nothing listens on, and nothing else is
+// handed while the test waits to start a server there.
 func closedPort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := freeport.Pick()
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
 	return port
 }
 

@@ -4,12 +4,10 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -20,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/imagepipe/imagepipe/events"
+	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/internal/natsserver"
 )
@@ -117,12 +116,15 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 		}
 	}()
 
-	s.nats, err = natsserver.Start(natsserver.Options{Port: -1, StoreDir: filepath.Join(cfg.Dir, "nats")})
+	// RestartNATS brings the server back on its port: one the kernel hands
+	// nobody else meanwhile.
+	if s.natsPort, err = freeport.Pick(); err != nil {
+		return nil, err
+	}
+	s.nats, err = natsserver.Start(natsserver.Options{Port: s.natsPort, StoreDir: filepath.Join(cfg.Dir, "nats")})
 	if err != nil {
 		return nil, err
 	}
-	_, port, _ := net.SplitHostPort(s.nats.Addr())
-	s.natsPort, _ = strconv.Atoi(port)
 
 	s.minioLog, err = os.Create(filepath.Join(cfg.Dir, "logs", "minio.log"))
 	if err != nil {
