@@ -40,6 +40,7 @@ type Status struct {
 	Phase        Phase     `json:"phase,omitempty"`
 	Message      string    `json:"message,omitempty"`
 	Suggestion   string    `json:"suggestion,omitempty"`
+	Rule         string    `json:"rule,omitempty"` // the safety or intake rule that refused the input, if any
 	InputFormat  string    `json:"input_format,omitempty"`
 	OutputBucket string    `json:"output_bucket,omitempty"`
 	OutputKey    string    `json:"output_key,omitempty"`

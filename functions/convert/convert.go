@@ -232,6 +232,9 @@ func (h *Handler) Handle(ctx context.Context, cj events.ConvertJob, attempt, max
 		j.log.Info("cancelled by an operator before it started", "stage", "cancelled")
 		return h.fail(ctx, j, "", failure.Refused(events.PhaseDownload, events.RuleCancelled, failure.ErrCancelled, ""))
 	}
+	if cur != nil && failedForGood(j, *cur) {
+		return h.failedAgain(j, *cur)
+	}
 	p := h.plan(ctx, j, cur)
 	j.outFormat = p.outFormat
 	switch p.action {
@@ -483,7 +486,7 @@ func (h *Handler) fail(ctx context.Context, j *job, format inspect.Format, err e
 	}
 	st := events.Status{
 		Bucket: j.Bucket, Key: j.Key, JobID: j.JobID, State: events.StateFailed, Phase: fe.Phase,
-		Message: data.Message, Suggestion: fe.Suggestion, InputFormat: string(format), Attempt: j.attempt,
+		Message: data.Message, Suggestion: fe.Suggestion, Rule: fe.Rule, InputFormat: string(format), Attempt: j.attempt,
 		UpdatedAt: h.now().UTC(),
 	}
 	switch {
@@ -503,11 +506,50 @@ func (h *Handler) fail(ctx context.Context, j *job, format inspect.Format, err e
 		h.writeErrorReport(ctx, j, data)
 	}
 	j.log.Warn("failed", "stage", fe.Phase, "err", fe.Err, "rule", fe.Rule, "attempt", j.attempt, "will_retry", retry)
-	ev, eerr := events.New(eventID(j.JobID, fmt.Sprintf("failed-%d", j.attempt)), events.TypeFailed, events.SourceConvert, j.Key, h.now(), data)
+	ev, eerr := events.New(failedEventID(j.JobID, j.attempt), events.TypeFailed, events.SourceConvert, j.Key, h.now(), data)
 	if eerr != nil {
 		return nil, err
 	}
 	return []events.Message{{Subject: events.SubjectFailed, Event: ev}}, err
+}
+
+// failedEventID names the failure event of one attempt: each retry is
+// news, and a later delivery that reports the same attempt again
+// publishes the same id, which JetStream drops as a copy.
+func failedEventID(jobID string, attempt int) string {
+	return eventID(jobID, fmt.Sprintf("failed-%d", attempt))
+}
+
+// failedForGood reports whether cur says an earlier delivery of this very
+// job message already failed it for good: the server hands the message out
+// again when that delivery's term was lost (to a NATS restart or a leader
+// change). A later upload of the same bytes has the same job id but starts
+// again at attempt 1, and runs again.
+func failedForGood(j *job, cur events.Status) bool {
+	return cur.JobID == j.JobID && cur.State == events.StateFailed && j.attempt > cur.Attempt
+}
+
+// failedAgain answers such a delivery with the recorded failure, under the
+// id the earlier delivery published it with, and nothing else: no stage
+// runs twice, the record stays as it is, and watchers and chat see the
+// failure once. If the first publish was lost, this one is the event.
+// The record is the source, not the error report: that lies in the input
+// bucket, where uploaders write.
+func (h *Handler) failedAgain(j *job, st events.Status) ([]events.Message, error) {
+	// Permanent, as it was: the runtime terminates the message again.
+	fe := failure.Refused(st.Phase, st.Rule, errors.New(st.Message), st.Suggestion)
+	data := events.Failed{
+		JobID: j.JobID, InputBucket: j.Bucket, InputKey: j.Key, InputFormat: st.InputFormat,
+		Phase: st.Phase, Message: st.Message, Suggestion: st.Suggestion, Rule: st.Rule,
+		Attempt: st.Attempt, WillRetry: false,
+	}
+	j.log.Info("failed for good by an earlier delivery; failure published again", "stage", st.Phase,
+		"rule", st.Rule, "failed_attempt", st.Attempt, "attempt", j.attempt)
+	ev, err := events.New(failedEventID(j.JobID, st.Attempt), events.TypeFailed, events.SourceConvert, j.Key, h.now(), data)
+	if err != nil {
+		return nil, fe
+	}
+	return []events.Message{{Subject: events.SubjectFailed, Event: ev}}, fe
 }
 
 // errorReport is the body of an error report: the failure event's data,

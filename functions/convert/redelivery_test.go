@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -290,5 +291,93 @@ func TestJobDeliveredAgainWhileItsFirstDeliveryConvertsIsLeftToIt(t *testing.T) 
 	s.checkOneResult(ctx, t)
 	if sum := storedSHA256(t, s.Store, s.Out, "disks/win.vhdx.raw"); sum != rawSHA {
 		t.Errorf("output sha256 %s, want %s (qemu-img's own conversion)", sum, rawSHA)
+	}
+}
+
+// A job failed for good whose term was lost (to a NATS restart) comes
+// again. The second delivery runs no stage: it reads nothing from S3,
+// leaves the status record as the first left it, and publishes the first
+// delivery's failure again under its id, so RESULTS and every subscriber
+// get one final failure. A later upload of the same bytes, which starts at
+// attempt 1, is judged again.
+func TestJobDeliveredAgainAfterItFailedForGoodReportsTheOneFailureAgain(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	s := startRealStack(t)
+	body := []byte(strings.Repeat("hello\n", 1000))
+	if err := s.Store.PutBytes(ctx, s.In, "disks/notes.vhdx", body, "application/octet-stream", nil); err != nil {
+		t.Fatal(err)
+	}
+	up, err := s.Store.Stat(ctx, s.In, "disks/notes.vhdx")
+	if err != nil {
+		t.Fatal(err)
+	}
+	job := events.ConvertJob{JobID: events.JobIDFor(s.In + "/disks/notes.vhdx@" + up.ETag), Bucket: s.In, Key: "disks/notes.vhdx",
+		VersionID: up.VersionID, ETag: up.ETag, Size: up.Size, QueuedAt: time.Now().UTC()}
+	if err := status.New(s.KV, nil).Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID}); err != nil {
+		t.Fatal(err)
+	}
+	key := events.StatusKey(job.Bucket, job.Key)
+
+	deliver := func(attempt int) (events.Failed, string, map[string]int) {
+		t.Helper()
+		h, _, logs := s.countingHandler(t)
+		out, err := h.Handle(ctx, job, attempt, 4)
+		if !failure.IsPermanent(err) || len(out) != 1 || out[0].Subject != events.SubjectFailed {
+			t.Fatalf("delivery %d returned %+v, %v; want one failed event and a permanent error", attempt, out, err)
+		}
+		if err := natsrt.Publish(ctx, s.JS, out...); err != nil {
+			t.Fatal(err)
+		}
+		var f events.Failed
+		if err := out[0].Event.DecodeData(events.TypeFailed, &f); err != nil {
+			t.Fatal(err)
+		}
+		return f, out[0].Event.ID, requestCounts(t, logs)
+	}
+
+	first, firstID, _ := deliver(1)
+	if first.Rule != events.RuleExtensionMismatch || first.WillRetry || first.Attempt != 1 {
+		t.Fatalf("first delivery's failure %+v, want rule %s, attempt 1, no retry", first, events.RuleExtensionMismatch)
+	}
+	recorded, err := s.KV.Get(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	again, againID, reqs := deliver(2)
+	if againID != firstID {
+		t.Errorf("second delivery's event id %s, want the first's %s", againID, firstID)
+	}
+	if again.Rule != first.Rule || again.Phase != first.Phase || again.Message != first.Message ||
+		again.Suggestion != first.Suggestion || again.Attempt != 1 || again.WillRetry || again.InputFormat != first.InputFormat {
+		t.Errorf("second delivery reported %+v, want the first's failure %+v", again, first)
+	}
+	if reqs[reqGet] != 0 || reqs[reqStat] != 0 || reqs[reqKVPut] != 0 || reqs[reqPut] != 0 {
+		t.Errorf("second delivery made requests %v, want none but reading the status", reqs)
+	}
+	if now, err := s.KV.Get(ctx, key); err != nil || now.Revision() != recorded.Revision() {
+		t.Errorf("second delivery moved the status record: %v", err)
+	}
+	results, err := s.JS.Stream(ctx, events.StreamResults)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := results.Info(ctx, jetstream.WithSubjectFilter(events.SubjectFailed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := info.State.Msgs; n != 1 {
+		t.Errorf("%d failed events in %s, want 1", n, events.StreamResults)
+	}
+
+	// The same bytes uploaded again: a new message, attempt 1, judged
+	// again (and refused again, under the first attempt's id).
+	_, reID, reqs := deliver(1)
+	if reqs[reqGet] == 0 {
+		t.Errorf("an upload of the same bytes was not read again: requests %v", reqs)
+	}
+	if reID != firstID {
+		t.Errorf("the same bytes' failure at attempt 1 has id %s, want %s", reID, firstID)
 	}
 }
