@@ -506,7 +506,13 @@ func (h *Handler) fail(ctx context.Context, j *job, format inspect.Format, err e
 		h.writeErrorReport(ctx, j, data)
 	}
 	j.log.Warn("failed", "stage", fe.Phase, "err", fe.Err, "rule", fe.Rule, "attempt", j.attempt, "will_retry", retry)
-	ev, eerr := events.New(failedEventID(j.JobID, j.attempt), events.TypeFailed, events.SourceConvert, j.Key, h.now(), data)
+	id := failedEventID(j.JobID, j.attempt)
+	if cancelled {
+		// A job is cancelled once: every delivery that reports it (a term
+		// lost brings another) says so under the same id.
+		id = eventID(j.JobID, "cancelled")
+	}
+	ev, eerr := events.New(id, events.TypeFailed, events.SourceConvert, j.Key, h.now(), data)
 	if eerr != nil {
 		return nil, err
 	}

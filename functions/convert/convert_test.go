@@ -326,6 +326,12 @@ func TestJobCancelledWhileQueuedIsSkippedAndReported(t *testing.T) {
 	if last := rep.states[len(rep.states)-1]; last.State != events.StateCancelled {
 		t.Errorf("last state %s, want CANCELLED", last.State)
 	}
+	// Its term lost, the job comes again: the same event, which
+	// JetStream drops as a copy.
+	again, err := h.Handle(context.Background(), events.ConvertJob{JobID: "j", Bucket: "uploads", Key: "a.qcow2"}, 2, 4)
+	if !failure.IsPermanent(err) || len(again) != 1 || again[0].Event.ID != out[0].Event.ID {
+		t.Errorf("delivered again: %+v, %v; want the first delivery's event %s again", again, err, out[0].Event.ID)
+	}
 }
 
 func TestShutdownMidJobRequeuesWithoutReporting(t *testing.T) {
