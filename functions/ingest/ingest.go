@@ -218,7 +218,7 @@ func (h *Handler) refuse(ctx context.Context, c candidate, jobID, eventID string
 	}
 	st := events.Status{
 		Bucket: c.Bucket, Key: c.Key, JobID: jobID, State: events.StateFailed, Phase: fe.Phase,
-		Message: data.Message, Suggestion: fe.Suggestion, Attempt: 1, UpdatedAt: h.now().UTC(),
+		Message: data.Message, Suggestion: fe.Suggestion, Rule: fe.Rule, Attempt: 1, UpdatedAt: h.now().UTC(),
 	}
 	// A repeated notification finds its refusal recorded already.
 	//

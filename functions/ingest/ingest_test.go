@@ -165,8 +165,8 @@ func TestIngestRefusesObjectsOverTheSizeLimitWithAFailureEvent(t *testing.T) {
 		t.Error("no suggestion")
 	}
 	st, _ := r.status.record("uploads", "big/disk.vhdx")
-	if st.State != events.StateFailed || st.Phase != events.PhaseIntake || st.Message != f.Message {
-		t.Errorf("status = %+v, want FAILED with the event's message", st)
+	if st.State != events.StateFailed || st.Phase != events.PhaseIntake || st.Message != f.Message || st.Rule != f.Rule {
+		t.Errorf("status = %+v, want FAILED with the event's message and rule", st)
 	}
 	if len(r.status.queued) != 0 {
 		t.Error("a refused upload was queued")
