@@ -168,19 +168,26 @@ func queuedVHDX(ctx context.Context, t *testing.T) (s *realStack, job events.Con
 	t.Helper()
 	s = startRealStack(t)
 	body, rawSHA := vhdxWithScatteredData(t)
-	if err := s.Store.PutBytes(ctx, s.In, "disks/win.vhdx", body, "application/octet-stream", nil); err != nil {
+	return s, s.queue(ctx, t, "disks/win.vhdx", body), rawSHA
+}
+
+// queue uploads body to key in the input bucket and queues its job as
+// ingest does: job id from the upload's ETag, status QUEUED.
+func (s *realStack) queue(ctx context.Context, t *testing.T, key string, body []byte) events.ConvertJob {
+	t.Helper()
+	if err := s.Store.PutBytes(ctx, s.In, key, body, "application/octet-stream", nil); err != nil {
 		t.Fatal(err)
 	}
-	up, err := s.Store.Stat(ctx, s.In, "disks/win.vhdx")
+	up, err := s.Store.Stat(ctx, s.In, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	job = events.ConvertJob{JobID: events.JobIDFor(s.In + "/disks/win.vhdx@" + up.ETag), Bucket: s.In, Key: "disks/win.vhdx",
+	job := events.ConvertJob{JobID: events.JobIDFor(s.In + "/" + key + "@" + up.ETag), Bucket: s.In, Key: key,
 		VersionID: up.VersionID, ETag: up.ETag, Size: up.Size, QueuedAt: time.Now().UTC()}
 	if err := status.New(s.KV, nil).Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID}); err != nil {
 		t.Fatal(err)
 	}
-	return s, job, rawSHA
+	return job
 }
 
 func (s *realStack) handler(t *testing.T, qemu QemuImg) *Handler {
@@ -210,16 +217,22 @@ func (s *realStack) checkReadyOnce(ctx context.Context, t *testing.T, watch *wat
 // checkOneResult asserts that RESULTS holds one converted event.
 func (s *realStack) checkOneResult(ctx context.Context, t *testing.T) {
 	t.Helper()
+	s.checkOneEvent(ctx, t, events.SubjectConverted)
+}
+
+// checkOneEvent asserts that RESULTS holds one event on subject.
+func (s *realStack) checkOneEvent(ctx context.Context, t *testing.T, subject string) {
+	t.Helper()
 	results, err := s.JS.Stream(ctx, events.StreamResults)
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := results.Info(ctx, jetstream.WithSubjectFilter(events.SubjectConverted))
+	info, err := results.Info(ctx, jetstream.WithSubjectFilter(subject))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if n := info.State.Msgs; n != 1 {
-		t.Errorf("%d converted events in %s, want 1", n, events.StreamResults)
+		t.Errorf("%d events on %s in %s, want 1", n, subject, events.StreamResults)
 	}
 }
 
@@ -304,19 +317,7 @@ func TestJobDeliveredAgainAfterItFailedForGoodReportsTheOneFailureAgain(t *testi
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	s := startRealStack(t)
-	body := []byte(strings.Repeat("hello\n", 1000))
-	if err := s.Store.PutBytes(ctx, s.In, "disks/notes.vhdx", body, "application/octet-stream", nil); err != nil {
-		t.Fatal(err)
-	}
-	up, err := s.Store.Stat(ctx, s.In, "disks/notes.vhdx")
-	if err != nil {
-		t.Fatal(err)
-	}
-	job := events.ConvertJob{JobID: events.JobIDFor(s.In + "/disks/notes.vhdx@" + up.ETag), Bucket: s.In, Key: "disks/notes.vhdx",
-		VersionID: up.VersionID, ETag: up.ETag, Size: up.Size, QueuedAt: time.Now().UTC()}
-	if err := status.New(s.KV, nil).Queue(ctx, events.Status{Bucket: job.Bucket, Key: job.Key, JobID: job.JobID}); err != nil {
-		t.Fatal(err)
-	}
+	job := s.queue(ctx, t, "disks/notes.vhdx", []byte(strings.Repeat("hello\n", 1000)))
 	key := events.StatusKey(job.Bucket, job.Key)
 
 	deliver := func(attempt int) (events.Failed, string, map[string]int) {
@@ -359,17 +360,7 @@ func TestJobDeliveredAgainAfterItFailedForGoodReportsTheOneFailureAgain(t *testi
 	if now, err := s.KV.Get(ctx, key); err != nil || now.Revision() != recorded.Revision() {
 		t.Errorf("second delivery moved the status record: %v", err)
 	}
-	results, err := s.JS.Stream(ctx, events.StreamResults)
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := results.Info(ctx, jetstream.WithSubjectFilter(events.SubjectFailed))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := info.State.Msgs; n != 1 {
-		t.Errorf("%d failed events in %s, want 1", n, events.StreamResults)
-	}
+	s.checkOneEvent(ctx, t, events.SubjectFailed)
 
 	// The same bytes uploaded again: a new message, attempt 1, judged
 	// again (and refused again, under the first attempt's id).

@@ -151,15 +151,7 @@ func TestARawUploadCopiedServerSideLooksAtItsInputAndOutputOnceEach(t *testing.T
 	defer cancel()
 	s := startRealStack(t)
 	body := bytes.Repeat([]byte("imagepipe raw disk "), 1<<16)[:1<<20]
-	if err := s.Store.PutBytes(ctx, s.In, "disks/plain.raw", body, "application/octet-stream", nil); err != nil {
-		t.Fatal(err)
-	}
-	up, err := s.Store.Stat(ctx, s.In, "disks/plain.raw")
-	if err != nil {
-		t.Fatal(err)
-	}
-	job := events.ConvertJob{JobID: events.JobIDFor(s.In + "/disks/plain.raw@" + up.ETag), Bucket: s.In, Key: "disks/plain.raw",
-		VersionID: up.VersionID, ETag: up.ETag, Size: up.Size, QueuedAt: time.Now().UTC()}
+	job := s.queue(ctx, t, "disks/plain.raw", body)
 	h, counter, logs := s.countingHandler(t)
 	out, err := h.Handle(ctx, job, 1, 4)
 	if err != nil || len(out) != 1 || out[0].Subject != events.SubjectConverted {
