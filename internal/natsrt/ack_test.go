@@ -10,6 +10,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/imagepipe/imagepipe/internal/natstest"
 )
 
 // unansweredAcks is a delivered message whose first acks get no answer, as
@@ -64,5 +66,50 @@ func TestAckIsRetriedNoLongerThanAckWait(t *testing.T) {
 	w.ack(context.Background(), msg)
 	if msg.tries < 2 || msg.tries >= len(never) {
 		t.Fatalf("ack sent %d times, want a few within AckWait and then given up", msg.tries)
+	}
+}
+
+// replyOnly is a delivered message of which the term uses only the reply
+// subject.
+type replyOnly struct {
+	jetstream.Msg
+	reply string
+}
+
+func (m replyOnly) Reply() string { return m.reply }
+
+// A term sent while no server answers (a leader change, a restart) is sent
+// again until one confirms it, as an ack is.
+func TestTermUnansweredIsSentAgainUntilConfirmed(t *testing.T) {
+	nc, js := natstest.Start(t)
+	var logs bytes.Buffer
+	w := &Worker{js: js, binding: Binding{AckWait: time.Minute}, log: slog.New(slog.NewTextHandler(&logs, nil))}
+	const reply = "$JS.ACK.test.reply"
+
+	// Nobody answers on the reply subject for a while, then somebody
+	// does, as the consumer's new leader would.
+	got := make(chan string, 10)
+	answer := time.AfterFunc(300*time.Millisecond, func() {
+		sub, err := nc.Subscribe(reply, func(m *nats.Msg) {
+			got <- string(m.Data)
+			_ = m.Respond(nil)
+		})
+		if err == nil {
+			t.Cleanup(func() { _ = sub.Unsubscribe() })
+		}
+	})
+	defer answer.Stop()
+
+	w.term(context.Background(), replyOnly{reply: reply}, "refused by rule extension-mismatch")
+	select {
+	case body := <-got:
+		if body != "+TERM refused by rule extension-mismatch" {
+			t.Errorf("the server was sent %q, want +TERM and the reason", body)
+		}
+	default:
+		t.Fatal("term returned before the server confirmed it")
+	}
+	if n := strings.Count(logs.String(), "\n"); n != 1 || !strings.Contains(logs.String(), "term confirmed after the server did not answer") {
+		t.Fatalf("logged %d lines, want one that says the term was confirmed:\n%s", n, logs.String())
 	}
 }

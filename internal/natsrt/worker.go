@@ -229,13 +229,13 @@ func (w *Worker) settle(ctx, jobCtx context.Context, msg jetstream.Msg, d Delive
 		w.ack(pctx, msg)
 		return OutcomeAcked
 	case cancelled:
-		w.term(msg, failure.ErrCancelled.Error())
+		w.term(pctx, msg, failure.ErrCancelled.Error())
 		return OutcomeCancelled
 	case failure.IsPermanent(herr):
-		w.term(msg, herr.Error())
+		w.term(pctx, msg, herr.Error())
 		return OutcomeTerminated
 	case !d.WillRetry(herr):
-		w.term(msg, fmt.Sprintf("gave up after %d attempts: %v", d.Attempt, herr))
+		w.term(pctx, msg, fmt.Sprintf("gave up after %d attempts: %v", d.Attempt, herr))
 		return OutcomeTerminated
 	}
 	delay := w.binding.delay(d.Attempt)
@@ -249,25 +249,47 @@ const ackTry = 5 * time.Second
 
 // ack acknowledges a finished message and waits for the server to confirm
 // it. While the stream's leader changes nobody answers for a few seconds,
-// and an ack lost then makes the server hand the finished job out again:
-// so the ack is sent again, with back-off, until it is confirmed or AckWait
-// has passed (the server has redelivered the message by then, and the next
-// delivery finds the work done). It logs once, with the outcome.
+// and an ack lost then makes the server hand the finished job out again;
+// so it is confirmed (see confirm).
 func (w *Worker) ack(ctx context.Context, msg jetstream.Msg) {
+	w.confirm(ctx, "ack", msg.DoubleAck)
+}
+
+// term ends a message for good, confirmed as an ack is: a term lost to a
+// leader change or a restart hands the job out again, and although its
+// next delivery only reports the recorded outcome again, it is one that
+// need not happen. jetstream.Msg has no confirmed term; the server
+// answers one sent as a request on the message's reply subject, as it
+// answers DoubleAck's.
+func (w *Worker) term(ctx context.Context, msg jetstream.Msg, reason string) {
+	if len(reason) > 200 {
+		reason = reason[:200]
+	}
+	w.confirm(ctx, "term", func(ctx context.Context) error {
+		_, err := w.js.Conn().RequestWithContext(ctx, msg.Reply(), []byte("+TERM "+reason))
+		return err
+	})
+}
+
+// confirm sends what settles a message until the server confirms it: again,
+// with back-off, while no server answers, until AckWait has passed (the
+// server has redelivered the message by then, and the next delivery finds
+// the work done). It logs once, with the outcome.
+func (w *Worker) confirm(ctx context.Context, what string, send func(context.Context) error) {
 	deadline := time.Now().Add(w.binding.AckWait)
 	backoff := 100 * time.Millisecond
 	for tries := 1; ; tries++ {
 		actx, cancel := context.WithTimeout(ctx, min(ackTry, max(time.Until(deadline), time.Millisecond)))
-		err := msg.DoubleAck(actx)
+		err := send(actx)
 		cancel()
 		switch {
 		case err == nil && tries > 1:
-			w.log.Info("ack confirmed after the server did not answer", "tries", tries)
+			w.log.Info(what+" confirmed after the server did not answer", "tries", tries)
 			return
 		case err == nil:
 			return
 		case !ackMayPass(err) || time.Until(deadline) <= backoff:
-			w.log.Warn("ack failed; message may be redelivered", "err", err, "tries", tries)
+			w.log.Warn(what+" failed; message may be redelivered", "err", err, "tries", tries)
 			return
 		}
 		sleep(ctx, backoff)
@@ -285,15 +307,6 @@ func ackMayPass(err error) bool {
 func (w *Worker) nak(msg jetstream.Msg, delay time.Duration) {
 	if err := msg.NakWithDelay(delay); err != nil {
 		w.log.Warn("nak failed; message will be redelivered after ack wait", "err", err)
-	}
-}
-
-func (w *Worker) term(msg jetstream.Msg, reason string) {
-	if len(reason) > 200 {
-		reason = reason[:200]
-	}
-	if err := msg.TermWithReason(reason); err != nil {
-		w.log.Warn("term failed; message may be redelivered", "err", err)
 	}
 }
 
