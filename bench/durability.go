@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
 
@@ -14,7 +13,6 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/infra"
-	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/natsserver"
 	"github.com/imagepipe/imagepipe/internal/setup"
 	"github.com/imagepipe/imagepipe/test/stack"
@@ -160,19 +158,9 @@ func startEmbedded(dir string, always bool) (*syncTarget, error) {
 // They set sync_interval: always; the default setting is theirs with it
 // taken out.
 func startSyncCluster(dir, confDir string, always bool) (*syncTarget, error) {
-	var ports, cports []int
-	var routes []string
-	for range 3 {
-		p, err := freeport.Pick()
-		if err != nil {
-			return nil, err
-		}
-		cp, err := freeport.Pick()
-		if err != nil {
-			return nil, err
-		}
-		ports, cports = append(ports, p), append(cports, cp)
-		routes = append(routes, "127.0.0.1:"+strconv.Itoa(cp))
+	ports, cports, routes, err := infra.ClusterPorts(3)
+	if err != nil {
+		return nil, err
 	}
 	t := &syncTarget{always: always}
 	var opts *server.Options

@@ -169,6 +169,25 @@ func ClientURL(opts *server.Options, user string, ports ...int) (string, error) 
 	return strings.Join(urls, ","), nil
 }
 
+// ClusterPorts picks a client port and a route port on loopback for each
+// of n nodes, and the routes every node of the cluster lists. They come
+// from freeport: a node stopped and started again gets its ports back.
+func ClusterPorts(n int) (ports, cports []int, routes []string, err error) {
+	for range n {
+		p, err := freeport.Pick()
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		cp, err := freeport.Pick()
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		ports, cports = append(ports, p), append(cports, cp)
+		routes = append(routes, "127.0.0.1:"+strconv.Itoa(cp))
+	}
+	return ports, cports, routes, nil
+}
+
 // ServerLog keeps what servers say about refused subjects, so that a test
 // whose client hangs on a missing permission can say which one.
 type ServerLog struct {

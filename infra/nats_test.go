@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -19,7 +18,6 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/internal/fleet"
-	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/natsrt"
 	"github.com/imagepipe/imagepipe/internal/orphan"
 	"github.com/imagepipe/imagepipe/internal/setup"
@@ -145,21 +143,12 @@ type cluster struct {
 	ports   []int
 }
 
-// clusterPorts picks a client port and a route port on loopback for each
-// of n nodes, and the routes every node of the cluster lists.
+// clusterPorts is ClusterPorts, failing the test if it fails.
 func clusterPorts(t *testing.T, n int) (ports, cports []int, routes []string) {
 	t.Helper()
-	for range n {
-		p, err := freeport.Pick()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cp, err := freeport.Pick()
-		if err != nil {
-			t.Fatal(err)
-		}
-		ports, cports = append(ports, p), append(cports, cp)
-		routes = append(routes, "127.0.0.1:"+strconv.Itoa(cp))
+	ports, cports, routes, err := ClusterPorts(n)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return ports, cports, routes
 }

@@ -31,7 +31,6 @@ import (
 
 	"github.com/imagepipe/imagepipe/events"
 	"github.com/imagepipe/imagepipe/infra"
-	"github.com/imagepipe/imagepipe/internal/freeport"
 	"github.com/imagepipe/imagepipe/internal/minioserver"
 	"github.com/imagepipe/imagepipe/test/stack"
 )
@@ -691,20 +690,11 @@ type cluster struct {
 func startCluster(t *testing.T, dir string) *cluster {
 	t.Helper()
 	c := &cluster{log: &infra.ServerLog{}}
-	var routes []string
-	var cports []int
-	for range 3 {
-		p, err := freeport.Pick()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cp, err := freeport.Pick()
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.ports, cports = append(c.ports, p), append(cports, cp)
-		routes = append(routes, "127.0.0.1:"+strconv.Itoa(cp))
+	ports, cports, routes, err := infra.ClusterPorts(3)
+	if err != nil {
+		t.Fatal(err)
 	}
+	c.ports = ports
 	for i := range 3 {
 		c.nodes = append(c.nodes, infra.NATSNode{
 			Config:   filepath.Join("..", "..", "infra", "nats", fmt.Sprintf("cluster-%d.conf", i+1)),
