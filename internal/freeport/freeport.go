@@ -83,8 +83,9 @@ func Addr() (string, error) {
 	return "127.0.0.1:" + strconv.Itoa(p), nil
 }
 
-// ephemeralStart is the first port of the kernel's ephemeral range.
-func ephemeralStart() int {
+// ephemeralStart is the first port of the kernel's ephemeral range, read
+// once: it does not change under a running process.
+var ephemeralStart = sync.OnceValue(func() int {
 	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
 	if err != nil {
 		return ephemeralLow
@@ -98,7 +99,7 @@ func ephemeralStart() int {
 		return ephemeralLow
 	}
 	return min(n, ephemeralLow)
-}
+})
 
 func kernelPick() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
